@@ -1,0 +1,175 @@
+"""Load-adaptive speculation: which tree each step, from measured costs and measured acceptance.
+
+Throughput of a step = tokens it emits / time it takes. With B running requests of which S may
+speculate, verifying a tree of T nodes costs cost(B * T) (rows are padded to the largest tree) plus
+the heads, and emits on average S * E(tree) + (B - S) tokens, where
+    E(tree) = 1 + sum over the tree's paths p of P(p accepted),
+    P(p)    = prod over depths d of q[d][p_d],
+and q[d][r] is the measured probability that, having accepted up to depth d, the walk moves into
+the rank-r candidate of head d. The policy picks the tree (none, a chain, or the best sub-tree of
+the published tree with n nodes) that maximizes that ratio; on a GPU, where 64 tokens cost about
+as much as 1, it picks big trees; on a CPU under load it picks small ones or none.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Callable
+
+import torch
+
+from ..medusa.trees import TOPK, MedusaTree, chain, subtree
+
+
+class CostModel:
+    """Seconds for one verification step as a function of tokens in the step (piecewise linear).
+
+    Calibrated at start-up by timing real forward passes, then corrected online from the step
+    times the engine observes (exponential moving average per power-of-two bucket).
+    """
+
+    def __init__(self, points: dict[int, float], heads_cost: float = 0.0, ema: float = 0.1):
+        if not points:
+            raise ValueError("a cost model needs at least one measured point")
+        self.points = dict(sorted(points.items()))
+        self.heads_cost = heads_cost  # seconds for one heads call (all rows)
+        self.ema = ema
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_function(cls, fn: Callable[[int], float], heads_cost: float = 0.0, max_tokens: int = 1024) -> CostModel:
+        return cls({n: fn(n) for n in _buckets(max_tokens)}, heads_cost, ema=0.0)
+
+    def __call__(self, n_tokens: int) -> float:
+        xs = list(self.points)
+        ys = list(self.points.values())
+        if n_tokens <= xs[0]:
+            return ys[0] * n_tokens / xs[0] if xs[0] > 1 else ys[0]
+        if n_tokens >= xs[-1]:
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else ys[-1] / xs[-1]
+            return ys[-1] + slope * (n_tokens - xs[-1])
+        i = bisect.bisect_left(xs, n_tokens)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0)
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        """Fold a measured step time into the nearest bucket."""
+        if self.ema <= 0 or n_tokens <= 0:
+            return
+        bucket = min(self.points, key=lambda x: abs(math.log2(x) - math.log2(n_tokens)))
+        scaled = seconds * self(bucket) / max(self(n_tokens), 1e-9)
+        with self._lock:
+            self.points[bucket] = (1 - self.ema) * self.points[bucket] + self.ema * scaled
+
+
+def _buckets(max_tokens: int) -> list[int]:
+    out, n = [], 1
+    while n <= max_tokens:
+        out.append(n)
+        n *= 2
+    return out
+
+
+class AcceptanceStats:
+    """q[d][r]: probability of moving from depth d into the rank-r candidate of head d.
+
+    Updated from "probes": the heads' top-k at some position, compared with the tokens the request
+    actually produced next. That measures every (depth, rank), whatever tree was used, so the
+    statistics stay honest even while the policy runs no tree at all.
+    """
+
+    def __init__(self, n_heads: int, topk: int = TOPK, prior_trials: float = 4.0):
+        self.n_heads, self.topk = n_heads, topk
+        # Prior: head d's top-1 is right ~0.6 * 0.7^d of the time, lower ranks much less.
+        prior = torch.tensor([[0.6 * 0.7**d / (1 + 2 * r) for r in range(topk)] for d in range(n_heads)])
+        self.hits = prior * prior_trials
+        self.trials = torch.full((n_heads, topk), prior_trials)
+        self.proposed = 0  # tree tokens sent to verification beyond the root
+        self.accepted = 0  # of those, accepted
+        self._lock = threading.Lock()
+
+    def observe_probe(self, head_topk: torch.Tensor, actual: list[int]) -> None:
+        """head_topk [n_heads, k] at a position; actual = the tokens that followed the pending token."""
+        with self._lock:
+            for d, token in enumerate(actual[: self.n_heads]):
+                self.trials[d] += 1
+                ranks = (head_topk[d] == token).nonzero()
+                if len(ranks) == 0:
+                    return
+                self.hits[d, int(ranks[0])] += 1
+
+    def q(self) -> torch.Tensor:
+        with self._lock:
+            return self.hits / self.trials
+
+    def path_scores(self, tree: MedusaTree) -> dict[tuple[int, ...], float]:
+        q = self.q()
+        scores = {}
+        for p in tree.paths:
+            prob = 1.0
+            for d, r in enumerate(p):
+                prob *= float(q[d, r]) if d < self.n_heads else 0.0
+            scores[p] = prob
+        return scores
+
+    def expected_tokens(self, tree: MedusaTree) -> float:
+        """E(tree) = 1 + sum of path acceptance probabilities (bonus token included)."""
+        return 1.0 + sum(self.path_scores(tree).values())
+
+    def snapshot(self) -> dict:
+        q = self.q()
+        return {
+            "top1_by_head": [round(float(q[d, 0]), 4) for d in range(self.n_heads)],
+            "proposed_tokens": self.proposed,
+            "accepted_tokens": self.accepted,
+        }
+
+
+SUBTREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 63)
+
+
+class SpeculationPolicy:
+    """Chooses the tree for the next step. mode: 'adaptive', 'off', or a fixed tree."""
+
+    def __init__(self, base_tree: MedusaTree, stats: AcceptanceStats, cost: CostModel,
+                 mode: str = "adaptive", fixed: MedusaTree | None = None, max_leaves: int | None = None):
+        self.base_tree, self.stats, self.cost, self.mode, self.fixed = base_tree, stats, cost, mode, fixed
+        self.max_leaves = max_leaves  # total leaf budget per step (llama.cpp sequence ids), None = no limit
+        self.none = chain(0)
+        self._candidates: list[tuple[MedusaTree, float]] = []
+        self._refresh_in = 0
+        self.last_choice = self.none
+        self.choices: dict[str, int] = {}
+
+    def candidates(self) -> list[tuple[MedusaTree, float]]:
+        """[(tree, expected tokens)], rebuilt from the statistics every 32 steps."""
+        if self._refresh_in <= 0 or not self._candidates:
+            scores = self.stats.path_scores(self.base_tree)
+            trees = [self.none] + [subtree(self.base_tree, scores, n)
+                                   for n in SUBTREE_SIZES if n <= len(self.base_tree.paths)]
+            self._candidates = [(t, self.stats.expected_tokens(t)) for t in trees]
+            self._refresh_in = 32
+        self._refresh_in -= 1
+        return self._candidates
+
+    def choose(self, n_rows: int, n_speculative: int) -> MedusaTree:
+        """The tree for the speculating rows this step (the others run a root-only tree)."""
+        if self.mode == "off" or n_speculative == 0:
+            choice = self.none
+        elif self.mode == "fixed":
+            choice = self.fixed
+        else:
+            best, best_rate = self.none, -1.0
+            for tree, expected in self.candidates():
+                if self.max_leaves is not None and tree.size > 1 and n_speculative * tree.n_leaves > self.max_leaves:
+                    continue
+                seconds = self.cost(n_rows * tree.size) + (self.cost.heads_cost if tree.size > 1 else 0.0)
+                rate = (n_speculative * expected + (n_rows - n_speculative)) / seconds
+                if rate > best_rate:
+                    best, best_rate = tree, rate
+            choice = best
+        self.last_choice = choice
+        self.choices[choice.name] = self.choices.get(choice.name, 0) + 1
+        return choice

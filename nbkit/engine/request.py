@@ -1,0 +1,233 @@
+"""Requests as the engine sees them: parameters, per-request state, and the stream of events.
+
+A `RequestHandle` is what callers hold: iterate it (sync) or `async for` it (asyncio) to receive
+`TokenEvent`s as they are generated, then one final `Finished`; `cancel()` frees the slot within a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+class EngineError(RuntimeError):
+    """Base class of errors the engine reports to callers."""
+
+
+class Overloaded(EngineError):
+    """The waiting queue is full: try again later (HTTP 429)."""
+
+
+class EngineStopped(EngineError):
+    """The engine is not running (stopped, or its thread died): requests cannot be served (HTTP 503)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 50
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    speculate: bool = True  # allow Medusa for this request
+    tree: str | None = None  # force a tree ("none", "chain-2", "mc_sim_7b_63"); None = the engine's policy
+    acceptance: str = "exact"  # "exact" (greedy / lossless sampling) or "typical" (Medusa's, faster, lossy)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError("max_tokens must be a positive integer")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError("temperature must be between 0 and 100")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.acceptance not in ("exact", "typical"):
+            raise ValueError("acceptance must be 'exact' or 'typical'")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop sequences must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # text released by this token (may be "" while a stop string or UTF-8 char is pending)
+    index: int  # position in the output
+
+
+@dataclass
+class Finished:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence" | "cancelled" | "error"
+    prompt_tokens: int
+    steps: int  # decoding steps (verification passes), prefill excluded
+    accepted_tokens: int  # tokens emitted by those steps
+    time_to_first_token: float | None
+    latency: float
+    error: str | None = None
+    error_type: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per decoding step, counting the bonus token (plain decoding = 1.0)."""
+        return self.accepted_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.latency if self.latency > 0 else 0.0
+
+
+class RequestHandle:
+    """A request's event stream, shared between the engine thread and one consumer."""
+
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop | None):
+        self.id = request_id
+        self._events: list[TokenEvent | Finished] = []
+        self._cond = threading.Condition()
+        self._loop = loop
+        self._wakeup = asyncio.Event() if loop is not None else None
+        self.cancelled = False
+
+    # engine side
+    def push(self, event: TokenEvent | Finished) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wakeup.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+                self.cancelled = True
+
+    # consumer side
+    def cancel(self) -> None:
+        """Stop generating (the client went away). The engine frees the slot at its next step."""
+        self.cancelled = True
+
+    @property
+    def finished(self) -> Finished | None:
+        with self._cond:
+            last = self._events[-1] if self._events else None
+        return last if isinstance(last, Finished) else None
+
+    def __iter__(self):
+        i = 0
+        while True:
+            with self._cond:
+                while len(self._events) <= i:
+                    self._cond.wait()
+                batch = self._events[i:]
+            for event in batch:
+                yield event
+                if isinstance(event, Finished):
+                    return
+            i += len(batch)
+
+    async def __aiter__(self):
+        if self._wakeup is None:
+            raise RuntimeError("submit() was called outside an event loop: iterate synchronously")
+        i = 0
+        while True:
+            self._wakeup.clear()
+            with self._cond:
+                batch = self._events[i:]
+            for event in batch:
+                yield event
+                if isinstance(event, Finished):
+                    return
+            i += len(batch)
+            if not batch:
+                await self._wakeup.wait()
+
+    def result(self, timeout: float | None = None) -> Finished:
+        """Block until the request ends (sync callers)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not (self._events and isinstance(self._events[-1], Finished)):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+                self._cond.wait(left)
+            return self._events[-1]
+
+    async def aresult(self) -> Finished:
+        async for event in self:
+            if isinstance(event, Finished):
+                return event
+        raise AssertionError("unreachable")
+
+
+class TextStream:
+    """Incremental detokenization with stop strings: releases text only when it is final."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.released = 0  # characters of the text already given out
+        self.text = ""
+
+    def update(self, token_ids: list[int]) -> tuple[str, bool]:
+        """Text newly released by the tokens so far, and whether a stop string was hit (text cut there)."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = text.find(s, max(0, self.released - len(s)))
+            if at != -1:
+                self.text = text[:at]
+                delta = self.text[self.released:]
+                self.released = len(self.text)
+                return delta, True
+        self.text = text
+        # Hold back an incomplete UTF-8 character and any suffix that may start a stop string.
+        end = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if text[end - k : end] == s[:k]:
+                    hold = max(hold, k)
+                    break
+        end -= hold
+        delta = text[self.released:end] if end > self.released else ""
+        self.released = max(self.released, end)
+        return delta, False
+
+    def final(self) -> str:
+        """Everything not yet released (at the end of the request)."""
+        delta = self.text[self.released:]
+        self.released = len(self.text)
+        return delta
+
+
+@dataclass
+class Request:
+    """Engine-side state of one request (a "slot" holds its KV while it runs)."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    handle: RequestHandle
+    text: TextStream
+    created: float = field(default_factory=time.monotonic)
+    slot: int | None = None
+    n_prefilled: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    pending: int | None = None  # last emitted token, not yet in the KV cache (the next tree's root)
+    hidden: torch.Tensor | None = None  # final-norm hidden state that produced `pending`
+    steps: int = 0
+    accepted_tokens: int = 0
+    first_token_at: float | None = None
+    generator: torch.Generator | None = None
+    probes: list = field(default_factory=list)  # (output index, head top-k) awaiting acceptance stats

@@ -1,0 +1,248 @@
+"""The PyTorch runner: runs the forward passes the scheduler hands it, over a slot KV cache.
+
+KV layout: one preallocated buffer per layer, [rows, kv_heads, capacity, head_dim]; each slot owns
+one row and a length. A verification step writes every running slot's tree tokens at columns
+[len, len + Q) of its own row, with positions len + depth and a float 4D mask (prefix + tree
+ancestors), so ALL running requests' trees are verified in ONE forward pass. Committing keeps
+only the accepted path: its nodes are moved down to [len, len + accepted) and the length grows.
+
+The running slots are kept in physical rows [0, B) so the batch is a view of the buffer, not a copy.
+The runner knows nothing of requests, sampling or HTTP: tokens in, logits and hidden states out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..medusa.trees import MedusaTree
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's KV for all slots. The runner sets `write_rows/write_cols/kv_len` before a forward."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+        self.ctx: _ForwardContext | None = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # allocated up front
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        ctx = self.ctx
+        rows = ctx.rows_index[:, None]
+        # [B, kvh, Q, d] -> [B, Q, kvh, d] to match advanced indexing on (row, column).
+        self.keys[rows, :, ctx.cols] = key_states.transpose(1, 2).to(self.keys.dtype)
+        self.values[rows, :, ctx.cols] = value_states.transpose(1, 2).to(self.values.dtype)
+        return self.keys[ctx.row_slice, :, : ctx.kv_len], self.values[ctx.row_slice, :, : ctx.kv_len]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.ctx.kv_len, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.ctx is None else self.ctx.kv_len
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+@dataclass
+class _ForwardContext:
+    row_slice: slice
+    rows_index: torch.Tensor  # [B]
+    cols: torch.Tensor  # [B, Q] columns the new tokens are written to
+    kv_len: int
+
+
+class SlotCache(Cache):
+    def __init__(self, layers: list[SlotLayer]):
+        super().__init__(layers=layers)
+
+    def set_context(self, ctx: _ForwardContext) -> None:
+        for layer in self.layers:
+            layer.ctx = ctx
+
+
+@dataclass
+class TreeInput:
+    """One slot's share of a verification step: the tree shape and its T input tokens."""
+
+    slot: int
+    tree: MedusaTree
+    tokens: list[int]
+
+
+class TorchRunner:
+    """Forward passes for a batch of slots on a transformers causal LM (Llama family)."""
+
+    def __init__(self, model, max_slots: int = 16, initial_capacity: int = 256, max_context: int | None = None):
+        self.model = model
+        self.base = model.model
+        self.lm_head = model.get_output_embeddings()
+        cfg = model.config
+        self.device, self.dtype = model.device, model.dtype
+        self.max_slots = max_slots
+        self.max_context = max_context or getattr(cfg, "max_position_embeddings", 4096)
+        self.n_layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden_size = cfg.hidden_size
+        self.vocab_size = cfg.vocab_size
+        self.capacity = 0
+        self.cache = SlotCache([SlotLayer(*self._alloc(0)) for _ in range(self.n_layers)])
+        self._grow(initial_capacity)
+        self.lengths = [0] * max_slots  # per slot
+        self.row_of: dict[int, int] = {}  # slot -> physical row
+        self.slot_at: list[int | None] = [None] * max_slots  # physical row -> slot
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+
+    # ---- memory -------------------------------------------------------------------------
+    def _alloc(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.max_slots, self.kv_heads, capacity, self.head_dim)
+        return (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def _grow(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity, 64)
+        for layer in self.cache.layers:
+            keys, values = self._alloc(new_capacity)
+            keys[:, :, : self.capacity] = layer.keys
+            values[:, :, : self.capacity] = layer.values
+            layer.keys, layer.values = keys, values
+        self.capacity = new_capacity
+
+    def kv_bytes(self) -> int:
+        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.cache.layers)
+
+    # ---- slots --------------------------------------------------------------------------
+    def alloc(self) -> int:
+        if not self._free_slots:
+            raise RuntimeError("no free slot")
+        slot = self._free_slots.pop()
+        # Prefilling slots take the highest free row so running slots stay packed at the bottom.
+        row = max(r for r in range(self.max_slots) if self.slot_at[r] is None)
+        self.row_of[slot], self.slot_at[row] = row, slot
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        row = self.row_of.pop(slot)
+        self.slot_at[row] = None
+        self.lengths[slot] = 0
+        self._free_slots.append(slot)
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def _swap_rows(self, a: int, b: int) -> None:
+        for layer in self.cache.layers:
+            for buf in (layer.keys, layer.values):
+                buf[[a, b]] = buf[[b, a]]
+        sa, sb = self.slot_at[a], self.slot_at[b]
+        self.slot_at[a], self.slot_at[b] = sb, sa
+        if sa is not None:
+            self.row_of[sa] = b
+        if sb is not None:
+            self.row_of[sb] = a
+
+    def _pack(self, slots: list[int]) -> list[int]:
+        """Put `slots` into rows [0, B) (moving as few rows as possible); returns slots in row order."""
+        n = len(slots)
+        wanted = set(slots)
+        outside = [s for s in slots if self.row_of[s] >= n]
+        for row in range(n):
+            if self.slot_at[row] not in wanted:
+                self._swap_rows(row, self.row_of[outside.pop()])
+        return [self.slot_at[r] for r in range(n)]
+
+    # ---- forward passes -----------------------------------------------------------------
+    def _forward(self, input_ids, positions, mask, ctx: _ForwardContext) -> torch.Tensor:
+        self.cache.set_context(ctx)
+        out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                        use_cache=True)
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a chunk of prompt tokens to `slot`; returns (logits [V], hidden [H]) of its last token."""
+        n, start = len(token_ids), self.lengths[slot]
+        if start + n > self.max_context:
+            raise ValueError(f"context of {start + n} tokens exceeds the model's {self.max_context}")
+        self._grow(start + n)
+        row = self.row_of[slot]
+        kv_len = start + n
+        cols = torch.arange(start, kv_len, device=self.device)
+        causal = cols[:, None] >= torch.arange(kv_len, device=self.device)[None, :]
+        mask = self._float_mask(causal[None, None])
+        ctx = _ForwardContext(slice(row, row + 1), torch.tensor([row], device=self.device), cols[None], kv_len)
+        ids = torch.tensor([token_ids], device=self.device)
+        hidden = self._forward(ids, cols[None], mask, ctx)[0, -1]
+        self.lengths[slot] = kv_len
+        return self.lm_head(hidden).float(), hidden
+
+    def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        # transformers passes a 4D mask through untouched; it must be additive float (bool is wrong in eager).
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)
+
+    @torch.inference_mode()
+    def verify(self, batch: list[TreeInput]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """One forward pass over every slot's tree. Returns {slot: (logits [T, V] fp32, hidden [T, H])}."""
+        by_slot = {item.slot: item for item in batch}
+        order = self._pack(list(by_slot))
+        items = [by_slot[s] for s in order]
+        b, q = len(items), max(item.tree.size for item in items)
+        lengths = torch.tensor([self.lengths[it.slot] for it in items], device=self.device)
+        kv_len = int(lengths.max()) + q
+        if kv_len > self.max_context + q:
+            raise ValueError("context exceeds the model's maximum")
+        self._grow(kv_len)
+        ids = torch.zeros(b, q, dtype=torch.long, device=self.device)
+        depth = torch.arange(q, device=self.device).repeat(b, 1)
+        tree_mask = torch.eye(q, dtype=torch.bool, device=self.device).repeat(b, 1, 1)  # pads see themselves
+        for i, it in enumerate(items):
+            t = it.tree.size
+            ids[i, :t] = torch.tensor(it.tokens, device=self.device)
+            depth[i, :t] = it.tree.depths.to(self.device)
+            tree_mask[i, :t, :t] = it.tree.attn_mask.to(self.device)
+        cols = lengths[:, None] + torch.arange(q, device=self.device)  # [B, Q]
+        positions = lengths[:, None] + depth
+        kv_cols = torch.arange(kv_len, device=self.device)
+        allowed = (kv_cols[None, None, :] < lengths[:, None, None]).expand(b, q, kv_len).clone()
+        allowed.scatter_(2, cols[:, None, :].expand(b, q, q), tree_mask)
+        ctx = _ForwardContext(slice(0, b), torch.arange(b, device=self.device), cols, kv_len)
+        hidden = self._forward(ids, positions, self._float_mask(allowed[:, None]), ctx)
+        sizes = [it.tree.size for it in items]
+        valid = torch.cat([hidden[i, :t] for i, t in enumerate(sizes)])
+        logits = self.lm_head(valid).float().split(sizes)
+        return {it.slot: (logits[i], hidden[i, : sizes[i]]) for i, it in enumerate(items)}
+
+    @torch.inference_mode()
+    def commit(self, accepted: dict[int, list[int]]) -> None:
+        """Keep each slot's accepted tree nodes (root first): move them to [len, len + n), grow len."""
+        moves = {s: nodes for s, nodes in accepted.items() if nodes != list(range(len(nodes)))}
+        if moves:
+            width = max(len(n) for n in moves.values())
+            rows, src, dst = [], [], []
+            for slot, nodes in moves.items():
+                base = self.lengths[slot]
+                pad = list(range(len(nodes), width))  # copy onto themselves: no-ops
+                rows.append(self.row_of[slot])
+                src.append([base + n for n in nodes + pad])
+                dst.append([base + i for i in range(width)])
+            rows_t = torch.tensor(rows, device=self.device)[:, None]
+            src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+            for layer in self.cache.layers:
+                for buf in (layer.keys, layer.values):
+                    buf[rows_t, :, dst_t] = buf[rows_t, :, src_t]
+        for slot, nodes in accepted.items():
+            self.lengths[slot] += len(nodes)

@@ -1,0 +1,179 @@
+"""Medusa heads and their checkpoint formats.
+
+Head i (0-based) reads the base model's final-norm hidden state at position t and predicts the
+token at t+2+i (the base lm_head predicts t+1). One head = ResBlock x n_layers, then either its own
+Linear(H, V) (FasterDecoding format) or the base model's lm_head (shared format, TGI MedusaHeadV2).
+The module layout mirrors upstream exactly so state-dict keys load strictly:
+  `{i}.{j}.linear.weight|bias` for the ResBlocks, `{i}.{n_layers}.weight` for an own lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PT_FILE = "medusa_lm_head.pt"
+SAFETENSORS_FILE = "medusa_lm_head.safetensors"
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(Linear(x)). The linear starts at zero, so an untrained head copies the base lm_head."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """`n_heads` Medusa heads over hidden size H; `vocab_size` set means each head has its own lm_head."""
+
+    def __init__(self, hidden_size: int, n_heads: int, n_layers: int = 1, vocab_size: int | None = None):
+        super().__init__()
+        self.hidden_size, self.n_heads, self.n_layers, self.vocab_size = hidden_size, n_heads, n_layers, vocab_size
+        self.heads = nn.ModuleList()
+        for _ in range(n_heads):
+            layers: list[nn.Module] = [ResBlock(hidden_size) for _ in range(n_layers)]
+            if vocab_size is not None:
+                layers.append(nn.Linear(hidden_size, vocab_size, bias=False))
+            self.heads.append(nn.Sequential(*layers))
+
+    @property
+    def shared_lm_head(self) -> bool:
+        return self.vocab_size is None
+
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+        """hidden [N, H] -> logits [n_heads, N, V]. Shared-format heads need the base `lm_head`."""
+        if self.shared_lm_head and lm_head is None:
+            raise ValueError("these heads share the base model's lm_head: pass lm_head=")
+        outs = []
+        for head in self.heads:
+            h = head(hidden)
+            outs.append(lm_head(h) if self.shared_lm_head else h)
+        return torch.stack(outs)
+
+    @torch.inference_mode()
+    def topk(self, hidden: torch.Tensor, lm_head: nn.Module | None, k: int) -> torch.Tensor:
+        """hidden [N, H] -> candidate token ids [N, n_heads, k]."""
+        if self.shared_lm_head:
+            # One matmul with the big lm_head for all heads and rows.
+            h = torch.stack([head(hidden) for head in self.heads], dim=1)  # [N, heads, H]
+            logits = lm_head(h)
+        else:
+            logits = self.forward(hidden).transpose(0, 1)
+        return logits.topk(k, dim=-1).indices
+
+
+class HeadsFormatError(ValueError):
+    """A Medusa checkpoint whose keys or shapes do not match the expected layout."""
+
+
+_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+def _infer_layout(state: dict[str, torch.Tensor]) -> tuple[int, int, bool]:
+    """(n_heads, n_layers, own_lm_head) from upstream key names; unknown keys are an error."""
+    heads: dict[int, set[tuple[int, str]]] = {}
+    for key in state:
+        m = _KEY.match(key)
+        if not m:
+            raise HeadsFormatError(f"unexpected key {key!r} in Medusa checkpoint")
+        heads.setdefault(int(m[1]), set()).add((int(m[2]), m[3]))
+    if not heads:
+        raise HeadsFormatError("Medusa checkpoint holds no tensors")
+    n_heads = max(heads) + 1
+    if sorted(heads) != list(range(n_heads)):
+        missing = sorted(set(range(n_heads)) - set(heads))
+        raise HeadsFormatError(f"missing key {missing[0]}.0.linear.weight (heads must be numbered 0..{n_heads - 1})")
+    sub = heads[0]
+    n_layers = len([1 for j, name in sub if name == "linear.weight"])
+    own = (n_layers, "weight") in sub
+    return n_heads, n_layers, own
+
+
+def heads_from_state_dict(
+    state: dict[str, torch.Tensor], hidden_size: int, vocab_size: int | None = None
+) -> MedusaHeads:
+    """Build heads whose layout is read from the keys, then load strictly (clear error per key)."""
+    n_heads, n_layers, own = _infer_layout(state)
+    if own and vocab_size is None:
+        vocab_size = state[f"0.{n_layers}.weight"].shape[0]
+    heads = MedusaHeads(hidden_size, n_heads, n_layers, vocab_size if own else None)
+    expected = heads.heads.state_dict()
+    for key, ref in expected.items():
+        if key not in state:
+            raise HeadsFormatError(f"missing key {key!r} in Medusa checkpoint")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise HeadsFormatError(
+                f"key {key!r} has shape {list(state[key].shape)}, expected {list(ref.shape)} "
+                f"(hidden size {hidden_size}, vocab {vocab_size})"
+            )
+    for key in state:
+        if key not in expected:
+            raise HeadsFormatError(f"unexpected key {key!r} in Medusa checkpoint")
+    heads.heads.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return heads
+
+
+def _find_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in (SAFETENSORS_FILE, PT_FILE):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {PT_FILE} in {path}")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a Medusa checkpoint (.pt pickle with weights_only=True, or .safetensors)."""
+    file = _find_file(Path(path))
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupted or truncated files raise many different types
+        raise HeadsFormatError(f"cannot read Medusa checkpoint {file}: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise HeadsFormatError(f"{file} does not hold a dict of tensors")
+    return dict(state)
+
+
+def load_heads(
+    path: str | Path, hidden_size: int, vocab_size: int | None = None,
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+) -> MedusaHeads:
+    """Load either published format. The head count comes from the weights, never from config.json
+    (FasterDecoding/medusa-vicuna-7b-v1.3 says 2 heads and holds 5)."""
+    heads = heads_from_state_dict(read_state_dict(path), hidden_size, vocab_size)
+    return heads.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def save_heads(heads: MedusaHeads, out_dir: str | Path, **config) -> Path:
+    """Save in the shared-lm_head (or own-lm_head) safetensors format with a small config.json."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in heads.heads.state_dict().items()}
+    save_file(state, str(out / SAFETENSORS_FILE))
+    meta = {"medusa_num_heads": heads.n_heads, "medusa_num_layers": heads.n_layers,
+            "hidden_size": heads.hidden_size, "shared_lm_head": heads.shared_lm_head, **config}
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def embedded_heads_dir() -> Path:
+    """The heads nbkit trained for the embedded SmolLM2 model (shipped as package data)."""
+    from importlib import resources
+
+    return Path(str(resources.files("nbkit.medusa").joinpath("data/smollm2-135m-heads")))

@@ -1,0 +1,58 @@
+"""Tiny models and tokenizers for tests that must run in seconds."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nbkit.medusa.heads import MedusaHeads
+
+
+class ToyTokenizer:
+    """One printable character per token id; id 1 is EOS. Enough for the engine's text handling."""
+
+    eos_token_id = 1
+    pad_token_id = 0
+    eos_token = "<eos>"
+    chat_template = None
+
+    def __init__(self, vocab_size: int = 256):
+        self.vocab_size = vocab_size
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(0x41 + (i % 58)) for i in ids if not (skip_special_tokens and i in (0, 1)))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + (ord(c) % 200) for c in text]}
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
+        return [2] + self(messages[-1]["content"])["input_ids"] + [3]
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 256, layers: int = 2, hidden: int = 64, init: float = 0.15,
+               max_positions: int = 1024) -> LlamaForCausalLM:
+    """A random Llama whose logits are spread out enough that greedy ties are practically impossible."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        initializer_range=init, eos_token_id=1, bos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def random_heads(model, n_heads: int = 4, seed: int = 0, scale: float = 0.05) -> MedusaHeads:
+    torch.manual_seed(seed)
+    heads = MedusaHeads(model.config.hidden_size, n_heads)
+    for p in heads.parameters():
+        p.data.normal_(0, scale)
+    return heads.eval().requires_grad_(False)
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=1, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
