@@ -80,10 +80,16 @@ class AcceptanceStats:
     statistics stay honest even while the policy runs no tree at all.
     """
 
-    def __init__(self, n_heads: int, topk: int = TOPK, prior_trials: float = 4.0):
+    def __init__(self, n_heads: int, topk: int = TOPK, prior_trials: float = 4.0,
+                 measured: list[list[float]] | None = None):
         self.n_heads, self.topk = n_heads, topk
-        # Prior: head d's top-1 is right ~0.6 * 0.7^d of the time, lower ranks much less.
-        prior = torch.tensor([[0.6 * 0.7**d / (1 + 2 * r) for r in range(topk)] for d in range(n_heads)])
+        if measured is not None and len(measured) >= n_heads:
+            # q measured when the heads were trained (held-out prompts) counts as 50 observations.
+            prior = torch.tensor([row[:topk] for row in measured[:n_heads]], dtype=torch.float32)
+            prior_trials = 50.0
+        else:
+            # Prior: head d's top-1 is right ~0.6 * 0.7^d of the time, lower ranks much less.
+            prior = torch.tensor([[0.6 * 0.7**d / (1 + 2 * r) for r in range(topk)] for d in range(n_heads)])
         self.hits = prior * prior_trials
         self.trials = torch.full((n_heads, topk), prior_trials)
         self.proposed = 0  # tree tokens sent to verification beyond the root

