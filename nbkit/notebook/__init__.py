@@ -1,0 +1,1 @@
+"""Notebook-side helpers: llama.cpp build, GGUF conversion, hub downloads, tunnels, chat widgets."""
