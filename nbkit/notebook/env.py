@@ -1,0 +1,290 @@
+"""Where the notebook runs: Colab or not, which GPU, and what fits in its memory.
+
+`detect()` gathers the facts, `summary()` puts them on one screen, `choose_plan()` turns GPU memory
+into a quantization and an engine, and `param()` lets a notebook's parameters cell be overridden
+from the environment (papermill overrides the same variables by injecting a cell after it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1024**3
+
+
+def in_colab() -> bool:
+    """True inside a Google Colab runtime (its kernel imports google.colab; the runtime sets COLAB_*)."""
+    if "google.colab" in sys.modules:
+        return True
+    return "COLAB_RELEASE_TAG" in os.environ and _has_module("google.colab")
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def colab_secret(name: str) -> str | None:
+    """A Colab secret's value, or None outside Colab, when it is missing or access was refused."""
+    if not in_colab():
+        return None
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+
+        value = userdata.get(name)
+    except Exception:  # noqa: BLE001 -- SecretNotFoundError, NotebookAccessError, TimeoutException: all mean "no secret"
+        return None
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
+def secret(name: str) -> tuple[str | None, str]:
+    """(value, where it came from) for a token: the Colab secret `name` first, then the environment."""
+    value = colab_secret(name)
+    if value:
+        return value, f"Colab secret {name}"
+    value = (os.environ.get(name) or "").strip()
+    if value:
+        return value, f"environment variable {name}"
+    return None, "nowhere"
+
+
+def param(name: str, default):
+    """A notebook parameter: $NBKIT_<NAME> when set (cast to the default's type), else `default`."""
+    raw = os.environ.get("NBKIT_" + name.upper())
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if default is None and raw.strip().lower() in ("", "none", "null"):
+        return None
+    return raw
+
+
+@dataclass
+class Gpu:
+    name: str
+    total_gib: float
+    free_gib: float
+    capability: tuple[int, int]  # CUDA compute capability, e.g. (7, 5) on a T4
+
+    @property
+    def arch(self) -> str:
+        """The CMAKE_CUDA_ARCHITECTURES value for this card (75 for a T4, 80 for an A100)."""
+        return f"{self.capability[0]}{self.capability[1]}"
+
+
+@dataclass
+class Environment:
+    colab: bool
+    python: str
+    torch: str | None
+    cuda: str | None
+    gpus: list[Gpu] = field(default_factory=list)
+    cpus: int = 1
+    ram_gib: float | None = None
+    disk_free_gib: float | None = None
+
+    @property
+    def gpu(self) -> Gpu | None:
+        return self.gpus[0] if self.gpus else None
+
+    def __repr__(self) -> str:  # a notebook cell that ends with the object shows the summary
+        return summary(self)
+
+
+def parse_nvidia_smi(text: str) -> list[Gpu]:
+    """Parse `nvidia-smi --query-gpu=name,memory.total,memory.free,compute_cap --format=csv,noheader,nounits`."""
+    gpus = []
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4:
+            continue
+        try:
+            major, _, minor = parts[3].partition(".")
+            gpus.append(Gpu(parts[0], float(parts[1]) / 1024, float(parts[2]) / 1024, (int(major), int(minor or 0))))
+        except ValueError:
+            continue
+    return gpus
+
+
+def _gpus_from_torch() -> tuple[list[Gpu], str | None, str | None]:
+    try:
+        import torch
+    except ImportError:
+        return [], None, None
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            try:
+                free, total = torch.cuda.mem_get_info(i)
+            except RuntimeError:
+                free, total = props.total_memory, props.total_memory
+            gpus.append(Gpu(props.name, total / GIB, free / GIB, (props.major, props.minor)))
+    return gpus, torch.__version__, torch.version.cuda
+
+
+def _gpus_from_nvidia_smi() -> list[Gpu]:
+    """For a torch without CUDA on a GPU machine: the driver still tells us what is there."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,memory.free,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return parse_nvidia_smi(out)
+
+
+def _ram_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def detect() -> Environment:
+    """The facts that decide what this runtime can serve."""
+    gpus, torch_version, cuda = _gpus_from_torch()
+    if not gpus:
+        gpus = _gpus_from_nvidia_smi()
+    from ..models import cache_dir
+
+    return Environment(
+        colab=in_colab(), python=platform.python_version(), torch=torch_version, cuda=cuda, gpus=gpus,
+        cpus=os.cpu_count() or 1, ram_gib=_ram_gib(), disk_free_gib=shutil.disk_usage(cache_dir()).free / GIB,
+    )
+
+
+# --- what fits ------------------------------------------------------------------------------------
+# Bytes per parameter of a llama-architecture GGUF (vicuna-7b: F16 12.6 GiB, Q8_0 6.7, Q4_K_M 3.8 for 6.74e9).
+BYTES_PER_PARAM = {"f16": 2.0, "q8_0": 1.0625, "q4_k_m": 0.605}
+CUDA_OVERHEAD_GIB = 1.0  # CUDA context, allocator slack, activations of a verify pass
+
+
+@dataclass
+class Plan:
+    engine: str  # "torch" (transformers fp16 + heads) or "llamacpp" (a GGUF + heads)
+    quantization: str  # "f16" | "q8_0" | "q4_k_m"
+    weights_gib: float
+    heads_gib: float
+    kv_gib: float
+    memory_gib: float | None  # what the plan was made for (None = CPU)
+    reason: str
+
+    def __repr__(self) -> str:
+        return f"Plan(engine={self.engine!r}, quantization={self.quantization!r}): {self.reason}"
+
+
+def choose_plan(
+    gpu_total_gib: float | None, params_b: float = 6.74, heads_gib: float = 1.5, kv_mib_per_token: float = 0.5,
+    kv_tokens: int = 8192,
+) -> Plan:
+    """The most faithful weights that leave room for the Medusa heads and `kv_tokens` of KV cache.
+
+    The defaults are vicuna-7b with FasterDecoding's 5 heads, and 4 full 2048-token contexts of KV.
+    F16 runs in the torch engine (transformers, exact); quantized weights run in the llama.cpp engine.
+    A T4 (15 GiB) cannot hold F16 (12.6) + heads (1.5) + KV, so it gets Q8_0; an A100 or L4 gets F16.
+    """
+    kv_gib = kv_tokens * kv_mib_per_token / 1024
+    if gpu_total_gib is None:
+        weights = params_b * 1e9 * BYTES_PER_PARAM["q4_k_m"] / GIB
+        return Plan("llamacpp", "q4_k_m", weights, heads_gib, kv_gib, None,
+                    "no GPU: the smallest good GGUF on the CPU with llama.cpp")
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        weights = params_b * 1e9 * BYTES_PER_PARAM[quant] / GIB
+        need = weights + heads_gib + kv_gib + CUDA_OVERHEAD_GIB
+        if need <= gpu_total_gib:
+            engine = "torch" if quant == "f16" else "llamacpp"
+            return Plan(engine, quant, weights, heads_gib, kv_gib, gpu_total_gib,
+                        f"{weights:.1f} GiB weights + {heads_gib:.1f} heads + {kv_gib:.1f} KV + "
+                        f"{CUDA_OVERHEAD_GIB:.0f} overhead = {need:.1f} of {gpu_total_gib:.1f} GiB")
+    weights = params_b * 1e9 * BYTES_PER_PARAM["q4_k_m"] / GIB
+    spare = max(gpu_total_gib - weights - heads_gib - CUDA_OVERHEAD_GIB, 0.0)
+    tokens = int(spare * 1024 / kv_mib_per_token)
+    verdict = "tight" if tokens >= 2048 else "does NOT fit (use a bigger GPU or a smaller model)"
+    return Plan("llamacpp", "q4_k_m", weights, heads_gib, spare, gpu_total_gib,
+                f"{verdict}: Q4_K_M leaves {spare:.1f} GiB for the KV cache ({tokens} tokens in all)")
+
+
+def sizes_from_config(model_dir: str | os.PathLike | None, n_heads: int = 5) -> dict:
+    """choose_plan() sizes of a llama-style model from its config.json, without loading it ({} if unknown)."""
+    import json
+
+    file = Path(model_dir) / "config.json" if model_dir else None
+    if file is None or not file.is_file():
+        return {}
+    cfg = json.loads(file.read_text())
+    try:
+        h, layers, vocab, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+    except KeyError:
+        return {}
+    n_attn = cfg.get("num_attention_heads", 1)
+    head_dim = cfg.get("head_dim") or h // n_attn
+    kv_dim = head_dim * cfg.get("num_key_value_heads", n_attn)
+    attn = 2 * h * h + 2 * h * kv_dim
+    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    return {
+        "params_b": (layers * (attn + 3 * h * ffn) + embed) / 1e9,
+        "heads_gib": n_heads * (h * h + h * vocab) * 2 / GIB,  # fp16, each head with its own lm_head
+        "kv_mib_per_token": 2 * layers * kv_dim * 2 / 2**20,
+    }
+
+
+def resolve_plan(
+    engine: str = "auto", quantization: str = "auto", model_dir: str | os.PathLike | None = None,
+    env: Environment | None = None,
+) -> Plan:
+    """The plan for this runtime; explicit notebook parameters ("torch", "q8_0", ...) win over "auto".
+
+    With `model_dir` (a downloaded model) the sizes come from its config.json, else vicuna-7b's are used."""
+    env = env or detect()
+    plan = choose_plan(env.gpu.total_gib if env.gpu else None, **sizes_from_config(model_dir))
+    if engine != "auto":
+        plan.engine = engine
+        plan.reason = f"engine {engine} chosen by the parameters; " + plan.reason
+    if quantization != "auto":
+        plan.quantization = quantization
+        plan.reason = f"quantization {quantization} chosen by the parameters; " + plan.reason
+    return plan
+
+
+def summary(env: Environment | None = None) -> str:
+    """One screen: runtime, GPU, memory, and the llama.cpp CUDA architecture to build for."""
+    env = env or detect()
+    lines = [
+        f"runtime : {'Google Colab' if env.colab else 'local / other'}  (Python {env.python}, {env.cpus} CPUs"
+        + (f", {env.ram_gib:.1f} GiB RAM" if env.ram_gib else "")
+        + (f", {env.disk_free_gib:.0f} GiB disk free)" if env.disk_free_gib is not None else ")"),
+        f"torch   : {env.torch or 'not installed'}" + (f"  (CUDA {env.cuda})" if env.cuda else "  (CPU build)"),
+    ]
+    if not env.gpus:
+        lines.append("GPU     : none — the embedded model runs on CPU; a 7B model needs a GPU runtime "
+                     "(Runtime > Change runtime type > T4 GPU)")
+    for i, gpu in enumerate(env.gpus):
+        lines.append(f"GPU {i}   : {gpu.name}, {gpu.total_gib:.1f} GiB ({gpu.free_gib:.1f} free), "
+                     f"compute {gpu.capability[0]}.{gpu.capability[1]} -> CMAKE_CUDA_ARCHITECTURES={gpu.arch}")
+    return "\n".join(lines)
+
+
+def show_summary(env: Environment | None = None) -> Environment:
+    """Print the summary and return the facts for later cells."""
+    env = env or detect()
+    print(summary(env))
+    return env

@@ -1,0 +1,173 @@
+"""Hugging Face from a notebook: the token (never shown) and downloads of only the files we need.
+
+Every hub call goes through `_list_files` and `_download`; with `$NBKIT_HUB_MIRROR` set (or `mirror=`)
+they read `<mirror>/<owner>/<name>/` folders instead, so tests and offline machines run the same code.
+Downloads land in `<cache>/hub/<owner>--<name>/`: huggingface_hub skips files that are complete there and
+resumes interrupted ones, so re-running a notebook reuses what it already fetched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..models import cache_dir
+from .env import in_colab
+
+# A transformers model: config, tokenizer, weights (safetensors when the repo has them, else .bin).
+MODEL_CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                      "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja"]
+SAFETENSORS_FILES = ["*.safetensors", "model.safetensors.index.json"]
+BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# Medusa heads: FasterDecoding publishes medusa_lm_head.pt; our own trained heads are safetensors.
+HEADS_FILES = ["config.json", "medusa_lm_head.pt", "medusa_lm_head.safetensors"]
+
+
+# --- the token ---------------------------------------------------------------------------------------
+@dataclass
+class Login:
+    """Where the token came from. Holds no token, so a cell that shows it shows nothing secret."""
+
+    logged_in: bool
+    source: str
+
+    def __repr__(self) -> str:
+        if self.logged_in:
+            return f"Hugging Face: token found ({self.source}); it is not shown."
+        return ("Hugging Face: no token. Public models download without one; for gated ones add a Colab secret "
+                "HF_TOKEN (key icon on the left), or set $HF_TOKEN, or run huggingface_hub.notebook_login().")
+
+
+def token_source() -> str | None:
+    """Where huggingface_hub would find a token (it checks the env, the token file, then the Colab secret)."""
+    from huggingface_hub import get_token
+
+    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        return "environment variable HF_TOKEN"
+    if get_token() is None:
+        return None
+    from huggingface_hub import constants
+
+    if Path(constants.HF_TOKEN_PATH).is_file():
+        return "saved login"
+    return "Colab secret HF_TOKEN" if in_colab() else "huggingface_hub"
+
+
+def login(interactive: bool = True) -> Login:
+    """Find a token (Colab secret HF_TOKEN, $HF_TOKEN, a saved login) or, in Colab, ask with notebook_login().
+
+    huggingface_hub then uses the token by itself; we never print it or return it."""
+    source = token_source()
+    if source is None and interactive and in_colab():
+        from huggingface_hub import notebook_login
+
+        notebook_login()  # a password widget: the token is typed, never echoed into the saved output
+        source = token_source()
+    return Login(source is not None, source or "none")
+
+
+# --- the two hub calls -------------------------------------------------------------------------------
+def _mirror(mirror: str | os.PathLike | None) -> Path | None:
+    mirror = mirror or os.environ.get("NBKIT_HUB_MIRROR")
+    return Path(mirror) if mirror else None
+
+
+def _list_files(repo_id: str, revision: str | None, mirror: Path | None) -> list[str]:
+    if mirror is not None:
+        root = mirror / repo_id
+        if not root.is_dir():
+            raise FileNotFoundError(f"{repo_id} is not in the hub mirror {mirror}")
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    from huggingface_hub import list_repo_files
+
+    return list_repo_files(repo_id, revision=revision)
+
+
+def _download(repo_id: str, files: list[str], local_dir: Path, revision: str | None, mirror: Path | None) -> Path:
+    if mirror is not None:
+        for name in files:
+            out = local_dir / name
+            if not out.is_file() or out.stat().st_size != (mirror / repo_id / name).stat().st_size:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(out.name + ".incomplete")
+                shutil.copyfile(mirror / repo_id / name, tmp)
+                tmp.replace(out)
+        return local_dir
+    from huggingface_hub import snapshot_download
+
+    # allow_patterns = the exact names: only those are fetched; complete ones are skipped, partial ones resumed.
+    return Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir, allow_patterns=files))
+
+
+# --- what the notebooks call -------------------------------------------------------------------------
+def local_dir_for(repo_id: str) -> Path:
+    return cache_dir() / "hub" / repo_id.replace("/", "--")
+
+
+def select_files(available: list[str], patterns: list[str]) -> list[str]:
+    return [f for f in available if any(fnmatch.fnmatch(f, p) for p in patterns)]
+
+
+def model_files(available: list[str]) -> list[str]:
+    """Config, tokenizer and ONE copy of the weights: safetensors if present, else the .bin shards."""
+    weights = select_files(available, SAFETENSORS_FILES) or select_files(available, BIN_FILES)
+    if not weights:
+        raise FileNotFoundError("the repository holds no *.safetensors or pytorch_model*.bin weights")
+    return select_files(available, MODEL_CONFIG_FILES) + weights
+
+
+def download_model(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
+    """A transformers model folder for `repo_id`. A local folder is returned as it is (nothing to fetch)."""
+    if Path(repo_id).is_dir():
+        return Path(repo_id)
+    m = _mirror(mirror)
+    files = model_files(_list_files(repo_id, revision, m))
+    return _download(repo_id, files, local_dir_for(repo_id), revision, m)
+
+
+def download_heads(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
+    """The Medusa heads folder for `repo_id` (medusa_lm_head.pt or .safetensors, and its config.json)."""
+    if Path(repo_id).exists():
+        return Path(repo_id)
+    m = _mirror(mirror)
+    files = select_files(_list_files(repo_id, revision, m), HEADS_FILES)
+    if not any(f.startswith("medusa_lm_head") for f in files):
+        raise FileNotFoundError(f"{repo_id} holds no medusa_lm_head.pt or medusa_lm_head.safetensors")
+    return _download(repo_id, files, local_dir_for(repo_id), revision, m)
+
+
+@dataclass
+class HeadsInfo:
+    path: Path
+    n_heads: int  # counted in the weights
+    n_layers: int
+    own_lm_head: bool
+    config_heads: int | None  # what config.json claims (FasterDecoding's vicuna-7b file says 2, holds 5)
+
+    def __repr__(self) -> str:
+        note = ""
+        if self.config_heads is not None and self.config_heads != self.n_heads:
+            note = f" (config.json says {self.config_heads}; the weights win)"
+        kind = "own lm_head each" if self.own_lm_head else "shared lm_head"
+        return f"Medusa heads at {self.path}: {self.n_heads} heads{note}, {self.n_layers} ResBlock each, {kind}"
+
+
+def inspect_heads(heads_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> HeadsInfo:
+    """Load the heads with nbkit's loader (which counts them in the weights) and check they fit the model."""
+    import json
+
+    from ..medusa.heads import load_heads, read_state_dict
+
+    heads_dir = Path(heads_dir)
+    hidden = None
+    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        hidden = json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"]
+    if hidden is None:  # the ResBlock's square weight tells the hidden size
+        hidden = read_state_dict(heads_dir)["0.0.linear.weight"].shape[0]
+    heads = load_heads(heads_dir, hidden)
+    claimed = heads.config.get("medusa_num_heads")
+    return HeadsInfo(heads_dir, heads.n_heads, heads.n_layers, not heads.shared_lm_head,
+                     int(claimed) if claimed is not None else None)

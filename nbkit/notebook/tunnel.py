@@ -1,0 +1,258 @@
+"""Reach a notebook's server from outside: an ngrok tunnel, Colab's own proxy, or nothing.
+
+`open_tunnel(port, provider)`:
+- "ngrok": a public https URL through pyngrok; the auth token comes from the Colab secret
+  NGROK_AUTHTOKEN or $NGROK_AUTHTOKEN, and is never printed (ngrok echoes bad tokens in its errors,
+  so its log lines are silenced and our messages are scrubbed).
+- "colab": `google.colab.kernel.proxyPort`, a URL that works only for you, in your browser, while the
+  notebook is open. No account needed.
+- "none": the local URL.
+- "auto": ngrok when a token is there, else Colab's proxy in Colab, else none.
+
+A public URL is served only with an API key: without one, `api_key_for()` makes one (kept in the cache
+so re-runs reuse it), and `open_tunnel` refuses to publish a server that answers without it.
+Re-opening replaces the previous tunnel instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..models import cache_dir
+from .env import in_colab, secret
+
+log = logging.getLogger("nbkit.tunnel")
+PROVIDERS = ("ngrok", "colab", "none", "auto")
+SKIP_WARNING = {"ngrok-skip-browser-warning": "1"}  # ngrok's free plan shows browsers a page without it
+NGROK_HELP = (
+    "ngrok needs an auth token: add a Colab secret named NGROK_AUTHTOKEN (key icon on the left; the token is "
+    "on https://dashboard.ngrok.com/get-started/your-authtoken) or set $NGROK_AUTHTOKEN. Without an ngrok "
+    "account use provider='colab' (a URL only you can open) or provider='none'."
+)
+
+
+class TunnelError(RuntimeError):
+    """The tunnel could not be opened; the message says what to do."""
+
+
+@dataclass
+class Tunnel:
+    provider: str  # "ngrok" | "colab" | "none"
+    url: str  # what to call: the public URL, Colab's proxy URL, or the local one
+    local_url: str
+    public: bool  # reachable by anyone on the internet (so the API key matters)
+    api_key: str | None = field(default=None, repr=False)
+    key_generated: bool = field(default=False, repr=False)
+    model: str = field(default="default", repr=False)
+
+    def close(self) -> None:
+        global _current
+        if self.provider == "ngrok":
+            from pyngrok import ngrok
+            from pyngrok.exception import PyngrokError
+
+            try:
+                ngrok.disconnect(self.url)
+            except (PyngrokError, OSError):  # the agent is already gone: nothing left to close
+                log.debug("ngrok tunnel %s was already closed", self.url)
+        if _current is self:
+            _current = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        h = dict(SKIP_WARNING) if self.provider == "ngrok" else {}
+        if self.api_key:
+            h["Authorization"] = f"Bearer {self.api_key}"
+        return h
+
+    def usage(self) -> str:
+        """How to call the API: curl and the openai client. Shows a key only if we generated it."""
+        key_ref = "$NBKIT_API_KEY"
+        lines = [f"{'Public' if self.public else 'Local'} URL ({self.provider}): {self.url}"]
+        if self.provider == "colab":
+            lines.append("  This URL works only in your browser while this notebook is open; for a public API "
+                         "use provider='ngrok' with the NGROK_AUTHTOKEN secret.")
+        if self.api_key and self.key_generated:
+            lines.append(f"API key, generated for this public URL (every route but /health requires it; clear "
+                         f"this output before sharing the notebook): export NBKIT_API_KEY={self.api_key}")
+        elif self.api_key:
+            lines.append("API key: the one you gave (not shown); export it as NBKIT_API_KEY.")
+        auth = f' -H "Authorization: Bearer {key_ref}"' if self.api_key else ""
+        skip = ' -H "ngrok-skip-browser-warning: 1"' if self.provider == "ngrok" else ""
+        lines += [
+            "",
+            "curl:",
+            f"  curl {self.url}/generate{auth}{skip} -H 'Content-Type: application/json' \\",
+            "       -d '{\"prompt\": \"What is Medusa decoding?\", \"max_tokens\": 50}'",
+            "",
+            "Python (pip install openai):",
+            "  import os",
+            "  from openai import OpenAI",
+            f"  client = OpenAI(base_url=\"{self.url}/v1\", "
+            + ("api_key=os.environ[\"NBKIT_API_KEY\"]" if self.api_key else "api_key=\"none\"")
+            + (", default_headers={\"ngrok-skip-browser-warning\": \"1\"}" if self.provider == "ngrok" else "")
+            + ")",
+            (f"  reply = client.chat.completions.create(model=\"{self.model}\", "
+             "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}])"),
+            "  print(reply.choices[0].message.content)",
+        ]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:  # shown when a cell ends with the tunnel
+        return self.usage()
+
+
+_current: Tunnel | None = None
+
+
+def _port_of(target) -> int:
+    """A port number, or a server handle / URL whose port we tunnel to."""
+    if isinstance(target, int):
+        return target
+    url = getattr(target, "url", target)
+    port = urlparse(str(url)).port
+    if port is None:
+        raise ValueError(f"cannot tell the port of {target!r}")
+    return port
+
+
+def _key_file() -> Path:
+    return cache_dir() / "api_key"
+
+
+def _generated_key() -> str | None:
+    file = _key_file()
+    return (file.read_text().strip() or None) if file.is_file() else None
+
+
+def ngrok_token(token: str | None = None) -> str | None:
+    return token or secret("NGROK_AUTHTOKEN")[0]
+
+
+def resolve_provider(provider: str, token: str | None = None) -> str:
+    """'auto' -> ngrok if a token is there, else colab in Colab, else none."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, not {provider!r}")
+    if provider != "auto":
+        return provider
+    if ngrok_token(token):
+        return "ngrok"
+    return "colab" if in_colab() else "none"
+
+
+def api_key_for(provider: str = "auto", api_key: str | None = None, ngrok_authtoken: str | None = None) -> str | None:
+    """The key the server must require: the one given, or for a public URL a generated one (reused on re-runs)."""
+    if api_key:
+        return api_key
+    if resolve_provider(provider, ngrok_authtoken) != "ngrok":
+        return None
+    key = _generated_key()
+    if key is None:
+        key = "nbk-" + secrets.token_urlsafe(24)
+        _key_file().touch(mode=0o600)
+        _key_file().write_text(key)
+    return key
+
+
+def _requires_key(local_url: str) -> bool:
+    """Does the server refuse an unauthenticated generation route? (401/403 = yes)."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{local_url}/v1/models"), timeout=10)
+    except urllib.error.HTTPError as err:
+        return err.code in (401, 403)
+    except OSError:
+        return False
+    return False
+
+
+def _model_id(local_url: str, api_key: str | None) -> str:
+    request = urllib.request.Request(f"{local_url}/v1/models")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.load(r)["data"][0]["id"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return "default"
+
+
+def _scrub(text: str, *values: str | None) -> str:
+    for value in values:
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+def _open_ngrok(port: int, token: str | None, ngrok_path: str | None, config_path: str | None) -> str:
+    if not token:
+        raise TunnelError(NGROK_HELP)
+    try:
+        from pyngrok import conf, ngrok
+        from pyngrok.exception import PyngrokError
+    except ImportError as err:
+        raise TunnelError("pyngrok is not installed: pip install pyngrok") from err
+    # pyngrok logs ngrok's own lines; a rejected token comes back inside them.
+    logging.getLogger("pyngrok").setLevel(logging.CRITICAL + 1)
+    config = conf.PyngrokConfig(auth_token=token, ngrok_path=ngrok_path, config_path=config_path)
+    conf.set_default(config)  # so close() and later calls talk to the same agent
+    try:
+        tunnel = ngrok.connect(str(port), "http", pyngrok_config=config)
+    except PyngrokError as err:
+        message = _scrub(str(getattr(err, "ngrok_error", None) or err), token)
+        if "4018" in message or "authtoken" in message.lower() or "authentication" in message.lower():
+            raise TunnelError(f"ngrok rejected the auth token: {message}\n{NGROK_HELP}") from None
+        raise TunnelError(f"ngrok could not open a tunnel: {message}") from None
+    return tunnel.public_url
+
+
+def _open_colab(port: int) -> str:
+    if not in_colab():
+        raise TunnelError("provider='colab' works only inside Google Colab; use 'ngrok' or 'none' here.")
+    from google.colab.output import eval_js  # type: ignore[import-not-found]
+
+    return str(eval_js(f"google.colab.kernel.proxyPort({port})")).rstrip("/")
+
+
+def open_tunnel(
+    target, provider: str = "auto", api_key: str | None = None, *, ngrok_authtoken: str | None = None,
+    ngrok_path: str | None = None, ngrok_config: str | None = None, host: str = "127.0.0.1", show: bool = True,
+) -> Tunnel:
+    """Make the server on `target` (a port, a URL or a server handle) reachable and print how to call it.
+
+    For a public URL the server must require `api_key` (see `api_key_for`); one that answers without a key
+    is not published."""
+    global _current
+    port = _port_of(target)
+    local_url = f"http://{host}:{port}"
+    token = ngrok_token(ngrok_authtoken)
+    chosen = resolve_provider(provider, token)
+    if _current is not None:
+        _current.close()
+    if chosen == "ngrok":
+        api_key = api_key or api_key_for("ngrok", None, token or "-")
+        if not _requires_key(local_url):
+            raise TunnelError(
+                f"the server at {local_url} answers without an API key; a public URL would let anyone use it. "
+                "Start it with api_key=api_key_for(...) (the notebooks do) and open the tunnel again.")
+        url = _open_ngrok(port, token, ngrok_path, ngrok_config)
+    elif chosen == "colab":
+        url = _open_colab(port)
+    else:
+        url = local_url
+    tunnel = Tunnel(chosen, url, local_url, public=chosen == "ngrok", api_key=api_key,
+                    key_generated=bool(api_key) and api_key == _generated_key(), model=_model_id(local_url, api_key))
+    _current = tunnel
+    if show:
+        print(tunnel.usage())
+    return tunnel
+
+
+def current_tunnel() -> Tunnel | None:
+    return _current
