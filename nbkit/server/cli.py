@@ -1,0 +1,70 @@
+"""`python -m nbkit serve`: the server in the foreground; Ctrl-C or SIGTERM stops it gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over HTTP (original, TGI and OpenAI APIs, chat page)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
+    p.add_argument("--heads", default=None, help="Medusa heads folder/file, 'embedded' or 'none'")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--engine", choices=("torch", "llamacpp"), default="torch")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (set an API key)")
+    p.add_argument("--port", type=int, default=8000, help="0 = a free port")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require this Bearer key (repeatable; default: $NBKIT_API_KEY, if set)")
+    p.add_argument("--rate-limit", type=float, default=600.0,
+                   help="generation requests per minute per key (0 = no limit)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (then 429)")
+    p.add_argument("--speculation", default="adaptive", help="adaptive, off, or a fixed tree name")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from ..launch import start_server
+    from .app import Settings
+
+    keys = args.api_key or ([os.environ["NBKIT_API_KEY"]] if os.environ.get("NBKIT_API_KEY") else None)
+    settings = Settings(rate_limit=args.rate_limit or None, max_new_tokens=args.max_new_tokens)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        # A second Ctrl-C / SIGTERM kills at once; the first one stops gracefully (also while loading).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if stop.is_set() or handle is None:
+            raise KeyboardInterrupt
+        stop.set()
+
+    handle = None
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        print(f"nbkit serve: loading the model ({args.engine}) ...", file=sys.stderr, flush=True)
+        handle = start_server(model=args.model, heads=args.heads, engine=args.engine, device=args.device,
+                              host=args.host, port=args.port, api_key=keys, max_batch=args.max_batch,
+                              max_queue=args.max_queue, speculation=args.speculation, settings=settings,
+                              log_level=args.log_level)
+    except KeyboardInterrupt:
+        print("nbkit serve: interrupted while loading", file=sys.stderr)
+        return 130
+    print(f"nbkit serve: {handle.url}  (model {handle.app.state.service.model_id}, "
+          f"API key {'required' if keys else 'not required'})", flush=True)
+    while not stop.wait(0.5):
+        if not handle.running:
+            print("nbkit serve: the HTTP server stopped", file=sys.stderr)
+            return 1
+    print("nbkit serve: stopping ...", file=sys.stderr, flush=True)
+    handle.stop()
+    print("nbkit serve: stopped", file=sys.stderr, flush=True)
+    return 0

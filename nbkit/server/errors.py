@@ -1,0 +1,46 @@
+"""Errors as JSON, in the style of the API a route belongs to.
+
+TGI routes answer `{"error": "...", "error_type": "..."}` (validation errors are 422);
+OpenAI routes (`/v1/...`) answer `{"error": {"message", "type", "param", "code"}}` (validation errors are 400).
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+# error kind -> the OpenAI "type" field
+OPENAI_TYPES = {
+    "validation": "invalid_request_error",
+    "not_found": "invalid_request_error",
+    "authentication": "authentication_error",
+    "rate_limit": "rate_limit_error",
+    "overloaded": "overloaded_error",
+    "unavailable": "service_unavailable_error",
+    "generation": "server_error",
+    "internal": "server_error",
+}
+
+
+class APIError(Exception):
+    """A request that cannot be served; rendered by `error_response` in the route's style."""
+
+    def __init__(self, status: int | None, message: str, kind: str = "validation", *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.param, self.code, self.headers = param, code, headers
+
+
+def is_openai(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def error_response(path: str, err: APIError) -> JSONResponse:
+    openai = is_openai(path)
+    status = err.status if err.status is not None else (400 if openai else 422)
+    if openai:
+        body = {"error": {"message": err.message, "type": OPENAI_TYPES.get(err.kind, err.kind),
+                          "param": err.param, "code": err.code}}
+    else:
+        body = {"error": err.message, "error_type": err.kind}
+    return JSONResponse(body, status_code=status, headers=err.headers)

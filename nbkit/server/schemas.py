@@ -1,0 +1,231 @@
+"""Request and response bodies. Typed so that the OpenAPI schema (/docs) is the documentation.
+
+Requests are strict: "50" is not an int and 1.5 is not a max_tokens. Unknown fields are ignored
+(clients send many optional OpenAI fields); fields we do not implement are refused when set to
+anything but their neutral value, so nobody gets a silently different answer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_MAX = 2**63 - 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class SpeculationOptions(Strict):
+    """nbkit extensions, accepted by every generation route (OpenAI clients pass them in `extra_body`)."""
+
+    speculate: bool | None = Field(None, description="false = plain decoding for this request (Medusa off)")
+    tree: str | None = Field(None, description="force a tree: 'none', 'chain-K', 'mc_sim_7b_63', ...")
+
+
+# ---- the original contract and TGI: POST /generate, POST /generate_stream --------------------
+
+class TGIParameters(Strict):
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    do_sample: bool = False
+    details: bool = False
+    return_full_text: bool = False
+    speculate: bool | None = None
+    tree: str | None = None
+
+
+class GenerateRequest(SpeculationOptions):
+    """Either the original `{"prompt", "max_tokens"}` or TGI's `{"inputs", "parameters"}`."""
+
+    prompt: str | None = Field(None, description="original contract: the prompt (raw text, no chat template)")
+    max_tokens: int = Field(50, ge=1, description="original contract: tokens to generate at most")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop: list[str] = Field(default_factory=list)
+    chat: bool = Field(False, description="apply the model's chat template to the prompt")
+    inputs: str | None = Field(None, description="TGI: the prompt")
+    parameters: TGIParameters | None = Field(None, description="TGI: generation parameters")
+
+
+class GenerateResponse(BaseModel):
+    """The original contract's answer: `response`; the other fields were added later."""
+
+    response: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    steps: int = Field(description="decoding steps (tree verifications)")
+    mean_accepted: float = Field(description="tokens per decoding step; 1.0 = no speculative gain")
+
+
+class TGIToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+    special: bool = False
+
+
+class TGIDetails(BaseModel):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[TGIToken] = Field(default_factory=list)
+    tokens: list[TGIToken] = Field(default_factory=list)
+
+
+class TGIGenerateResponse(BaseModel):
+    generated_text: str
+    details: TGIDetails | None = None
+
+
+class TGIError(BaseModel):
+    error: str
+    error_type: str
+
+
+# ---- OpenAI: /v1/completions, /v1/chat/completions, /v1/models -------------------------------
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class OpenAIRequest(SpeculationOptions):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="extension (as in vLLM); 0 = off")
+    n: int = Field(1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    presence_penalty: float = Field(0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, description="not supported: must be 0")
+    user: str | None = None
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[int] | list[str] = Field(description="one prompt: text, token ids, or a list of one text")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = Field(False, description="not supported: must be false")
+    logprobs: int | None = Field(None, description="not supported")
+    best_of: int | None = Field(None, description="only 1 is supported")
+    suffix: str | None = Field(None, description="not supported")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; same as max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="not supported")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nbkit"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+# ---- operations -----------------------------------------------------------------------------
+
+class Health(BaseModel):
+    status: str
+    error: str | None = None
+
+
+class Info(BaseModel):
+    model_id: str | None
+    engine: str
+    status: str
+    heads: int | None = Field(description="Medusa heads (None = no heads)")
+    speculation: str | None
+    max_concurrent_requests: int | None = Field(description="requests decoded together (slots)")
+    max_queue: int | None
+    max_input_tokens: int | None
+    max_total_tokens: int | None
+    max_new_tokens: int
+    max_stop_sequences: int
+    max_body_bytes: int
+    api_key_required: bool
+    rate_limit_per_minute: float | None
+    version: str

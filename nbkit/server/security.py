@@ -1,0 +1,133 @@
+"""Guards in front of the app: body size, API keys and per-key rate limits (plain ASGI middleware).
+
+They sit outside FastAPI so that they cover every route, /docs and /openapi.json included, and
+answer before a body is parsed. Keys are compared in constant time and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+
+from .errors import APIError, error_response
+
+OPEN_PATHS = frozenset({"/health", "/"})  # the chat page itself holds nothing; its API calls carry the key
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413, whether or not Content-Length is declared."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                return await _reject(scope, send, APIError(400, "invalid Content-Length header"))
+            if too_big:
+                return await _reject(scope, send, self._error())
+        # Read the body here (counting), then hand it to the app in one piece.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await _reject(scope, send, self._error())
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: disconnect notices
+
+        await self.app(scope, replay, send)
+
+    def _error(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
+
+
+class Guard:
+    """API keys (Bearer) on every route but OPEN_PATHS, and a token-bucket rate limit per key on POSTs.
+
+    Without keys the rate limit applies per client address. `rate_limit` is requests per minute
+    (bursts up to the same number); None or 0 turns it off.
+    """
+
+    def __init__(self, app, keys: list[str], rate_limit: float | None = None):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.rate = (rate_limit or 0) / 60.0
+        self.burst = float(rate_limit or 0)
+        self.buckets: dict[object, tuple[float, float]] = {}  # identity -> (tokens, last update)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        identity: object = (scope.get("client") or ("?",))[0]
+        if self.keys:
+            index = self._key_index(_header(scope, b"authorization"))
+            if index is None:
+                err = APIError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await _reject(scope, send, err)
+            identity = ("key", index)
+        if self.rate > 0 and scope["method"] == "POST":
+            wait = self._take(identity)
+            if wait > 0:
+                err = APIError(429, "rate limit exceeded: slow down", "rate_limit", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
+                return await _reject(scope, send, err)
+        await self.app(scope, receive, send)
+
+    def _key_index(self, header: bytes | None) -> int | None:
+        if header is None or header[:7].lower() != b"bearer ":
+            return None
+        given = header[7:].strip()
+        found = None
+        for i, key in enumerate(self.keys):  # compare with every key: the time does not say which one matched
+            if hmac.compare_digest(given, key) and found is None:
+                found = i
+        return found
+
+    def _take(self, identity: object) -> float:
+        """Take one token; 0 if allowed, else the seconds until one is available."""
+        now = time.monotonic()
+        tokens, last = self.buckets.get(identity, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self.buckets[identity] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        if len(self.buckets) > 10_000:  # scanners from many addresses must not grow this forever
+            self.buckets.clear()
+        self.buckets[identity] = (tokens - 1.0, now)
+        return 0.0
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value
+    return None
+
+
+async def _reject(scope, send, err: APIError) -> None:
+    response = error_response(scope["path"], err)
+
+    async def no_body():
+        return {"type": "http.disconnect"}
+
+    await response(scope, no_body, send)
