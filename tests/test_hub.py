@@ -116,3 +116,23 @@ def test_login_never_shows_the_token(monkeypatch, tmp_path, capsys):
     print(status)
     assert status.logged_in and status.source == "environment variable HF_TOKEN"
     assert "hf_supersecret123" not in repr(status) + str(vars(status)) + capsys.readouterr().out
+
+
+def test_prepare_for_each_engine(mirror, monkeypatch):
+    from nbkit.notebook import convert
+    from nbkit.notebook.env import choose_plan
+
+    torch_plan, llamacpp_plan = choose_plan(40.0), choose_plan(15.0)
+    p = hub.prepare("acme/tiny-llama", "acme/medusa-tiny", torch_plan)
+    assert p.engine == "torch" and p.model == str(hub.local_dir_for("acme/tiny-llama"))
+    assert p.heads == str(hub.local_dir_for("acme/medusa-tiny")) and p.heads_info.n_heads == 5
+    assert "5 heads" in repr(p)
+    calls = []
+    monkeypatch.setattr(convert, "convert", lambda src, outtype="f16", quantize_to=None: calls.append(
+        (str(src), outtype, quantize_to)) or f"/gguf/{outtype}-{quantize_to}.gguf")
+    p = hub.prepare("acme/tiny-llama", "none", llamacpp_plan)  # a T4: Q8_0 written by the converter directly
+    assert (p.engine, p.model, p.heads) == ("llamacpp", "/gguf/q8_0-None.gguf", "none")
+    hub.prepare("acme/tiny-llama", None, choose_plan(11.0))  # Q4_K_M: F16 first, then quantized
+    assert calls[-1] == (str(hub.local_dir_for("acme/tiny-llama")), "f16", "Q4_K_M")
+    p = hub.prepare("embedded", None, llamacpp_plan)
+    assert (p.model, p.heads) == (None, None)  # the engines know the embedded model and its heads

@@ -58,7 +58,7 @@ class FakeServer:
                         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
                         fake.tokens += 1
-                        fake.steps += i % 3 == 0  # 3 tokens per step
+                        fake.steps += i % 2 == 1  # the prefill gives token 0, then 2 tokens per step
                         time.sleep(delay)
                     final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
                     self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
@@ -180,7 +180,7 @@ def test_click_without_a_loop_streams_synchronously(fake):
 def test_speculation_stats_from_metrics_when_the_stream_has_none(fake):
     server = fake(stats_in_usage=False)
     reply = ChatPanel(server.url).send("hi")
-    assert reply.steps == 3 and reply.mean_accepted == 3.0  # 9 tokens in 3 steps, from /metrics deltas
+    assert reply.steps == 4 and reply.mean_accepted == 2.0  # 1 + 8 tokens in 4 steps, from /metrics deltas
 
 
 def test_errors_are_shown_and_the_question_is_forgotten(fake):

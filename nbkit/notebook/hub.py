@@ -171,3 +171,57 @@ def inspect_heads(heads_dir: str | os.PathLike, model_dir: str | os.PathLike | N
     claimed = heads.config.get("medusa_num_heads")
     return HeadsInfo(heads_dir, heads.n_heads, heads.n_layers, not heads.shared_lm_head,
                      int(claimed) if claimed is not None else None)
+
+
+# --- everything a server needs, from the notebook's parameters ------------------------------------
+EMBEDDED = (None, "", "embedded", "default")
+
+
+@dataclass
+class Prepared:
+    """What `start_server` takes: the model (folder, GGUF or None = embedded), the heads, the engine."""
+
+    model: str | None
+    heads: str | None
+    engine: str
+    heads_info: HeadsInfo | None = None
+
+    def __repr__(self) -> str:
+        lines = [f"engine : {self.engine}", f"model  : {self.model or 'embedded SmolLM2-135M-Instruct'}",
+                 f"heads  : {self.heads or 'none (plain decoding)'}"]
+        if self.heads_info is not None:
+            lines.append(f"         {self.heads_info!r}")
+        return "\n".join(lines)
+
+
+def to_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
+    """The GGUF the llama.cpp engine serves: converted once, quantized once, reused on re-runs."""
+    from .convert import convert
+
+    q = (quantization or "f16").lower()
+    if q in ("none", "auto"):
+        q = "f16"
+    if q in ("f32", "f16", "bf16", "q8_0"):  # the converter writes these directly (no F16 copy for Q8_0)
+        return convert(model_dir, outtype=q)
+    return convert(model_dir, outtype="f16", quantize_to=q.upper())
+
+
+def prepare(model, heads, plan, mirror: str | os.PathLike | None = None) -> Prepared:
+    """Download the model and heads (only what is needed) and convert the model for the plan's engine."""
+    engine = plan.engine
+    if model in EMBEDDED:
+        model_arg = None  # both engines know the embedded SmolLM2 (HF folder or its shipped GGUF)
+    elif str(model).endswith(".gguf"):
+        model_arg = str(model)
+    else:
+        model_dir = download_model(str(model), mirror=mirror)
+        model_arg = str(to_gguf(model_dir, plan.quantization) if engine == "llamacpp" else model_dir)
+    info = None
+    if heads in (None, "", "none", "embedded"):
+        heads_arg = heads or None  # None: the engine's default (the shipped heads with the embedded model)
+    else:
+        heads_dir = download_heads(str(heads), mirror=mirror)
+        model_dir_for_check = model_arg if model_arg and Path(model_arg).is_dir() else None
+        info = inspect_heads(heads_dir, model_dir_for_check)
+        heads_arg = str(heads_dir)
+    return Prepared(model_arg, heads_arg, engine, info)

@@ -50,7 +50,24 @@ class Tunnel:
     public: bool  # reachable by anyone on the internet (so the API key matters)
     api_key: str | None = field(default=None, repr=False)
     key_generated: bool = field(default=False, repr=False)
-    model: str = field(default="default", repr=False)
+    model: str | None = field(default=None, repr=False)  # the id the server serves (None: unknown)
+    server: object = field(default=None, repr=False)  # the ServerHandle when serve() started it
+
+    def generate(self, prompt: str, max_tokens: int = 50) -> dict:
+        """POST /generate (the original contract) and print the answer: proof that the API answers.
+
+        Through the public URL for ngrok; locally for Colab's proxy, which only your browser can open."""
+        base = self.url if self.provider == "ngrok" else self.local_url
+        request = urllib.request.Request(
+            f"{base}/generate", data=json.dumps({"prompt": prompt, "max_tokens": max_tokens}).encode(),
+            headers={"Content-Type": "application/json", **self.headers}, method="POST")
+        with urllib.request.urlopen(request, timeout=600) as r:
+            answer = json.load(r)
+        extra = {k: v for k, v in answer.items() if k != "response"}
+        print(answer["response"].strip())
+        if extra:
+            print("  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        return answer
 
     def close(self) -> None:
         global _current
@@ -99,7 +116,7 @@ class Tunnel:
             + ("api_key=os.environ[\"NBKIT_API_KEY\"]" if self.api_key else "api_key=\"none\"")
             + (", default_headers={\"ngrok-skip-browser-warning\": \"1\"}" if self.provider == "ngrok" else "")
             + ")",
-            (f"  reply = client.chat.completions.create(model=\"{self.model}\", "
+            (f"  reply = client.chat.completions.create(model=\"{self.model or 'default'}\", "
              "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}])"),
             "  print(reply.choices[0].message.content)",
         ]
@@ -172,7 +189,7 @@ def _requires_key(local_url: str) -> bool:
     return False
 
 
-def _model_id(local_url: str, api_key: str | None) -> str:
+def _model_id(local_url: str, api_key: str | None) -> str | None:
     request = urllib.request.Request(f"{local_url}/v1/models")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
@@ -180,7 +197,7 @@ def _model_id(local_url: str, api_key: str | None) -> str:
         with urllib.request.urlopen(request, timeout=10) as r:
             return json.load(r)["data"][0]["id"]
     except (OSError, ValueError, KeyError, IndexError):
-        return "default"
+        return None
 
 
 def _scrub(text: str, *values: str | None) -> str:
@@ -252,6 +269,28 @@ def open_tunnel(
     if show:
         print(tunnel.usage())
     return tunnel
+
+
+def serve(prepared, provider: str = "auto", port: int = 8000, api_key: str | None = None, **server_kwargs) -> Tunnel:
+    """Start (or replace) the server for `prepared` (hub.prepare) with the right API key, then open the tunnel.
+
+    A public URL gets a generated key when none is given; the key is only printed if it was generated."""
+    from ..launch import start_server
+
+    key = api_key_for(provider, api_key, server_kwargs.pop("ngrok_authtoken", None))
+    handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,
+                          api_key=key, **server_kwargs)
+    tunnel = open_tunnel(handle, provider, key)
+    tunnel.server = handle
+    return tunnel
+
+
+def connect(url: str, api_key: str | None = None) -> Tunnel:
+    """A server that runs elsewhere (another notebook, another machine), used like a tunnel."""
+    url = url.rstrip("/")
+    public = urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1")
+    provider = "ngrok" if "ngrok" in url else "remote" if public else "none"
+    return Tunnel(provider, url, url, public, api_key=api_key, model=_model_id(url, api_key))
 
 
 def current_tunnel() -> Tunnel | None:

@@ -263,7 +263,8 @@ class ChatPanel:
         if before is None or after is None:
             return None, None
         steps, tokens = after[0] - before[0], after[1] - before[1]
-        return (int(steps), tokens / steps) if steps > 0 else (None, None)
+        # The first token comes from the prefill, not from a decoding step.
+        return (int(steps), (tokens - 1) / steps) if steps > 0 else (None, None)
 
     def send(self, text: str | None = None) -> Reply:
         """Send `text` (or what is typed) and stream the reply into the panel; blocks until it is done."""
@@ -323,7 +324,11 @@ class ChatPanel:
         display(self.widget)
 
 
-def chat_panel(url, api_key: str | None = None, **kwargs) -> ChatPanel:
-    """A chat panel for a server URL, a server handle (`.url`) or a tunnel (`.url`, `.api_key`)."""
-    api_key = api_key or getattr(url, "api_key", None)
-    return ChatPanel(getattr(url, "url", url), api_key=api_key, **kwargs)
+def chat_panel(target, api_key: str | None = None, **kwargs) -> ChatPanel:
+    """A chat panel for a server URL, a server handle (`.url`) or a tunnel (`.local_url`, `.api_key`).
+
+    The panel's requests leave from the kernel, so a tunnel is reached through its local URL (Colab's
+    proxy URL works only in the browser)."""
+    api_key = api_key or getattr(target, "api_key", None)
+    url = getattr(target, "local_url", None) or getattr(target, "url", target)
+    return ChatPanel(str(url), api_key=api_key, model=kwargs.pop("model", getattr(target, "model", None)), **kwargs)
