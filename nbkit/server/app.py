@@ -225,14 +225,17 @@ class Service:
         events = handle.__aiter__()
         pending = None
         dead_ticks = 0
+        next_check = time.monotonic() + WATCH_EVERY
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(events.__anext__())
                 done, _ = await asyncio.wait({pending}, timeout=WATCH_EVERY)
-                if not done:
+                if time.monotonic() >= next_check:  # also while tokens flow: a plain request sends nothing back
+                    next_check = time.monotonic() + WATCH_EVERY
                     if request is not None and await request.is_disconnected():
                         handle.cancel()
+                if not done:
                     engine = self.engine
                     dead_ticks = dead_ticks + 1 if engine is not None and not engine.alive else 0
                     if dead_ticks >= 2 and handle.finished is None:
@@ -303,6 +306,8 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code == 400:  # FastAPI could not decode the body (invalid UTF-8, ...): a validation error
+            return error_response(request.url.path, APIError(None, f"the body is not valid JSON: {err.detail}"))
         kind = "not_found" if err.status_code == 404 else "validation"
         return error_response(request.url.path, APIError(err.status_code, str(err.detail), kind,
                                                          headers=getattr(err, "headers", None)))

@@ -1,0 +1,50 @@
+"""Shared set-up for the server tests: a tiny engine (random Llama + heads) and reference answers.
+
+Imported by tests/test_server*.py, test_launch*.py and test_chat_page*.py (not a conftest.py: plain
+functions, each test module builds its own fixtures from them).
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import torch
+from helpers import ToyTokenizer, random_heads, tiny_llama
+
+from nbkit.engine.policy import CostModel
+from nbkit.engine.scheduler import Engine
+from nbkit.engine.torch_runner import TorchRunner
+
+TINY_MODEL = "tiny-llama"
+
+
+def tiny_engine(max_batch: int = 8, max_queue: int = 64, speculation: str = "adaptive") -> Engine:
+    """A not-yet-started engine over a random 2-layer Llama with 4 random Medusa heads (steps take ms)."""
+    model = tiny_llama()
+    return Engine(TorchRunner(model, max_slots=max_batch), ToyTokenizer(), random_heads(model),
+                  speculation=speculation, max_queue=max_queue, model_name=TINY_MODEL,
+                  cost_model=CostModel.from_function(lambda n: 0.01 + 0.001 * n))
+
+
+_reference_model = None
+
+
+def reference_text(prompt_ids: list[int], max_new_tokens: int) -> str:
+    """Hugging Face greedy `generate` on a copy of the tiny model: what every greedy answer must equal."""
+    global _reference_model
+    if _reference_model is None:
+        _reference_model = tiny_llama()  # same seed, same weights as tiny_engine's; never used by an engine
+    out = _reference_model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=1, pad_token_id=0)
+    return ToyTokenizer().decode(out[0, len(prompt_ids):].tolist())
+
+
+def sse_data(response: httpx.Response) -> list:
+    """The `data:` payloads of an SSE response, JSON-decoded where they are JSON."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data:"):
+            payload = line[5:].strip()
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
