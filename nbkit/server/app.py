@@ -71,7 +71,7 @@ class Settings:
     """Limits and security of one server. The key is never printed (repr=False), logged or served."""
 
     api_key: str | list[str] | None = field(default=None, repr=False)  # one key or several (each rate-limited)
-    rate_limit: float | None = 600.0  # generation requests per minute per key (per client address without keys)
+    rate_limit: float | None = 600.0  # generation requests (POST) per minute per key; None = no limit
     max_input_tokens: int | None = None  # default: whatever the context leaves room for
     max_new_tokens: int = 2048  # the largest max_tokens a request may ask for (and the default for chat)
     max_stop: int = 4  # stop sequences per request (as OpenAI and TGI)

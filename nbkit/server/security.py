@@ -63,8 +63,8 @@ class BodyLimit:
 class Guard:
     """API keys (Bearer) on every route but OPEN_PATHS, and a token-bucket rate limit per key on POSTs.
 
-    Without keys the rate limit applies per client address. `rate_limit` is requests per minute
-    (bursts up to the same number); None or 0 turns it off.
+    `rate_limit` is requests per minute per key (bursts up to the same number); None or 0 turns it
+    off. Without keys there is nothing to limit by: behind a tunnel every client has the same address.
     """
 
     def __init__(self, app, keys: list[str], rate_limit: float | None = None):
@@ -72,21 +72,18 @@ class Guard:
         self.keys = [k.encode() for k in keys]
         self.rate = (rate_limit or 0) / 60.0
         self.burst = float(rate_limit or 0)
-        self.buckets: dict[object, tuple[float, float]] = {}  # identity -> (tokens, last update)
+        self.buckets: dict[int, tuple[float, float]] = {}  # key index -> (tokens, last update)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or not self.keys:
             return await self.app(scope, receive, send)
-        identity: object = (scope.get("client") or ("?",))[0]
-        if self.keys:
-            index = self._key_index(_header(scope, b"authorization"))
-            if index is None:
-                err = APIError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication",
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                return await _reject(scope, send, err)
-            identity = ("key", index)
+        index = self._key_index(_header(scope, b"authorization"))
+        if index is None:
+            err = APIError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return await _reject(scope, send, err)
         if self.rate > 0 and scope["method"] == "POST":
-            wait = self._take(identity)
+            wait = self._take(index)
             if wait > 0:
                 err = APIError(429, "rate limit exceeded: slow down", "rate_limit", code="rate_limit_exceeded",
                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
@@ -103,17 +100,15 @@ class Guard:
                 found = i
         return found
 
-    def _take(self, identity: object) -> float:
+    def _take(self, key: int) -> float:
         """Take one token; 0 if allowed, else the seconds until one is available."""
         now = time.monotonic()
-        tokens, last = self.buckets.get(identity, (self.burst, now))
+        tokens, last = self.buckets.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens < 1.0:
-            self.buckets[identity] = (tokens, now)
+            self.buckets[key] = (tokens, now)
             return (1.0 - tokens) / self.rate
-        if len(self.buckets) > 10_000:  # scanners from many addresses must not grow this forever
-            self.buckets.clear()
-        self.buckets[identity] = (tokens - 1.0, now)
+        self.buckets[key] = (tokens - 1.0, now)
         return 0.0
 
 
