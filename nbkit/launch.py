@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import logging
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,6 +61,11 @@ class ServerHandle:
         with _lock:
             if _current is self:
                 _current = None
+        if self.owns_engine and self.engine is not None:
+            # Drop our references so the weights can be freed before a re-run cell loads the next model
+            # (the old handle stays referenced by the notebook's variable until start_server returns).
+            svc.engine = svc.metrics.engine = self.engine = None
+            _free_memory()
 
     def __enter__(self):
         return self
@@ -144,6 +151,13 @@ def start_server(
 def current_server() -> ServerHandle | None:
     """The server started by the last start_server call, if it is still running."""
     return _current
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -48,13 +48,15 @@ def test_second_call_replaces_the_previous_server():
         assert server_threads() == 1 and current_server() is second
         r = httpx.post(second.url + "/generate", json={"prompt": "again", "max_tokens": 4})
         assert r.json()["response"] == reference_text(second.engine.encode("again"), 4)
-        third = start_server(second.engine, port=0)  # handing back the same engine keeps it running
-        assert not second.running and third.engine.alive and server_threads() == 1
+        kept = second.engine
+        third = start_server(kept, port=0)  # handing back the same engine keeps it running
+        assert not second.running and kept.alive and third.engine is kept and server_threads() == 1
         with pytest.raises(httpx.ConnectError):
             httpx.get(second.url + "/health")
     finally:
         current_server().stop()
-    assert not third.engine.alive and server_threads() == 0 and current_server() is None
+    assert not kept.alive and server_threads() == 0 and current_server() is None
+    assert third.engine is None  # released, so that its weights can be freed
 
 
 def test_engine_given_running_is_left_running():
