@@ -177,8 +177,8 @@ class Service:
     def sampling(self, n_prompt: int, max_tokens: int | None, *, name: str = "max_tokens", stop=None,
                  **params) -> SamplingParams:
         """SamplingParams within this server's limits (max_tokens None = as many as allowed)."""
-        max_input, total = self.limits()
         self.ready()
+        max_input, total = self.limits()
         s = self.settings
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if n_prompt == 0:
