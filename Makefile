@@ -21,6 +21,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 test: setup
+	# Headless Chromium for the chat page test (Debian packages; needs root, as in CI).
+	bash scripts/install_chromium.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 serve: setup

@@ -103,6 +103,10 @@ class TorchRunner:
         self.slot_at: list[int | None] = [None] * max_slots  # physical row -> slot
         self._free_slots = list(range(max_slots - 1, -1, -1))
 
+    def fresh(self, max_slots: int | None = None) -> TorchRunner:
+        """A new runner (own KV cache) over the same model weights."""
+        return TorchRunner(self.model, max_slots=max_slots or self.max_slots, max_context=self.max_context)
+
     # ---- memory -------------------------------------------------------------------------
     def _alloc(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.max_slots, self.kv_heads, capacity, self.head_dim)

