@@ -255,14 +255,13 @@ def resolve_plan(
 
     With `model_dir` (a downloaded model) the sizes come from its config.json, else vicuna-7b's are used."""
     env = env or detect()
-    plan = choose_plan(env.gpu.total_gib if env.gpu else None, **sizes_from_config(model_dir))
-    if engine != "auto":
-        plan.engine = engine
-        plan.reason = f"engine {engine} chosen by the parameters; " + plan.reason
-    if quantization != "auto":
-        plan.quantization = quantization
-        plan.reason = f"quantization {quantization} chosen by the parameters; " + plan.reason
-    return plan
+    auto = choose_plan(env.gpu.total_gib if env.gpu else None, **sizes_from_config(model_dir))
+    if (engine, quantization) == ("auto", "auto"):
+        return auto
+    chosen = Plan(**{**vars(auto), "engine": auto.engine if engine == "auto" else engine,
+                     "quantization": auto.quantization if quantization == "auto" else quantization})
+    chosen.reason = f"set by the parameters (auto would choose {auto.engine}/{auto.quantization}: {auto.reason})"
+    return chosen
 
 
 def summary(env: Environment | None = None) -> str:

@@ -186,6 +186,17 @@ class Prepared:
     engine: str
     heads_info: HeadsInfo | None = None
 
+    def cli_args(self) -> str:
+        """The same choice as `python -m nbkit ...` options (serve, bench)."""
+        import shlex
+
+        args = ["--engine", self.engine]
+        if self.model:
+            args += ["--model", self.model]
+        if self.heads:
+            args += ["--heads", self.heads]
+        return " ".join(shlex.quote(a) for a in args)
+
     def __repr__(self) -> str:
         lines = [f"engine : {self.engine}", f"model  : {self.model or 'embedded SmolLM2-135M-Instruct'}",
                  f"heads  : {self.heads or 'none (plain decoding)'}"]

@@ -53,13 +53,15 @@ class Tunnel:
     model: str | None = field(default=None, repr=False)  # the id the server serves (None: unknown)
     server: object = field(default=None, repr=False)  # the ServerHandle when serve() started it
 
-    def generate(self, prompt: str, max_tokens: int = 50) -> dict:
+    def generate(self, prompt: str, max_tokens: int = 50, chat: bool = True) -> dict:
         """POST /generate (the original contract) and print the answer: proof that the API answers.
 
-        Through the public URL for ngrok; locally for Colab's proxy, which only your browser can open."""
+        Through the public URL for ngrok; locally for Colab's proxy, which only your browser can open.
+        chat=True asks the server to apply the model's chat template (instruct models need it)."""
         base = self.url if self.provider == "ngrok" else self.local_url
+        body = {"prompt": prompt, "max_tokens": max_tokens, **({"chat": True} if chat else {})}
         request = urllib.request.Request(
-            f"{base}/generate", data=json.dumps({"prompt": prompt, "max_tokens": max_tokens}).encode(),
+            f"{base}/generate", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **self.headers}, method="POST")
         with urllib.request.urlopen(request, timeout=600) as r:
             answer = json.load(r)
@@ -151,6 +153,15 @@ def _generated_key() -> str | None:
 
 def ngrok_token(token: str | None = None) -> str | None:
     return token or secret("NGROK_AUTHTOKEN")[0]
+
+
+def ngrok_status() -> str:
+    """Where the ngrok token would come from (never the token itself)."""
+    token, source = secret("NGROK_AUTHTOKEN")
+    if token:
+        return f"ngrok: token found ({source}); it is not shown. tunnel='auto' will open a public URL."
+    where = "Colab's proxy (a URL only you can open)" if in_colab() else "the local URL only"
+    return f"ngrok: no token. tunnel='auto' will use {where}. {NGROK_HELP}"
 
 
 def resolve_provider(provider: str, token: str | None = None) -> str:

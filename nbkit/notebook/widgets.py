@@ -58,6 +58,9 @@ class Reply:
         elapsed = self.last_token_at - self.first_token_at
         return (self.tokens - 1) / elapsed if elapsed > 0 else None
 
+    def __repr__(self) -> str:  # a cell ending with send() shows the reply and its numbers
+        return f"{self.text.strip()}\n[{self.stats()}]"
+
     def stats(self) -> str:
         parts = [f"{self.tokens} tokens"]
         if self.tokens_per_s is not None:
@@ -332,3 +335,38 @@ def chat_panel(target, api_key: str | None = None, **kwargs) -> ChatPanel:
     api_key = api_key or getattr(target, "api_key", None)
     url = getattr(target, "local_url", None) or getattr(target, "url", target)
     return ChatPanel(str(url), api_key=api_key, model=kwargs.pop("model", getattr(target, "model", None)), **kwargs)
+
+
+def show_images(folder) -> list:
+    """Display the PNG files of a folder (the benchmark's plots), in name order; returns their paths."""
+    from pathlib import Path
+
+    from IPython.display import Image, Markdown, display
+
+    files = sorted(Path(folder).glob("*.png"))
+    if not files:
+        print(f"no PNG files in {folder}")
+    for file in files:
+        display(Markdown(f"**{file.stem}**"), Image(filename=str(file)))
+    return files
+
+
+def run_benchmark(prepared=None, args: str = "", out: str = "bench") -> dict:
+    """Run `python -m nbkit bench` (its output streams here), then show its plots; returns bench.json.
+
+    `prepared` (hub.prepare) chooses the engine, model and heads; `args` are more bench options."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "nbkit", "bench", *shlex.split(prepared.cli_args() if prepared else ""),
+           *shlex.split(args), "--out", str(out)]
+    print("$ python -m nbkit bench " + " ".join(shlex.quote(a) for a in cmd[4:]), flush=True)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nbkit bench failed (exit {proc.returncode}); its output is above")
+    show_images(out)
+    return json.loads((Path(out) / "bench.json").read_text())
