@@ -149,11 +149,19 @@ def test_no_cross_talk_between_kv_rows(model, refs):
 
 def test_bounded_queue_says_overloaded(model):
     engine = make_engine(model, max_slots=1, max_queue=2)
-    engine.submit([1, 2, 3], SamplingParams(max_tokens=5))
-    engine.submit([1, 2, 3], SamplingParams(max_tokens=5))
+    for _ in range(3):  # the free slot and the queue of two
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=5))
     with pytest.raises(Overloaded):
         engine.submit([1, 2, 3], SamplingParams(max_tokens=5))
     assert engine.counters["rejected"] == 1
+
+
+def test_no_queue_still_fills_free_slots(model):
+    engine = make_engine(model, max_slots=2, max_queue=0)
+    first, second = (engine.submit([1, 2, 3], SamplingParams(max_tokens=2)) for _ in range(2))
+    with pytest.raises(Overloaded):
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=2))
+    run_until_done(engine, [first, second])
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2),

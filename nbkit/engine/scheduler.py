@@ -125,7 +125,9 @@ class Engine:
         except RuntimeError:
             loop = None
         with self._cond:
-            if len(self.waiting) >= self.max_queue:
+            # max_queue counts requests waiting beyond the free slots: a burst that arrives within one
+            # step while slots are free joins at the next step instead of being refused.
+            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - len(self.active)):
                 self.counters["rejected"] += 1
                 raise Overloaded(f"the queue is full ({self.max_queue} waiting)")
             handle = RequestHandle(next(self._ids), loop)
