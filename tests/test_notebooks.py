@@ -111,6 +111,7 @@ def cell_with(nb, code: str):
     return next(c for c in nb.cells if c.cell_type == "code" and code in c.source)
 
 
+@pytest.mark.slow
 def test_01_install_and_build(tmp_path, monkeypatch):
     nb = run("01_install_and_build_llama_cpp", tmp_path, monkeypatch)
     assert "nbkit requirements: all present" in text_of(cell_with(nb, "ensure_requirements"))
@@ -118,18 +119,21 @@ def test_01_install_and_build(tmp_path, monkeypatch):
     assert "runtime :" in text_of(cell_with(nb, "env = show_summary()"))
 
 
+@pytest.mark.slow
 def test_02_login(tmp_path, monkeypatch):
     nb = run("02_login_hugging_face", tmp_path, monkeypatch)
     assert "token found (environment variable HF_TOKEN)" in text_of(cell_with(nb, "login()"))
     assert "ngrok: token found (environment variable NGROK_AUTHTOKEN)" in text_of(cell_with(nb, "ngrok_status()"))
 
 
+@pytest.mark.slow
 def test_03_download_and_convert(tmp_path, monkeypatch, local_files):
     nb = run("03_download_and_convert", tmp_path, monkeypatch, **local_files)
     shown = text_of(cell_with(nb, "prepared = prepare"))
     assert f"model  : {local_files['model']}" in shown and "3 heads" in shown
 
 
+@pytest.mark.slow
 def test_04_serve_answers_generate_and_rerun_replaces_the_server(tmp_path, monkeypatch, local_files):
     rerun = [
         "first = public.server\npublic = serve(prepared, TUNNEL, PORT, API_KEY, speculation=SPECULATION)",
@@ -146,14 +150,27 @@ def test_04_serve_answers_generate_and_rerun_replaces_the_server(tmp_path, monke
     assert text_of(nb.cells[-1]).split() == ["1", "False"]  # one server: the first was stopped, not leaked
 
 
+@pytest.mark.slow
 def test_05_chat(tmp_path, monkeypatch, local_files):
-    nb = run("05_chat", tmp_path, monkeypatch, **local_files)
+    # After the notebook, what the buttons do in a real kernel: Send streams as a task on the kernel's
+    # event loop while other cells run; Stop, clicked meanwhile, ends the reply.
+    clicks = [
+        ('panel.max_tokens.value = 400\npanel.prompt.value = "Count from 1 to 200."\npanel.send_button.click()\n'
+        "print(panel.busy, panel.send_button.disabled)"),
+        ("import asyncio\nwhile not panel.replies[-1].chunks:\n    await asyncio.sleep(0.05)\n"
+        "panel.stop_button.click()\nreply = await panel._task\n"
+        "print(reply.finish_reason, 0 < reply.chunks < 400, panel.busy, panel.stop_button.disabled)"),
+    ]
+    nb = run("05_chat", tmp_path, monkeypatch, extra_cells=clicks, **local_files)
     reply = text_of(cell_with(nb, "panel.send("))
     assert re.search(r"\[\d+ tokens · [\d.]+ tok/s · [\d.]+ tokens/step", reply), reply
     panel = cell_with(nb, "panel = chat_panel")
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel.outputs)
+    assert text_of(nb.cells[-2]).split() == ["True", "True"]
+    assert text_of(nb.cells[-1]).split() == ["stopped", "True", "False", "True"]
 
 
+@pytest.mark.slow
 def test_00_run_all(tmp_path, monkeypatch, local_files):
     nb = run("00_run_all", tmp_path, monkeypatch, **local_files)
     answered = text_of(cell_with(nb, "answer = public.generate"))
@@ -161,6 +178,7 @@ def test_00_run_all(tmp_path, monkeypatch, local_files):
     assert "tok/s" in text_of(cell_with(nb, "panel.send("))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("nbkit.bench") is None, reason="nbkit bench is not written yet")
 def test_06_benchmark(tmp_path, monkeypatch):
     # Plumbing only (the benchmark itself is tested with its module): the smallest run, no heads.

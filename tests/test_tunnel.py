@@ -11,7 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from nbkit.models import cache_dir
 from nbkit.notebook import tunnel as tun
+
+MODELS = cache_dir() / "models"  # the converted embedded model, reused by the end-to-end test
 
 # Speaks the ngrok v3 agent's protocol as far as pyngrok uses it: logfmt lines on stdout for start-up,
 # then the local agent API (/api/endpoints). Like the real agent it refuses to start without a token
@@ -227,3 +230,36 @@ def test_colab_outside_colab_is_a_clear_error():
         tun.open_tunnel(8000, provider="colab")
     with pytest.raises(ValueError, match="provider"):
         tun.open_tunnel(8000, provider="cloudflare")
+
+
+@pytest.mark.slow
+def test_serve_publishes_only_with_a_generated_key(fake_ngrok, monkeypatch, tmp_path, capsys):
+    """serve() end to end with the real server: no key given + ngrok -> a key is generated, the server
+    requires it on every route but /health, and it is shown once so the user can call the API."""
+    import httpx
+
+    from nbkit.notebook.hub import Prepared
+
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    (tmp_path / "cache" / "models").symlink_to(MODELS)
+    monkeypatch.setenv("NGROK_AUTHTOKEN", "tok-123456789-abcdef")
+    public = tun.serve(Prepared(None, "none", "torch"), "auto", port=0, max_batch=2,
+                       ngrok_path=fake_ngrok["ngrok_path"], ngrok_config=fake_ngrok["ngrok_config"])
+    try:
+        out = capsys.readouterr().out
+        key = public.api_key
+        assert public.provider == "ngrok" and public.public and key.startswith("nbk-")
+        assert f"export NBKIT_API_KEY={key}" in out and "tok-123456789-abcdef" not in out
+        local = public.local_url
+        assert httpx.get(f"{local}/health").status_code == 200
+        assert httpx.post(f"{local}/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code == 401
+        ok = httpx.post(f"{local}/generate", json={"prompt": "Hi", "max_tokens": 2},
+                        headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200 and "response" in ok.json()
+        # Re-running the cell keeps the same key, so clients already given it keep working.
+        again = tun.serve(Prepared(None, "none", "torch"), "auto", port=0, max_batch=2, show=False,
+                          ngrok_path=fake_ngrok["ngrok_path"], ngrok_config=fake_ngrok["ngrok_config"])
+        assert again.api_key == key and not public.server.running
+        public = again
+    finally:
+        public.server.stop()

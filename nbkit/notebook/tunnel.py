@@ -282,16 +282,22 @@ def open_tunnel(
     return tunnel
 
 
-def serve(prepared, provider: str = "auto", port: int = 8000, api_key: str | None = None, **server_kwargs) -> Tunnel:
+def serve(
+    prepared, provider: str = "auto", port: int = 8000, api_key: str | None = None, *,
+    ngrok_authtoken: str | None = None, ngrok_path: str | None = None, ngrok_config: str | None = None,
+    show: bool = True, **server_kwargs,
+) -> Tunnel:
     """Start (or replace) the server for `prepared` (hub.prepare) with the right API key, then open the tunnel.
 
-    A public URL gets a generated key when none is given; the key is only printed if it was generated."""
+    A public URL gets a generated key when none is given (the same one on re-runs); the key is printed only
+    if it was generated. `server_kwargs` go to nbkit.launch.start_server (speculation, max_batch, ...)."""
     from ..launch import start_server
 
-    key = api_key_for(provider, api_key, server_kwargs.pop("ngrok_authtoken", None))
+    key = api_key_for(provider, api_key, ngrok_authtoken)
     handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,
                           api_key=key, **server_kwargs)
-    tunnel = open_tunnel(handle, provider, key)
+    tunnel = open_tunnel(handle, provider, key, ngrok_authtoken=ngrok_authtoken, ngrok_path=ngrok_path,
+                         ngrok_config=ngrok_config, show=show)
     tunnel.server = handle
     return tunnel
 
