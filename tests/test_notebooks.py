@@ -46,6 +46,13 @@ def test_committed_shape(name):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
+    # Every cell is valid IPython (the Colab bootstrap's shell line included, which CI never runs).
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            compile(TransformerManager().transform_cell(cell.source), f"{name}:{cell.id}", "exec",
+                    flags=0x2000)  # PyCF_ALLOW_TOP_LEVEL_AWAIT
     # Thin cells: apart from the Colab bootstrap and the parameters, each is a call or two.
     body = [c for c in nb.cells if c.cell_type == "code" and c is not tagged[0] and "git clone" not in c.source]
     assert all(len(c.source.strip().splitlines()) <= 5 for c in body)
