@@ -1,0 +1,276 @@
+"""Getting llama.cpp: bindings, converter and tools from ONE pinned source, built for this machine.
+
+The llama-cpp-python sdist on PyPI vendors the whole llama.cpp tree (library, CMake tools,
+convert_hf_to_gguf.py, gguf-py), so pinning that one version pins all of them to the same commit,
+and any machine that reaches PyPI (Colab included) can build it.
+
+Everything lands under `$NBKIT_CACHE_DIR/llama-cpp/<version>/`: the sdist, its unpacked source, one
+wheel per build flavour (`wheels/cpu-avx2-py311/`, `wheels/cuda90-py311/`) and CMake build folders for
+the tools. Every step first looks for its result and returns at once when it is there, so calling
+`install_bindings()` from a notebook cell or `make setup` twice costs nothing the second time.
+
+CPU flags: `-march=native` compiles an AMX path that dies with "Illegal instruction" on some VMs, so the
+CPU build names its instruction sets (AVX2/FMA/F16C/BMI2) instead. CUDA: the architecture comes from the
+GPU (T4 75, A100 80, L4 89, H100 90); "native" fails on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+VERSION = "0.3.36"  # llama-cpp-python; vendors ggml-org/llama.cpp at 0c1e57098
+SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
+CPU_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON"]
+COMMON_FLAGS = ["-DLLAVA_BUILD=OFF"]
+TOOLS = ("llama-quantize", "llama-server")
+
+
+class BuildError(RuntimeError):
+    """A build step failed or cannot run here (missing compiler, CUDA, network)."""
+
+
+def _say(msg: str) -> None:
+    print(f"[nbkit build] {msg}", flush=True)
+
+
+def root() -> Path:
+    from ..models import cache_dir
+
+    path = cache_dir() / "llama-cpp" / VERSION
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---- the source ------------------------------------------------------------------------------
+def sdist() -> Path:
+    """The pinned sdist, downloaded once with pip."""
+    path = root() / SDIST
+    if path.is_file():
+        return path
+    _say(f"downloading llama-cpp-python=={VERSION} (sdist, ~77 MB)")
+    with tempfile.TemporaryDirectory(dir=root()) as tmp:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-python=={VERSION}", "-d", tmp], "download")
+        got = Path(tmp) / SDIST
+        if not got.is_file():
+            raise BuildError(f"pip did not produce {SDIST}")
+        got.rename(path)
+    return path
+
+
+def source_dir() -> Path:
+    """The unpacked sdist (bindings + vendor/llama.cpp), extracted atomically."""
+    path = root() / "src"
+    if (path / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        return path
+    archive = sdist()
+    _say(f"unpacking {archive.name}")
+    tmp = Path(tempfile.mkdtemp(dir=root(), prefix="src.tmp"))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        (tmp / f"llama_cpp_python-{VERSION}").rename(path)
+    except FileExistsError:
+        pass  # another process finished first
+    except OSError as err:
+        if not path.exists():
+            raise BuildError(f"cannot unpack {archive}: {err}") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def vendor_dir() -> Path:
+    """vendor/llama.cpp: convert_hf_to_gguf.py, gguf-py/, the CMake project."""
+    return source_dir() / "vendor" / "llama.cpp"
+
+
+# ---- toolchain checks --------------------------------------------------------------------------
+def _require_compiler() -> None:
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    cxx = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if not cc or not shutil.which(cc) or not cxx or not shutil.which(cxx):
+        raise BuildError("no C/C++ compiler found: install one (Debian/Ubuntu: apt-get install build-essential; "
+                         "macOS: xcode-select --install) or set CC/CXX")
+
+
+def _require_cmake() -> str:
+    cmake = shutil.which("cmake")
+    if not cmake:
+        raise BuildError("cmake not found: pip install cmake ninja (or apt-get install cmake)")
+    return cmake
+
+
+def find_nvcc() -> str | None:
+    for cand in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def detect_cuda_arch() -> str:
+    """The GPU's compute capability as a CMake architecture: T4 -> 75, A100 -> 80, H100 -> 90."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             check=False, capture_output=True, text=True, timeout=30)
+        caps = [line.strip() for line in out.stdout.splitlines() if re.fullmatch(r"\d+\.\d+", line.strip())]
+    except (OSError, subprocess.TimeoutExpired):
+        caps = []
+    if not caps:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability(0)
+                caps = [f"{major}.{minor}"]
+        except ImportError:
+            pass
+    if not caps:
+        raise BuildError("no NVIDIA GPU found to detect the CUDA architecture: pass cuda_arch "
+                         "(75 for T4, 80 for A100, 90 for H100) or build for the CPU")
+    return caps[0].replace(".", "")
+
+
+def cmake_args(cuda: bool = False, cuda_arch: str | None = None) -> list[str]:
+    if cuda:
+        return ["-DGGML_CUDA=on", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch or detect_cuda_arch()}", *COMMON_FLAGS]
+    return [*CPU_FLAGS, *COMMON_FLAGS]
+
+
+def flavour(cuda: bool = False, cuda_arch: str | None = None) -> str:
+    return f"cuda{cuda_arch or detect_cuda_arch()}" if cuda else "cpu-avx2"
+
+
+def _check_toolchain(cuda: bool) -> dict[str, str]:
+    _require_compiler()
+    env = {}
+    if cuda:
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise BuildError("the CUDA build needs the CUDA toolkit (nvcc not found on PATH or in "
+                             "/usr/local/cuda/bin); Colab GPU runtimes have it")
+        env["CUDACXX"] = nvcc
+    return env
+
+
+# ---- running a step with progress ------------------------------------------------------------
+_PROGRESS = re.compile(r"\[(\d+)/(\d+)\]")
+
+
+def _run(cmd: list[str], step: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    """Run a command, log everything to a file, print compile progress every ~10%, fail with the log's tail."""
+    log_dir = root() / "logs"
+    log_dir.mkdir(exist_ok=True)
+    log_file = log_dir / f"{step}.log"
+    full_env = {**os.environ, **(env or {})}
+    t0, shown = time.monotonic(), -1
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                                cwd=cwd, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            m = _PROGRESS.search(line)
+            if m and int(m[2]) > 10:
+                pct = 100 * int(m[1]) // int(m[2])
+                if pct // 10 > shown:
+                    shown = pct // 10
+                    _say(f"{step}: {pct:3d}% ({m[1]}/{m[2]}) after {time.monotonic() - t0:.0f} s")
+        rc = proc.wait()
+    if rc != 0:
+        tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise BuildError(f"{step} failed (exit {rc}); full log: {log_file}\n{tail}")
+    _say(f"{step}: done in {time.monotonic() - t0:.0f} s")
+
+
+# ---- the bindings ----------------------------------------------------------------------------
+def wheel(cuda: bool = False, cuda_arch: str | None = None) -> Path:
+    """A llama-cpp-python wheel for this flavour and Python, built once from the pinned sdist (~4 min on 2 cores)."""
+    tag = f"{flavour(cuda, cuda_arch)}-py{sys.version_info.major}{sys.version_info.minor}"
+    out = root() / "wheels" / tag
+    found = sorted(out.glob("llama_cpp_python-*.whl"))
+    if found:
+        return found[-1]
+    env = _check_toolchain(cuda)
+    src = sdist()
+    env["CMAKE_ARGS"] = " ".join(cmake_args(cuda, cuda_arch))
+    env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(os.cpu_count() or 2)
+    _say(f"building the {tag} wheel with CMAKE_ARGS={env['CMAKE_ARGS']!r} (minutes; CUDA takes longer)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=tag + ".tmp"))
+    try:
+        # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back another flavour.
+        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-v", str(src), "-w", str(tmp)],
+             f"wheel-{tag}", env)
+        built = sorted(tmp.glob("llama_cpp_python-*.whl"))
+        if not built:
+            raise BuildError("pip wheel finished without a wheel")
+        out.mkdir(exist_ok=True)
+        target = out / built[0].name
+        built[0].rename(target)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def installed_bindings() -> tuple[str, bool] | None:
+    """(version, gpu offload) of the llama-cpp-python importable by this Python, or None (checked in a child)."""
+    code = "import llama_cpp, sys; sys.stdout.write(f'{llama_cpp.__version__} {int(llama_cpp.llama_supports_gpu_offload())}')"
+    try:
+        res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return None
+    if res.returncode != 0 or not res.stdout:
+        return None
+    version, gpu = res.stdout.split()
+    return version, gpu == "1"
+
+
+def install_bindings(cuda: bool = False, cuda_arch: str | None = None, force: bool = False) -> Path | None:
+    """Make `import llama_cpp` work with the wanted flavour: build the wheel if needed, pip install it.
+
+    Returns the wheel installed, or None when the right bindings were already there.
+    """
+    have = installed_bindings()
+    if have == (VERSION, cuda) and not force:
+        _say(f"llama-cpp-python {VERSION} ({'CUDA' if cuda else 'CPU'}) already installed")
+        return None
+    whl = wheel(cuda, cuda_arch)
+    _say(f"installing {whl.name}")
+    # --force-reinstall swaps a same-version build of another flavour; the second call adds missing deps only.
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(whl)], "install")
+    _run([sys.executable, "-m", "pip", "install", str(whl)], "install-deps")
+    return whl
+
+
+# ---- CMake tools (llama-quantize, llama-server) ---------------------------------------------
+def build_tools(targets: tuple[str, ...] = TOOLS, cuda: bool = False, cuda_arch: str | None = None) -> Path:
+    """Build llama.cpp's own tools from the same vendored tree; returns the folder holding the binaries."""
+    build = root() / f"build-{flavour(cuda, cuda_arch)}"
+    bin_dir = build / "bin"
+    missing = [t for t in targets if not (bin_dir / t).is_file()]
+    if not missing:
+        return bin_dir
+    env = _check_toolchain(cuda)
+    cmake = _require_cmake()
+    src = vendor_dir()
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    _run([cmake, "-S", str(src), "-B", str(build), *generator, *cmake_args(cuda, cuda_arch),
+          "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+          "-DLLAMA_CURL=OFF"], "cmake-configure", env)
+    _run([cmake, "--build", str(build), "--target", *missing, "-j", str(os.cpu_count() or 2)],
+         "cmake-build-" + "-".join(missing), env)
+    return bin_dir
+
+
+def tool(name: str, cuda: bool = False) -> Path:
+    """Path of a built tool (builds it on first use)."""
+    return build_tools((name,), cuda=cuda) / name
