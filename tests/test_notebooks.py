@@ -77,8 +77,10 @@ def local_files(tmp_path_factory):
     return {"model": str(model_dir), "heads": str(heads_dir)}
 
 
-def run(name: str, tmp_path, monkeypatch, extra_cells=(), **params):
-    """Execute a notebook in a fresh kernel (plus `extra_cells` in the same kernel); save it; return it."""
+def run(name: str, tmp_path, monkeypatch, extra_cells=(), inject=None, **params):
+    """Execute a notebook in a fresh kernel (plus `extra_cells` in the same kernel); save it; return it.
+
+    `inject` overrides parameters the way papermill does: a cell right after the `parameters` cell."""
     from nbclient import NotebookClient
 
     settings = {"model": "embedded", "heads": "", "engine": "torch", "quantization": "none", "tunnel": "none",
@@ -90,6 +92,10 @@ def run(name: str, tmp_path, monkeypatch, extra_cells=(), **params):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
     nb = read(name)
+    if inject:
+        at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])) + 1
+        source = "\n".join(f"{k} = {v!r}" for k, v in inject.items())
+        nb.cells.insert(at, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
     client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
@@ -120,7 +126,9 @@ def cell_with(nb, code: str):
 
 @pytest.mark.slow
 def test_01_install_and_build(tmp_path, monkeypatch):
-    nb = run("01_install_and_build_llama_cpp", tmp_path, monkeypatch)
+    # Parameters injected papermill-style win over the environment's.
+    nb = run("01_install_and_build_llama_cpp", tmp_path, monkeypatch, engine="not-this-one",
+             inject={"ENGINE": "torch"})
     assert "nbkit requirements: all present" in text_of(cell_with(nb, "ensure_requirements"))
     assert "engine torch: nothing to build" in text_of(cell_with(nb, "ensure_engine(plan"))
     assert "runtime :" in text_of(cell_with(nb, "env = show_summary()"))
