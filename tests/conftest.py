@@ -25,3 +25,18 @@ def embedded_heads(embedded):
     if not embedded_heads_dir().exists():
         pytest.fail("the shipped Medusa heads for SmolLM2 are missing (nbkit/medusa/data/smollm2-135m-heads)")
     return load_heads(embedded_heads_dir(), embedded[0].config.hidden_size)
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run on one thread: their ops are too small for a second one to pay, and on a
+    loaded 2-core machine OpenMP barriers between two threads cost more than the ops themselves."""
+    import torch
+
+    if "embedded" in request.fixturenames or request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,7 +13,7 @@ from nbkit.engine.scheduler import Engine
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.acceptance import probs_from_logits
 
-VOCAB, PROMPT, N = 16, [3, 5, 7], 4000
+VOCAB, PROMPT, N = 16, [3, 5, 7], 2500
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,15 @@ def pooled_chisquare(samples, exact, margin):
         expected[seq[:margin]] = expected.get(seq[:margin], 0.0) + p * len(samples)
     for s in samples:
         observed[s[:margin]] = observed.get(s[:margin], 0) + 1
+    assert set(observed) <= {k for k, e in expected.items() if e > 0}, "sampled an impossible sequence"
     big = [k for k, e in expected.items() if e >= 5]
-    obs = [observed.get(k, 0) for k in big] + [len(samples) - sum(observed.get(k, 0) for k in big)]
-    exp = [expected[k] for k in big] + [len(samples) - sum(expected[k] for k in big)]
+    obs = [observed.get(k, 0) for k in big]
+    exp = [expected[k] for k in big]
+    rest_exp = len(samples) - sum(exp)
+    if rest_exp >= 1:  # pool the rare cells into one
+        obs.append(len(samples) - sum(obs))
+        exp.append(rest_exp)
+    exp = [e * sum(obs) / sum(exp) for e in exp]  # exact totals despite float rounding
     return chisquare(obs, exp).pvalue
 
 
@@ -73,7 +79,7 @@ def test_medusa_sampling_is_lossless(model, params):
     for margin in (1, 2, 3):
         assert pooled_chisquare(medusa, exact, margin) > 1e-3
     # and the test has power: a biased sampler (greedy-ish temperature) is rejected
-    biased, _ = sample(model, "mc_sim_7b_63", 1000, **{**params, "temperature": params["temperature"] * 0.6})
+    biased, _ = sample(model, "mc_sim_7b_63", 800, **{**params, "temperature": params["temperature"] * 0.6})
     assert pooled_chisquare(biased, exact, 2) < 1e-3
 
 

@@ -55,10 +55,18 @@ class SlotLayer(CacheLayerMixin):
 
 @dataclass
 class _ForwardContext:
-    row_slice: slice
+    row_slice: slice | torch.Tensor  # a slice (a view of the buffer) or row indices (a gathered copy)
     rows_index: torch.Tensor  # [B]
     cols: torch.Tensor  # [B, Q] columns the new tokens are written to
     kv_len: int
+
+
+def _row_slice(rows: torch.Tensor) -> slice | torch.Tensor:
+    """Consecutive rows become a slice (the batch is then a view, not a copy)."""
+    first = int(rows[0])
+    if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
+        return slice(first, first + len(rows))
+    return rows
 
 
 class SlotCache(Cache):
@@ -176,22 +184,37 @@ class TorchRunner:
         return out.last_hidden_state
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append a chunk of prompt tokens to `slot`; returns (logits [V], hidden [H]) of its last token."""
-        n, start = len(token_ids), self.lengths[slot]
-        if start + n > self.max_context:
-            raise ValueError(f"context of {start + n} tokens exceeds the model's {self.max_context}")
-        self._grow(start + n)
-        row = self.row_of[slot]
-        kv_len = start + n
-        cols = torch.arange(start, kv_len, device=self.device)
-        causal = cols[:, None] >= torch.arange(kv_len, device=self.device)[None, :]
-        mask = self._float_mask(causal[None, None])
-        ctx = _ForwardContext(slice(row, row + 1), torch.tensor([row], device=self.device), cols[None], kv_len)
-        ids = torch.tensor([token_ids], device=self.device)
-        hidden = self._forward(ids, cols[None], mask, ctx)[0, -1]
-        self.lengths[slot] = kv_len
-        return self.lm_head(hidden).float(), hidden
+    def prefill(self, chunks: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Append prompt chunks to their slots in ONE forward pass (rows padded to the longest chunk).
+
+        Returns {slot: (logits [V] fp32, hidden [H])} of each chunk's last token.
+        """
+        slots = list(chunks)
+        starts = [self.lengths[s] for s in slots]
+        sizes = [len(chunks[s]) for s in slots]
+        for start, n in zip(starts, sizes):
+            if n == 0:
+                raise ValueError("empty prefill chunk")
+            if start + n > self.max_context:
+                raise ValueError(f"context of {start + n} tokens exceeds the model's {self.max_context}")
+        b, q = len(slots), max(sizes)
+        start_t = torch.tensor(starts, device=self.device)
+        kv_len = int(start_t.max()) + q
+        self._grow(kv_len)
+        rows = torch.tensor([self.row_of[s] for s in slots], device=self.device)
+        ids = torch.zeros(b, q, dtype=torch.long, device=self.device)
+        for i, s in enumerate(slots):
+            ids[i, : sizes[i]] = torch.tensor(chunks[s], device=self.device)
+        cols = start_t[:, None] + torch.arange(q, device=self.device)  # [B, Q]; pads write past the end
+        kv_cols = torch.arange(kv_len, device=self.device)
+        allowed = kv_cols[None, None, :] <= cols[:, :, None]  # causal over the row's own prefix
+        ctx = _ForwardContext(_row_slice(rows), rows, cols, kv_len)
+        hidden = self._forward(ids, cols, self._float_mask(allowed[:, None]), ctx)
+        last = hidden[torch.arange(b, device=self.device), torch.tensor(sizes, device=self.device) - 1]
+        logits = self.lm_head(last).float()
+        for s, n in zip(slots, sizes):
+            self.lengths[s] += n
+        return {s: (logits[i], last[i]) for i, s in enumerate(slots)}
 
     def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         # transformers passes a 4D mask through untouched; it must be additive float (bool is wrong in eager).

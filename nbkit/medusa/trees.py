@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import torch
@@ -106,7 +106,7 @@ def chain(k: int) -> MedusaTree:
     return build_tree([[0] * d for d in range(1, k + 1)], name=f"chain-{k}" if k else "none")
 
 
-@lru_cache(maxsize=None)
+@cache
 def published_paths() -> dict[str, list[list[int]]]:
     """The published Medusa trees shipped as package data (medusa_trees.json)."""
     text = resources.files("nbkit.medusa").joinpath("data/medusa_trees.json").read_text()

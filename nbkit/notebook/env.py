@@ -232,7 +232,8 @@ def sizes_from_config(model_dir: str | os.PathLike | None, n_heads: int = 5) -> 
         return {}
     cfg = json.loads(file.read_text())
     try:
-        h, layers, vocab, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+        h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+        vocab, ffn = cfg["vocab_size"], cfg["intermediate_size"]
     except KeyError:
         return {}
     n_attn = cfg.get("num_attention_heads", 1)
