@@ -27,14 +27,15 @@ at 64), (2) it is not a single-token ubatch over >= 512 cells (ggml then splits 
 threads), and (3) the sequence's cells lie in position order (the softmax sums in cell order).
 Without flash attention the sums depend on the absolute cell index. A last-bit difference is enough
 to flip the int8 rounding of some activation and move logits by up to ~1, so greedy text diverges.
-`exact=True` therefore runs flash attention on, an f32 KV cache, ubatches of <= 63 tokens, pads a
+`exact=True` therefore runs flash attention on (which reads K/V as f16 even from an f32 cache, so
+the KV cache stays f16), ubatches of <= 63 tokens, pads a
 single-token ubatch with a dummy token on a scratch id, and keeps every sequence's cells in order:
 each batch puts permanent tokens (roots, and the accepted nodes of the previous step, decoded again)
 before all speculative nodes, every speculative cell is dropped after the step, and a finished slot's
 cells are parked on a "retired" id until the context is idle (freeing them would leave holes that
 later tokens of running slots fill out of order). The price: accepted speculative tokens are
-computed twice. `exact=False` (flash attention auto, f16 KV, 512-token ubatches, accepted nodes kept
-in place) is the fast configuration; its divergence rate is measured by scripts/bench_llamacpp.py.
+computed twice. `exact=False` (flash attention auto, 512-token ubatches, accepted nodes kept in place)
+is the fast configuration; its divergence rate is measured by scripts/bench_llamacpp.py.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def gguf_lm_head(gguf_file: str | os.PathLike, device: str | torch.device = "cpu
         raise ValueError(f"{gguf_file} has neither output.weight nor token_embd.weight")
     weight = dequantize(tensor.data, tensor.tensor_type).reshape(-1, int(tensor.shape[0]))
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    head.weight.data = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    head.weight.data = torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the reader maps the file
     return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -146,14 +147,18 @@ class LlamaCppRunner:
     """Forward passes for a batch of slots on a GGUF model through llama.cpp's low-level API.
 
     model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); otherwise
-    the fast one. device/dtype: where the hidden states go (the Medusa heads and `lm_head` run there).
-    hidden=False skips the hidden states (no heads): prompts then need one decode instead of two.
+    the fast one. flash_attn: None = on when exact, llama.cpp's auto otherwise; off is the most accurate
+    single-request path (flash attention reads K/V as f16) but not placement-invariant. kv_type: "f16"
+    or "f32" (under flash attention llama.cpp casts K/V to f16 anyway). device/dtype: where the hidden
+    states go (the Medusa heads and `lm_head` run there). hidden=False skips the hidden states (no
+    heads): prompts then need one decode instead of two.
     """
 
     def __init__(self, model_path: str | os.PathLike, max_slots: int = 16, n_ctx: int | None = None,
                  exact: bool = False, n_threads: int | None = None, n_gpu_layers: int | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 hidden: bool = True, n_batch: int | None = None):
+                 hidden: bool = True, n_batch: int | None = None, flash_attn: bool | None = None,
+                 kv_type: str = "f16"):
         lib = self.lib = llama_cpp_module()
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -161,6 +166,10 @@ class LlamaCppRunner:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.exact, self.want_hidden = exact, hidden
+        if exact and flash_attn is False:
+            raise ValueError("the exact configuration needs flash attention (the only placement-invariant path)")
+        if kv_type not in ("f16", "f32"):
+            raise ValueError("kv_type must be 'f16' or 'f32'")
 
         mparams = lib.llama_model_default_params()
         if n_gpu_layers is None:
@@ -184,7 +193,7 @@ class LlamaCppRunner:
         self.max_slots = max_slots
         self.max_leaves = self.n_seq_max - max_slots - reserved
         n_ctx = n_ctx or min(n_ctx_train, max(4096, 256 * max_slots))
-        self.n_batch = n_batch or max(512, 64 * max_slots)
+        self.n_batch = min(n_batch or max(512, 64 * max_slots), n_ctx - 1)
         self.n_ubatch = min(self.n_batch, EXACT_UBATCH if exact else 512)
 
         cparams = lib.llama_context_default_params()
@@ -197,9 +206,9 @@ class LlamaCppRunner:
         cparams.embeddings = hidden
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
         cparams.kv_unified = True
-        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if exact else lib.LLAMA_FLASH_ATTN_TYPE_AUTO
-        kv_type = lib.GGML_TYPE_F32 if exact else lib.GGML_TYPE_F16
-        cparams.type_k = cparams.type_v = kv_type
+        cparams.flash_attn_type = {True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED, False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                                   None: lib.LLAMA_FLASH_ATTN_TYPE_AUTO}[True if exact else flash_attn]
+        cparams.type_k = cparams.type_v = lib.GGML_TYPE_F32 if kv_type == "f32" else lib.GGML_TYPE_F16
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lib.llama_model_free(self._model)
