@@ -33,6 +33,7 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_p: float = 1
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[..., 0] = False  # also when top_p rounds to 0 in fp32 (5e-324 did: all dropped, NaN probabilities)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
