@@ -55,6 +55,7 @@ from .schemas import (
     Usage,
 )
 from .security import BodyLimit, Guard
+from .templates import chat_prompt_ids
 
 log = logging.getLogger("nbkit.server")
 
@@ -79,6 +80,9 @@ class Settings:
     retry_after: int = 1  # seconds, sent with 429 when the queue is full
     model_name: str | None = None  # the served model id (default: the engine's)
     engine_name: str = "torch"
+    # Chat messages are text: "<|im_start|>system" in a message is not a special token (no forged turns).
+    # True lets clients write raw special tokens into messages (trusted clients only).
+    allow_special_tokens_in_chat: bool = False
 
     @property
     def keys(self) -> list[str]:
@@ -148,20 +152,16 @@ class Service:
                            "not_found", param="model", code="model_not_found")
 
     # ---- requests -----------------------------------------------------------------------------
-    async def encode(self, prompt: str, chat: bool = False) -> list[int]:
+    async def encode(self, prompt: str) -> list[int]:
+        """A raw prompt's ids: the client wrote the whole prompt, so special tokens in it are real (as in TGI)."""
         engine = self.ready()
-        return await run_in_threadpool(engine.encode, prompt, chat)
+        return await run_in_threadpool(engine.encode, prompt)
 
     async def chat_ids(self, messages: list[dict]) -> list[int]:
         tokenizer = self.ready().tokenizer
-
-        def render():
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
+        allow = self.settings.allow_special_tokens_in_chat
         try:
-            return await run_in_threadpool(render)
+            return await run_in_threadpool(chat_prompt_ids, tokenizer, messages, allow)
         except (ValueError, TemplateError) as err:
             raise APIError(None, f"the chat template refused these messages: {err}", param="messages") from None
 
@@ -325,7 +325,10 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
         if body.inputs is None:
             if body.prompt is None:
                 raise APIError(None, "prompt is required (or TGI's inputs)", param="prompt")
-            ids = await svc.encode(body.prompt, chat=body.chat)
+            if body.chat:
+                ids = await svc.chat_ids([{"role": "user", "content": body.prompt}])
+            else:
+                ids = await svc.encode(body.prompt)
             params = svc.sampling(len(ids), body.max_tokens, stop=body.stop, temperature=body.temperature,
                                   top_p=body.top_p, top_k=body.top_k, seed=body.seed, speculate=body.speculate,
                                   tree=body.tree)

@@ -7,11 +7,23 @@ anything but their neutral value, so nobody gets a silently different answer.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SEED_MAX = 2**63 - 1
+
+
+def _unicode_text(value: str) -> str:
+    # JSON can escape lone surrogates ("\ud800") that no tokenizer and no UTF-8 encoder accepts.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogate escapes \\ud800-\\udfff)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]  # every string a client sends
 
 
 class Strict(BaseModel):
@@ -22,7 +34,7 @@ class SpeculationOptions(Strict):
     """nbkit extensions, accepted by every generation route (OpenAI clients pass them in `extra_body`)."""
 
     speculate: bool | None = Field(None, description="false = plain decoding for this request (Medusa off)")
-    tree: str | None = Field(None, description="force a tree: 'none', 'chain-K', 'mc_sim_7b_63', ...")
+    tree: Text | None = Field(None, description="force a tree: 'none', 'chain-K', 'mc_sim_7b_63', ...")
 
 
 # ---- the original contract and TGI: POST /generate, POST /generate_stream --------------------
@@ -32,27 +44,27 @@ class TGIParameters(Strict):
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Text] = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     do_sample: bool = False
     details: bool = False
     return_full_text: bool = False
     speculate: bool | None = None
-    tree: str | None = None
+    tree: Text | None = None
 
 
 class GenerateRequest(SpeculationOptions):
     """Either the original `{"prompt", "max_tokens"}` or TGI's `{"inputs", "parameters"}`."""
 
-    prompt: str | None = Field(None, description="original contract: the prompt (raw text, no chat template)")
+    prompt: Text | None = Field(None, description="original contract: the prompt (raw text, no chat template)")
     max_tokens: int = Field(50, ge=1, description="original contract: tokens to generate at most")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Text] = Field(default_factory=list)
     chat: bool = Field(False, description="apply the model's chat template to the prompt")
-    inputs: str | None = Field(None, description="TGI: the prompt")
+    inputs: Text | None = Field(None, description="TGI: the prompt")
     parameters: TGIParameters | None = Field(None, description="TGI: generation parameters")
 
 
@@ -99,38 +111,38 @@ class StreamOptions(Strict):
 
 
 class OpenAIRequest(SpeculationOptions):
-    model: str | None = None
+    model: Text | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension (as in vLLM); 0 = off")
     n: int = Field(1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     presence_penalty: float = Field(0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, description="not supported: must be 0")
-    user: str | None = None
+    user: Text | None = None
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[int] | list[str] = Field(description="one prompt: text, token ids, or a list of one text")
+    prompt: Text | list[int] | list[Text] = Field(description="one prompt: text, token ids, or a list of one text")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="not supported: must be false")
     logprobs: int | None = Field(None, description="not supported")
     best_of: int | None = Field(None, description="only 1 is supported")
-    suffix: str | None = Field(None, description="not supported")
+    suffix: Text | None = Field(None, description="not supported")
 
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
 
 class ChatRequest(OpenAIRequest):
