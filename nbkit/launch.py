@@ -180,7 +180,10 @@ def _bind(host: str, port: int) -> socket.socket:
 def _serve(app, sock: socket.socket, log_level: str, timeout: float):
     import uvicorn
 
+    from .server.security import redact_logs
+
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
+    redact_logs(app.state.service.settings.keys)  # after Config: it (re)configures uvicorn's loggers
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="nbkit-server", daemon=True)
     thread.start()

@@ -7,7 +7,9 @@ answer before a body is parsed. Keys are compared in constant time and never log
 from __future__ import annotations
 
 import hmac
+import logging
 import math
+import os
 import time
 
 from .errors import APIError, error_response
@@ -110,6 +112,53 @@ class Guard:
             return (1.0 - tokens) / self.rate
         self.buckets[key] = (tokens - 1.0, now)
         return 0.0
+
+
+# Tokens a notebook server may hold in its environment (hub downloads, tunnels) besides its API keys.
+SECRET_ENV = ("NBKIT_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "NGROK_AUTHTOKEN", "NGROK_API_KEY")
+SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "nbkit", "nbkit.server", "nbkit.engine")
+
+
+class RedactSecrets(logging.Filter):
+    """Replace known secrets with *** in the server's log records.
+
+    Keys travel in headers, which are never logged; but a client may put one in a URL (`?api_key=`),
+    and the access log prints URLs. Attached to the loggers themselves, so it works whatever handlers
+    the notebook or uvicorn configured.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def redact(self, value):
+        if isinstance(value, str):
+            for secret in self.secrets:
+                if secret in value:
+                    value = value.replace(secret, "***")
+        return value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            record.msg = self.redact(record.msg)
+            if isinstance(record.args, tuple):
+                record.args = tuple(self.redact(a) for a in record.args)
+            elif isinstance(record.args, dict):
+                record.args = {k: self.redact(v) for k, v in record.args.items()}
+        return True
+
+
+_redactor = RedactSecrets()
+
+
+def redact_logs(keys: list[str]) -> None:
+    """Keep `keys` and the tokens in the environment out of the server's logs (from now on)."""
+    secrets = set(keys) | {os.environ[name] for name in SECRET_ENV if os.environ.get(name)}
+    _redactor.secrets |= {s for s in secrets if len(s) >= 6}  # not a short word that would blank out logs
+    for name in SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if _redactor not in logger.filters:
+            logger.addFilter(_redactor)
 
 
 def _header(scope, name: bytes) -> bytes | None:
