@@ -135,7 +135,7 @@ def detect_cuda_arch() -> str:
         except ImportError:
             pass
     if not caps:
-        raise BuildError("no NVIDIA GPU found to detect the CUDA architecture: pass cuda_arch "
+        raise BuildError("no NVIDIA GPU found to detect the CUDA architecture: pass --cuda-arch (cuda_arch=) "
                          "(75 for T4, 80 for A100, 90 for H100) or build for the CPU")
     return caps[0].replace(".", "")
 
