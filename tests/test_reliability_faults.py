@@ -16,7 +16,7 @@ import torch
 
 from nbkit.engine.loader import load_torch_engine
 from nbkit.engine.policy import CostModel
-from nbkit.engine.request import Finished, SamplingParams
+from nbkit.engine.request import Finished, Overloaded, SamplingParams
 from nbkit.engine.scheduler import Engine
 from nbkit.launch import start_server
 
@@ -118,7 +118,7 @@ class Recorder:
 
 # ---- clients that disconnect ---------------------------------------------------------------------
 
-def test_random_disconnects_free_their_slots_within_a_step(server):
+def test_random_disconnects_free_their_slots_or_queue_places_within_a_step(server):
     engine, url = server.engine, server.url
     rng = random.Random(7)
     recorder = Recorder(engine)
@@ -182,13 +182,36 @@ def test_random_disconnects_free_their_slots_within_a_step(server):
             rec = recorder.find(ids)
             assert rec.get("reason") == "cancelled", (path, rec.get("reason"))
             assert rec["cancel_at"] - left_at < 1.5, (path, "the server noticed the disconnect late")
-            assert rec["finish_step"] - rec["cancel_step"] <= 1, (path, "the slot was not freed within a step")
+            assert rec["finish_step"] - rec["cancel_step"] <= 1, (path, "the slot or queue place was kept")
+        lags = [recorder.find(ids)["cancel_at"] - left_at for _, ids, left_at in clients]
+        steps = [recorder.find(ids)["finish_step"] - recorder.find(ids)["cancel_step"] for _, ids, _ in clients]
+        print(f"\ndisconnects: {len(clients)} of 10 clients left mid-request; server noticed within "
+              f"{max(lags):.2f} s, slot freed within {max(steps)} step(s)")
         for key, prompt in bystanders.items():
             assert results[key].status_code == 200
             assert results[key].json()["response"] == solo(engine, engine.encode(prompt), 6)
     finally:
         recorder.close()
     assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_cancelled_requests_leave_the_queue_at_the_next_step(engine):
+    # A client that leaves while queued must not hold a queue place (new clients would get 429).
+    queue = Engine(engine.runner.fresh(max_slots=1), engine.tokenizer, engine.heads, max_queue=2, cost_model=COST,
+                   model_name=engine.model_name)
+    ids = engine.encode(counting(1))
+    running = queue.submit(ids, SamplingParams(max_tokens=50))
+    waiting = [queue.submit(ids, SamplingParams(max_tokens=5)) for _ in range(2)]
+    queue.step()  # the first one takes the slot; two wait
+    assert queue.snapshot()["running"] == 1 and queue.snapshot()["waiting"] == 2
+    with pytest.raises(Overloaded):
+        queue.submit(ids, SamplingParams(max_tokens=5))
+    for handle in waiting:
+        handle.cancel()
+    queue.step()
+    assert [h.finished.finish_reason for h in waiting] == ["cancelled", "cancelled"]
+    assert queue.snapshot()["waiting"] == 0 and running.finished is None
+    queue.submit(ids, SamplingParams(max_tokens=5))  # the places are free again
 
 
 # ---- a request whose sampling fails ----------------------------------------------------------------
@@ -301,6 +324,7 @@ def test_engine_death_fails_running_waiting_and_new_requests_fast(engine):
         assert not any(t.is_alive() for t in threads)
         ended = time.monotonic() - died_at
         assert ended < 5, f"requests took {ended:.1f} s to fail after the engine died"
+        print(f"\nengine death: 2 running + 3 queued requests failed within {ended:.2f} s")
         for name in ("run-plain", "wait-plain"):
             status, body, _ = out[name]
             assert status == 503 and "engine thread died" in body["error"], (name, body)
@@ -374,6 +398,7 @@ def test_handle_stop_finishes_short_requests_cancels_long_ones_and_returns_in_ti
             t.join(20)
         assert not stopper.is_alive() and not any(t.is_alive() for t in threads)
         assert stopped_in < grace + 6, stopped_in
+        print(f"\nhandle.stop(grace={grace}): returned after {stopped_in:.1f} s")
         assert not handle.running
         for name in ("short-1", "short-2"):  # running when the stop began: finished within the grace period
             assert out[name][0] == 200, out[name]

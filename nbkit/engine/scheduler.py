@@ -183,6 +183,9 @@ class Engine:
 
     def _admit(self) -> None:
         with self._cond:
+            for req in [r for r in self.waiting if r.handle.cancelled]:  # a client that left frees its queue place now
+                self.waiting.remove(req)
+                self._finish(req, "cancelled")
             if self.static_batching and self.active:
                 return  # static batching: the batch runs to its end before new work is taken
             while self.waiting and len(self.active) < self.max_batch:
