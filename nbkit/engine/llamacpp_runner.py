@@ -561,12 +561,34 @@ class _Pending:
 
 
 # ---- building an engine ---------------------------------------------------------------------
-def resolve_gguf(model: str | os.PathLike | None) -> Path:
-    """None/'embedded' -> the embedded SmolLM2 GGUF; a .gguf file as is; an HF folder -> converted once (f16)."""
+# The embedded SmolLM2 ships as Q4_1, which has no fast batched CPU kernels on x86 in this llama.cpp.
+# A Q8_0 copy holds Q4_1's values almost exactly (top-1 agreement 96%, KL 0.009 along Q4_1's own
+# greedy answers) and decodes 16 sequences ~1.3x faster (one thread here: 126 -> 166 tok/s at batch 16,
+# 59 -> 53 at batch 1). Q4_0 batches faster still (207) but loses too much (top-1 67%, KL 0.49).
+EMBEDDED_FORMAT = "Q8_0"
+
+
+def embedded_gguf(fmt: str = EMBEDDED_FORMAT) -> Path:
+    """The embedded model for the llama.cpp engine: the shipped Q4_1 file, or a copy requantized once
+    into the cache through the bindings (a few seconds)."""
     from ..models import cache_dir, embedded_gguf_path
+    from ..notebook.convert import quantize
+
+    shipped = embedded_gguf_path()
+    if fmt.upper() == "Q4_1":
+        return shipped
+    copy = cache_dir() / "gguf" / f"{shipped.stem.rsplit('.', 1)[0]}.{fmt.upper()}.gguf"
+    if copy.is_file() and copy.stat().st_mtime >= shipped.stat().st_mtime:
+        return copy
+    return quantize(shipped, copy, fmt, allow_requantize=True)
+
+
+def resolve_gguf(model: str | os.PathLike | None) -> Path:
+    """None/'embedded' -> the embedded SmolLM2 (Q8_0 copy); a .gguf file as is; an HF folder -> converted once."""
+    from ..models import cache_dir
 
     if model is None or str(model) in ("embedded", "default", ""):
-        return embedded_gguf_path()
+        return embedded_gguf()
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
