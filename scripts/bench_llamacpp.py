@@ -1,10 +1,12 @@
 """The llama.cpp engine against llama.cpp's own peers, side by side in one run, on the same GGUF file.
 
-  python scripts/bench_llamacpp.py [--threads 1] [--formats Q4_1,Q8_0] [--tokens 64]
+  python scripts/bench_llamacpp.py [--threads 1] [--formats Q8_0[,Q4_1]] [--tokens 64]
 
-Per format (Q4_1 = the shipped embedded file; others are requantized copies in the cache):
-  concurrency 1:  llama-cpp-python's high-level `Llama` | engine, speculation off | engine, adaptive
-  concurrency 16: `llama-server -np 16` (built from the same vendored tree) | engine off | engine adaptive
+Per format (Q8_0 = the engine's embedded default, a copy of the shipped Q4_1 file; Q4_1 = shipped):
+  concurrency 1:  llama-cpp-python's high-level `Llama` | engine off (no heads) | engine with heads,
+                  speculation off | engine with heads, adaptive
+  concurrency 16: `llama-server -np 16` (built from the same vendored tree) on the same file, and on the
+                  shipped Q4_1 file | the same three engines
 plus: the fast configuration's greedy divergence (c=16 vs c=1, adaptive vs off, same prompts), and for
 a requantized format its agreement with the shipped Q4_1 (greedy text, top-1 and KL per position).
 Every peer uses the same thread count and the same chat prompts (held-out distillation prompts),
@@ -30,22 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nbkit.engine.llamacpp_runner import gguf_tokenizer, load_llamacpp_engine  # noqa: E402
+from nbkit.engine.llamacpp_runner import embedded_gguf, gguf_tokenizer, load_llamacpp_engine  # noqa: E402
 from nbkit.engine.request import SamplingParams  # noqa: E402
 from nbkit.engine.torch_runner import TreeInput  # noqa: E402
 from nbkit.medusa.heads import MedusaHeads, embedded_heads_dir  # noqa: E402
 from nbkit.medusa.prompts import distill_prompts  # noqa: E402
 from nbkit.medusa.trees import chain  # noqa: E402
-from nbkit.models import cache_dir, embedded_gguf_path  # noqa: E402
+from nbkit.models import embedded_gguf_path  # noqa: E402
 from nbkit.notebook.build import build_tools  # noqa: E402
-from nbkit.notebook.convert import quantize  # noqa: E402
-
-
-def gguf_for(fmt: str) -> Path:
-    src = embedded_gguf_path()
-    if fmt.upper() == "Q4_1":
-        return src
-    return quantize(src, cache_dir() / "gguf" / f"SmolLM2-135M-Instruct.{fmt.upper()}.gguf", fmt, allow_requantize=True)
 
 
 def heads_arg():
@@ -220,7 +214,7 @@ def same(a: list[list[int]], b: list[list[int]]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--formats", default="Q4_1,Q8_0")
+    ap.add_argument("--formats", default="Q8_0", help="Q8_0 is the engine's embedded default")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompts-c1", type=int, default=12)
     ap.add_argument("--prompts-c16", type=int, default=32)
@@ -243,22 +237,28 @@ def main() -> None:
               "machine": platform.processor() or platform.machine(), "load_before": os.getloadavg(),
               "prompt_tokens_mean": sum(map(len, p16)) / len(p16), "formats": {}}
     for fmt in args.formats.split(","):
-        gguf = gguf_for(fmt)
+        gguf = embedded_gguf(fmt)
         print(f"== {fmt}: {gguf}", flush=True)
         off = load_llamacpp_engine(gguf, heads="none", max_batch=c, speculation="off", n_threads=args.threads)
+        # The same engine as `adaptive` with speculation off: heads loaded, hidden states on, probes run.
+        off_h = load_llamacpp_engine(gguf, heads=heads, max_batch=c, speculation="off", n_threads=args.threads)
         ada = load_llamacpp_engine(gguf, heads=heads, max_batch=c, speculation="adaptive", n_threads=args.threads)
         ada.prepare()  # calibration is not part of the timed runs
-        engines = {"engine_off": EnginePeer(off, "engine off"), "engine_adaptive": EnginePeer(ada, "engine adaptive")}
+        engines = {"engine_off": EnginePeer(off, "engine off"), "engine_off_heads": EnginePeer(off_h, "off, heads"),
+                   "engine_adaptive": EnginePeer(ada, "engine adaptive")}
         llama = LlamaHighLevel(gguf, args.threads)
         c1 = interleaved({"llama_high_level": llama, **engines}, p1, args.tokens, 1, 1)
         llama.close()
         peers16 = dict(engines)
         if server:
             peers16 = {"llama_server": LlamaServer(server, gguf, c, args.threads), **engines}
+            if gguf != embedded_gguf_path():  # the anchor: llama-server on the shipped Q4_1 file
+                peers16["llama_server_q4_1"] = LlamaServer(server, embedded_gguf_path(), c, args.threads)
         c16 = interleaved(peers16, p16, args.tokens, c, c)
-        if server:
-            peers16["llama_server"].close()
-        else:
+        for peer in peers16.values():
+            if isinstance(peer, LlamaServer):
+                peer.close()
+        if not server:
             c16["llama_server"] = {"tokens": 0, "seconds": 1.0, "tokens_per_s": float("nan"), "outputs": []}
         for e in engines.values():
             e.close()
@@ -276,12 +276,22 @@ def main() -> None:
             "c16_adaptive_vs_server": r["c16_engine_adaptive"]["tokens_per_s"] / r["c16_llama_server"]["tokens_per_s"],
             "c1_adaptive_vs_off": r["c1_engine_adaptive"]["tokens_per_s"] / r["c1_engine_off"]["tokens_per_s"],
             "c16_adaptive_vs_off": r["c16_engine_adaptive"]["tokens_per_s"] / r["c16_engine_off"]["tokens_per_s"],
+            "c1_adaptive_vs_off_same_engine": r["c1_engine_adaptive"]["tokens_per_s"]
+            / r["c1_engine_off_heads"]["tokens_per_s"],
+            "c16_adaptive_vs_off_same_engine": r["c16_engine_adaptive"]["tokens_per_s"]
+            / r["c16_engine_off_heads"]["tokens_per_s"],
         }
+        if "c16_llama_server_q4_1" in r:
+            r["ratios"]["c16_off_vs_server_on_shipped_q4_1"] = (r["c16_engine_off"]["tokens_per_s"]
+                                                               / r["c16_llama_server_q4_1"]["tokens_per_s"])
+            r["ratios"]["c16_adaptive_vs_server_on_shipped_q4_1"] = (r["c16_engine_adaptive"]["tokens_per_s"]
+                                                                    / r["c16_llama_server_q4_1"]["tokens_per_s"])
         if gguf != embedded_gguf_path():
             answers = [p + o for p, o in zip(p1[:4], solo[:4])]
             r["quality_vs_q4_1"] = agreement(embedded_gguf_path(), gguf, answers, args.threads)
-            r["quality_vs_q4_1"]["greedy_text_equal_c1"] = same(solo, report["formats"]["Q4_1"]["c1_engine_off"][
-                "outputs"]) if "Q4_1" in report["formats"] else None
+            if "Q4_1" in report["formats"]:
+                r["quality_vs_q4_1"]["greedy_text_equal_c1"] = same(solo, report["formats"]["Q4_1"]["c1_engine_off"][
+                    "outputs"])
         for name, v in r.items():
             if isinstance(v, dict) and "tokens_per_s" in v:
                 extra = f" trees {v['tree_choices']}" if v.get("tree_choices") else ""
