@@ -223,7 +223,8 @@ def wheel(cuda: bool = False, cuda_arch: str | None = None) -> Path:
 
 def installed_bindings() -> tuple[str, bool] | None:
     """(version, gpu offload) of the llama-cpp-python importable by this Python, or None (checked in a child)."""
-    code = "import llama_cpp, sys; sys.stdout.write(f'{llama_cpp.__version__} {int(llama_cpp.llama_supports_gpu_offload())}')"
+    code = ("import llama_cpp, sys; "
+            "sys.stdout.write(f'{llama_cpp.__version__} {int(llama_cpp.llama_supports_gpu_offload())}')")
     try:
         res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:

@@ -32,7 +32,8 @@ def cmd_convert(args) -> int:
 def register_cli(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build llama-cpp-python (and optionally llama.cpp tools) for this machine")
     b.add_argument("--cuda", action="store_true", help="CUDA build (architecture detected from the GPU)")
-    b.add_argument("--cuda-arch", default=None, help="CUDA architecture instead of detecting it: 75 T4, 80 A100, 90 H100")
+    b.add_argument("--cuda-arch", default=None,
+                   help="CUDA architecture instead of detecting it: 75 T4, 80 A100, 90 H100")
     b.add_argument("--tools", nargs="*", default=None, metavar="TARGET",
                    help="also build CMake tools (default with no names: llama-quantize llama-server)")
     b.add_argument("--force", action="store_true", help="reinstall the bindings even if they are already there")
