@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export NBKIT_CACHE_DIR ?= $(CURDIR)/.cache
 STAMP := $(VENV)/.installed
+LLAMA_STAMP := $(VENV)/.llama-cpp
 
 .PHONY: setup test serve demo bench lint clean
 
@@ -20,12 +21,18 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-test: setup
+# llama.cpp bindings, CPU build from the pinned sdist: ~4 min once, then the cached wheel in
+# $(NBKIT_CACHE_DIR)/llama-cpp/0.3.36/wheels/ installs in seconds (a fresh machine builds it).
+$(LLAMA_STAMP): $(STAMP) nbkit/notebook/build.py
+	$(BIN)/python -m nbkit build
+	touch $@
+
+test: setup $(LLAMA_STAMP)
 	# Headless Chromium for the chat page test (Debian packages; needs root, as in CI).
 	bash scripts/install_chromium.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-serve: setup
+serve: setup $(LLAMA_STAMP)
 	$(BIN)/python -m nbkit serve $(ARGS)
 
 demo: setup

@@ -203,6 +203,9 @@ class LlamaCppRunner:
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  hidden: bool = True, n_batch: int | None = None, flash_attn: bool | None = None,
                  kv_type: str = "f16"):
+        self._settings = dict(n_ctx=n_ctx, exact=exact, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                              device=device, dtype=dtype, hidden=hidden, n_batch=n_batch, flash_attn=flash_attn,
+                              kv_type=kv_type)
         lib = self.lib = llama_cpp_module()
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -271,6 +274,12 @@ class LlamaCppRunner:
         self._lm_head: nn.Module | None = None
         eos = {lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)} - {-1}
         self.model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=sorted(eos)))
+
+    def fresh(self, max_slots: int | None = None) -> LlamaCppRunner:
+        """A new runner (own context and KV cache) over the same GGUF file and settings."""
+        runner = LlamaCppRunner(self.model_path, max_slots or self.max_slots, **self._settings)
+        runner._lm_head = self._lm_head  # share the dequantized output weights
+        return runner
 
     # ---- the base lm_head for shared-format Medusa heads (dequantized on first use) -----------
     @property

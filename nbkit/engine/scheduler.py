@@ -209,8 +209,7 @@ class Engine:
                 trees[r.id] = get_tree(r.params.tree, self.heads.n_heads if self.heads else 0)
             else:
                 trees[r.id] = chosen if r in spec else chain(0)
-        need = [r for r in running if trees[r.id].size > 1 or
-                (self.heads is not None and r.params.speculate and self.counters["steps"] % PROBE_EVERY == 0)]
+        need = [r for r in running if trees[r.id].size > 1 or (self._probe_due() and r.params.speculate)]
         topk = self._head_topk(need)
         inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
@@ -255,6 +254,17 @@ class Engine:
         if self.on_step is not None:
             self.on_step({"batch": len(running), "tree": chosen.name, "tree_size": chosen.size,
                           "seconds": seconds, "tokens": sum(len(e) for e in emitted.values())})
+
+    def _probe_due(self) -> bool:
+        """While no tree runs, the heads still look ahead now and then so the acceptance statistics
+        stay current; probes are spaced so they cost at most ~1% of the decoding time."""
+        if self.heads is None or self.policy.mode != "adaptive":
+            return False
+        every = PROBE_EVERY
+        if self.cost_model is not None and self.cost_model.heads_cost > 0:
+            step = max(self.cost_model(len(self.active)), 1e-6)
+            every = max(PROBE_EVERY, round(100 * self.cost_model.heads_cost / step))
+        return self.counters["steps"] % every == 0
 
     def _head_topk(self, requests: list[Request]) -> dict[int, torch.Tensor]:
         if not requests or self.heads is None:

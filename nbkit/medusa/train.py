@@ -97,21 +97,26 @@ def active_vocab(f: Features, extra: int = 0) -> torch.Tensor:
 def train_heads(
     f: Features, lm_head: torch.nn.Linear, n_heads: int = 4, n_layers: int = 1, epochs: float = 3.0,
     batch_size: int = 2048, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
-    head_decay: float = 0.8, teacher_topk: int = 8, log_every: int = 20,
+    head_decay: float = 0.8, teacher_topk: int = 8, negatives: int = 8192, log_every: int = 20,
 ) -> MedusaHeads:
     """Soft-target self-distillation, cheap enough for a 2-core CPU.
 
     The softmax runs over the "active" vocabulary (tokens the base model produced in the answers,
     ~8k of 49k): the [batch, vocab] passes dominate the cost on a CPU. The teacher is the base
     model's distribution at t+1+k truncated to its top `teacher_topk` tokens. Heads still score the
-    full vocabulary at serving time; an inactive token in a head's top-k only wastes a candidate.
+    full vocabulary at serving time, so each step also adds `negatives` random inactive tokens to the
+    softmax: without them a head's top-1 lands on a never-trained token ~15% of the time.
     """
     torch.manual_seed(seed)
     hidden_size = f.hidden.shape[1]
     heads = MedusaHeads(hidden_size, n_heads, n_layers)
     heads.train()
     vocab = active_vocab(f)
-    weight = lm_head.weight.detach()[vocab].to(torch.bfloat16)  # [V', H]
+    full_weight = lm_head.weight.detach().to(torch.bfloat16)
+    weight = full_weight[vocab]  # [V', H]
+    inactive = torch.ones(full_weight.shape[0], dtype=torch.bool)
+    inactive[vocab] = False
+    inactive = inactive.nonzero().squeeze(1)
     params = list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     n = len(f.next_tokens)
@@ -129,6 +134,8 @@ def train_heads(
         idx = perm[cursor : cursor + batch_size]
         cursor += batch_size
         h = f.hidden[idx].float()
+        neg = inactive[torch.randperm(len(inactive), generator=gen)[:negatives]]
+        step_weight = torch.cat([weight, full_weight[neg]])  # active tokens first: teacher indices stay valid
         loss_total, stats = 0.0, []
         for k, head in enumerate(heads.heads):
             tgt, valid = head_targets(f, idx, k)
@@ -138,7 +145,7 @@ def train_heads(
                 teacher = (f.hidden[tgt[valid]] @ weight.T).float().topk(teacher_topk, dim=-1)
                 p_teacher = torch.softmax(teacher.values, dim=-1)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                student = (head(h[valid]).to(torch.bfloat16) @ weight.T).float()
+                student = (head(h[valid]).to(torch.bfloat16) @ step_weight.T).float()
             log_z = torch.logsumexp(student, dim=-1, keepdim=True)
             loss = -(p_teacher * (student.gather(-1, teacher.indices) - log_z)).sum(-1).mean()
             loss_total = loss_total + head_decay**k * loss
