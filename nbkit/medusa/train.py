@@ -216,7 +216,8 @@ def register_cli(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training prompts")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the N training prompts with the shortest chat prompts (generation order)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -231,9 +232,11 @@ def _cmd_train(args) -> int:
     out = Path(args.out) if args.out else embedded_heads_dir()
     stages = set(args.stages.split(","))
     train_prompts, eval_prompts = distill_prompts()
-    if args.limit:
-        train_prompts = train_prompts[: args.limit]
     model, tokenizer = load_model(args.model)
+    if args.limit:
+        from .distill import chat_prompt_ids
+
+        train_prompts = sorted(train_prompts, key=lambda p: len(chat_prompt_ids(tokenizer, p)))[: args.limit]
     files = {s: work / f"{s}_answers.jsonl" for s in ("train", "eval")}
     if "generate" in stages:
         generate_answers(model, tokenizer, eval_prompts, files["eval"], args.max_new_tokens, batch_size=128)
