@@ -37,10 +37,16 @@ class SlotLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         ctx = self.ctx
-        rows = ctx.rows_index[:, None]
-        # [B, kvh, Q, d] -> [B, Q, kvh, d] to match advanced indexing on (row, column).
-        self.keys[rows, :, ctx.cols] = key_states.transpose(1, 2).to(self.keys.dtype)
-        self.values[rows, :, ctx.cols] = value_states.transpose(1, 2).to(self.values.dtype)
+        if ctx.same_cols is not None and isinstance(ctx.row_slice, slice):
+            # Every row writes the same columns (one request, or equal lengths): a plain slice copy.
+            c0, c1 = ctx.same_cols
+            self.keys[ctx.row_slice, :, c0:c1] = key_states
+            self.values[ctx.row_slice, :, c0:c1] = value_states
+        else:
+            rows = ctx.rows_index[:, None]
+            # [B, kvh, Q, d] -> [B, Q, kvh, d] to match advanced indexing on (row, column).
+            self.keys[rows, :, ctx.cols] = key_states.transpose(1, 2).to(self.keys.dtype)
+            self.values[rows, :, ctx.cols] = value_states.transpose(1, 2).to(self.values.dtype)
         return self.keys[ctx.row_slice, :, : ctx.kv_len], self.values[ctx.row_slice, :, : ctx.kv_len]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -59,6 +65,11 @@ class _ForwardContext:
     rows_index: torch.Tensor  # [B]
     cols: torch.Tensor  # [B, Q] columns the new tokens are written to
     kv_len: int
+    same_cols: tuple[int, int] | None = None  # (first, end) when every row writes the same columns
+
+
+def _same_cols(starts: list[int], width: int) -> tuple[int, int] | None:
+    return (starts[0], starts[0] + width) if all(s == starts[0] for s in starts) else None
 
 
 def _row_slice(rows: torch.Tensor) -> slice | torch.Tensor:
@@ -208,7 +219,7 @@ class TorchRunner:
         cols = start_t[:, None] + torch.arange(q, device=self.device)  # [B, Q]; pads write past the end
         kv_cols = torch.arange(kv_len, device=self.device)
         allowed = kv_cols[None, None, :] <= cols[:, :, None]  # causal over the row's own prefix
-        ctx = _ForwardContext(_row_slice(rows), rows, cols, kv_len)
+        ctx = _ForwardContext(_row_slice(rows), rows, cols, kv_len, _same_cols(starts, q))
         hidden = self._forward(ids, cols, self._float_mask(allowed[:, None]), ctx)
         last = hidden[torch.arange(b, device=self.device), torch.tensor(sizes, device=self.device) - 1]
         logits = self.lm_head(last).float()
@@ -246,7 +257,8 @@ class TorchRunner:
         kv_cols = torch.arange(kv_len, device=self.device)
         allowed = (kv_cols[None, None, :] < lengths[:, None, None]).expand(b, q, kv_len).clone()
         allowed.scatter_(2, cols[:, None, :].expand(b, q, q), tree_mask)
-        ctx = _ForwardContext(slice(0, b), torch.arange(b, device=self.device), cols, kv_len)
+        ctx = _ForwardContext(slice(0, b), torch.arange(b, device=self.device), cols, kv_len,
+                              _same_cols([self.lengths[it.slot] for it in items], q))
         hidden = self._forward(ids, positions, self._float_mask(allowed[:, None]), ctx)
         sizes = [it.tree.size for it in items]
         valid = torch.cat([hidden[i, :t] for i, t in enumerate(sizes)])
