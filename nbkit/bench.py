@@ -238,7 +238,7 @@ def _cmd_bench(args) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     top = max(concurrencies + [16])
     proto = load(args.model, args.heads, args.device, max_batch=top, speculation="adaptive")
-    proto.prepare()  # one calibration shared by every configuration
+    proto.start().stop()  # one calibration, in an engine thread, shared by every configuration
 
     def make_engine(speculation, static_batching, max_batch):
         if proto.heads is None and speculation != "off":

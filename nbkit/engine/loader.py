@@ -10,6 +10,7 @@ import torch
 from ..medusa.heads import MedusaHeads, embedded_heads_dir, load_heads
 from ..models import default_device, default_dtype, load_model
 from .scheduler import Engine
+from .threads import in_fresh_thread
 from .torch_runner import TorchRunner
 
 
@@ -30,7 +31,15 @@ def load_torch_engine(
     device: str | None = None, dtype: torch.dtype | None = None, max_batch: int = 16,
     **engine_kwargs,
 ) -> Engine:
-    """A torch Engine (not started) for `model` (default: the embedded SmolLM2) and its heads."""
+    """A torch Engine (not started) for `model` (default: the embedded SmolLM2) and its heads.
+
+    Loading runs in a short-lived thread so that the caller's thread never starts an OpenMP pool:
+    the engine thread then has the cores to itself (threads.py explains the measured cost).
+    """
+    return in_fresh_thread(_load, model, heads, device, dtype, max_batch, engine_kwargs)
+
+
+def _load(model, heads, device, dtype, max_batch, engine_kwargs) -> Engine:
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     base, tokenizer = load_model(model, dtype=dtype, device=device)

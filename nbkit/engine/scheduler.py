@@ -78,11 +78,19 @@ class Engine:
             self.policy.cost = self.cost_model
         return self
 
-    def start(self) -> Engine:
-        self.prepare()
+    def start(self, timeout: float = 600.0) -> Engine:
+        """Start the engine thread; it calibrates (adaptive speculation) before serving.
+
+        All of the engine's torch work runs in that one thread: with OpenMP, a second thread that runs
+        multi-threaded ops makes both slower (measured ~40% per token on 2 cores), see threads.py.
+        """
         self._stopping = False
+        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nbkit-engine", daemon=True)
         self._thread.start()
+        self._ready.wait(timeout)
+        if self.dead:
+            raise EngineStopped(self.dead)
         return self
 
     def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
@@ -159,6 +167,14 @@ class Engine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self.prepare()
+        except BaseException as err:
+            self.dead = f"engine start-up failed: {type(err).__name__}: {err}"
+            log.exception("engine start-up failed")
+            self._ready.set()
+            return
+        self._ready.set()
         try:
             while True:
                 with self._cond:

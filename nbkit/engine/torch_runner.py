@@ -115,8 +115,10 @@ class TorchRunner:
         self.hidden_size = cfg.hidden_size
         self.vocab_size = cfg.vocab_size
         self.capacity = 0
+        # The buffers are allocated at the first forward pass, in the thread that runs the engine
+        # (see nbkit.engine.threads): a large fill here would start an OpenMP pool in the caller's thread.
+        self.initial_capacity = initial_capacity
         self.cache = SlotCache([SlotLayer(*self._alloc(0)) for _ in range(self.n_layers)])
-        self._grow(initial_capacity)
         self.lengths = [0] * max_slots  # per slot
         self.row_of: dict[int, int] = {}  # slot -> physical row
         self.slot_at: list[int | None] = [None] * max_slots  # physical row -> slot
@@ -135,7 +137,7 @@ class TorchRunner:
     def _grow(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        new_capacity = max(needed, 2 * self.capacity, 64)
+        new_capacity = max(needed, 2 * self.capacity, self.initial_capacity)
         for layer in self.cache.layers:
             keys, values = self._alloc(new_capacity)
             keys[:, :, : self.capacity] = layer.keys
