@@ -36,7 +36,13 @@ class CostModel:
         self.points = dict(sorted(points.items()))
         self.heads_cost = heads_cost  # seconds for one heads call (all rows)
         self.ema = ema
+        self.measured: dict[tuple[int, int], float] = {}  # (rows, tokens per row) -> seconds, from real steps
         self._lock = threading.Lock()
+
+    def step(self, n_rows: int, per_row: int) -> float:
+        """Seconds for a step of n_rows x per_row tokens: measured for that shape if it has run
+        (16 rows x 2 tokens costs more than 1 row x 32), else the calibrated curve."""
+        return self.measured.get((n_rows, per_row)) or self(n_rows * per_row)
 
     @classmethod
     def from_function(cls, fn: Callable[[int], float], heads_cost: float = 0.0, max_tokens: int = 1024) -> CostModel:
@@ -54,10 +60,15 @@ class CostModel:
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0)
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
-        """Fold a measured step time into the nearest bucket."""
+    def observe(self, n_tokens: int, seconds: float, n_rows: int | None = None) -> None:
+        """Fold a measured step time into its shape's record and the nearest bucket of the curve."""
         if self.ema <= 0 or n_tokens <= 0:
             return
+        if n_rows:
+            key = (n_rows, n_tokens // n_rows)
+            with self._lock:
+                old = self.measured.get(key)
+                self.measured[key] = seconds if old is None else (1 - 2 * self.ema) * old + 2 * self.ema * seconds
         bucket = min(self.points, key=lambda x: abs(math.log2(x) - math.log2(n_tokens)))
         scaled = seconds * self(bucket) / max(self(n_tokens), 1e-9)
         with self._lock:
@@ -171,7 +182,7 @@ class SpeculationPolicy:
             for tree, expected in self.candidates():
                 if self.max_leaves is not None and tree.size > 1 and n_speculative * tree.n_leaves > self.max_leaves:
                     continue
-                seconds = self.cost(n_rows * tree.size) + (self.cost.heads_cost if tree.size > 1 else 0.0)
+                seconds = self.cost.step(n_rows, tree.size) + (self.cost.heads_cost if tree.size > 1 else 0.0)
                 rate = (n_speculative * expected + (n_rows - n_speculative)) / seconds
                 if rate > best_rate:
                     best, best_rate = tree, rate

@@ -240,7 +240,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         q = max(t.size for t in trees.values())
         if self.cost_model is not None:
-            self.cost_model.observe(len(running) * q, seconds)
+            self.cost_model.observe(len(running) * q, seconds, n_rows=len(running))
         self.counters["steps"] += 1
         self.counters["step_seconds"] += seconds
         commits, emitted = {}, {}
