@@ -7,6 +7,8 @@ functions, each test module builds its own fixtures from them).
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
 
 import httpx
 import torch
@@ -17,6 +19,30 @@ from nbkit.engine.scheduler import Engine
 from nbkit.engine.torch_runner import TorchRunner
 
 TINY_MODEL = "tiny-llama"
+
+
+def wait_for(condition, timeout: float = 5.0) -> bool:
+    """Poll `condition` every 20 ms until it holds or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def embedded_engine(max_batch: int = 4, max_queue: int = 8) -> Iterator[Engine]:
+    """A started engine on the embedded SmolLM2 (body of a module fixture: `yield from embedded_engine()`)."""
+    from nbkit.engine.loader import load_torch_engine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: see test_reliability_faults.py
+    engine = load_torch_engine(max_batch=max_batch, max_queue=max_queue,
+                               cost_model=CostModel.from_function(lambda n: 0.03 + 0.0015 * n))
+    engine.start()
+    yield engine
+    engine.stop()
+    torch.set_num_threads(threads)
 
 
 def tiny_engine(max_batch: int = 8, max_queue: int = 64, speculation: str = "adaptive") -> Engine:

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest_server import reference_text, tiny_engine
+from conftest_server import reference_text, tiny_engine, wait_for
 
 from nbkit.engine.policy import CostModel
 from nbkit.launch import current_server, load_engine, start_server
@@ -77,11 +77,11 @@ def test_stop_lets_inflight_requests_finish_then_refuses():
     t = threading.Thread(target=lambda: result.update(
         r=httpx.post(handle.url + "/generate", json={"prompt": "finish me", "max_tokens": 40}, timeout=30)))
     t.start()
-    assert _wait(lambda: engine.snapshot()["running"] == 1)
+    assert wait_for(lambda: engine.snapshot()["running"] == 1)
     start = time.monotonic()
     stopper = threading.Thread(target=handle.stop, kwargs={"grace": 10})
     stopper.start()
-    assert _wait(lambda: handle.app.state.service.stopping)
+    assert wait_for(lambda: handle.app.state.service.stopping)
     late = httpx.post(handle.url + "/generate", json={"prompt": "too late", "max_tokens": 2}, timeout=5)
     assert late.status_code == 503 and late.json()["error_type"] == "unavailable"
     assert httpx.get(handle.url + "/health").json()["status"] == "stopping"
@@ -105,7 +105,7 @@ def test_stop_without_grace_ends_streams_promptly():
 
     t = threading.Thread(target=stream)
     t.start()
-    assert _wait(lambda: engine.snapshot()["running"] == 1)
+    assert wait_for(lambda: engine.snapshot()["running"] == 1)
     start = time.monotonic()
     handle.stop(grace=0)
     t.join(10)
@@ -124,13 +124,6 @@ def test_unknown_or_missing_engine_backend_is_a_clear_error(monkeypatch):
     assert server_threads() == 0
 
 
-def _wait(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ---- the embedded model (real weights) -----------------------------------------------------------

@@ -11,10 +11,8 @@ import re
 
 import httpx
 import pytest
-import torch
+from conftest_server import embedded_engine
 
-from nbkit.engine.loader import load_torch_engine
-from nbkit.engine.policy import CostModel
 from nbkit.launch import start_server
 from nbkit.server import security
 from nbkit.server.app import CHAT_PAGE, Settings
@@ -30,13 +28,7 @@ GOOD = {"Authorization": f"Bearer {KEYS[0]}"}
 
 @pytest.fixture(scope="module")
 def engine():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: see test_reliability_faults.py
-    engine = load_torch_engine(max_batch=4, max_queue=8, cost_model=CostModel.from_function(lambda n: 0.03 + 0.0015 * n))
-    engine.start()
-    yield engine
-    engine.stop()
-    torch.set_num_threads(threads)
+    yield from embedded_engine()
 
 
 class LogCapture(logging.Handler):

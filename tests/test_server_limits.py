@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest_server import TINY_MODEL, reference_text, sse_data, tiny_engine
+from conftest_server import TINY_MODEL, reference_text, sse_data, tiny_engine, wait_for
 
 from nbkit.launch import start_server
 from nbkit.server.app import Settings, create_app
@@ -25,13 +25,6 @@ def slow_engine(seconds_per_step: float = 0.02, **kwargs):
     return engine
 
 
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture
