@@ -6,6 +6,9 @@ on the same loaded model, one after the other, so their ratios are comparable on
 
 Configurations: concurrency (1, 4, 16 by default) x speculation (off, fixed full tree, adaptive),
 and a mixed-length workload (max_tokens 16..256) served by continuous and by static batching.
+Static batching is the design this project started from: take what is queued, pad it into one
+batch, compute every row until the longest request is done, only then take new work (a finished
+row stays in the batch as padding; its answer is still returned as soon as it is complete).
 """
 
 from __future__ import annotations

@@ -106,6 +106,25 @@ def test_batch_equals_solo_with_staggered_arrivals_and_mixed_settings(model, ref
     assert engine.runner.row_of == {}  # every slot was freed
 
 
+def test_static_batching_baseline_pads_until_the_longest_request_is_done(model, refs):
+    """The baseline: a finished row stays in the padded batch (computed, thrown away) until the batch
+    ends, and queued work waits for that; outputs are still exact."""
+    engine = make_engine(model, max_slots=3, static_batching=True)
+    rows = []
+    verify = engine.runner.verify
+    engine.runner.verify = lambda inputs: rows.append(len(inputs)) or verify(inputs)
+    lengths = [3, 20, 8, 5]
+    handles = [engine.submit(p, SamplingParams(max_tokens=n)) for p, n in zip(PROMPTS[:3], lengths)]
+    late = engine.submit(PROMPTS[3], SamplingParams(max_tokens=lengths[3]))
+    results = run_until_done(engine, handles + [late])
+    for out, ref, n in zip(results, refs, lengths):
+        assert out.token_ids == ref[:n]
+    first_batch = rows[: lengths[1] - 1]
+    assert first_batch == [3] * len(first_batch)  # the short requests' rows ran to the longest one's end
+    assert rows[len(first_batch):] == [1] * (lengths[3] - 1)  # the late request ran alone, after the batch
+    assert engine.runner.row_of == {} and engine.padding == {}
+
+
 def test_cancel_frees_the_slot_and_the_slot_is_reused_correctly(model, refs, oracle):
     engine = make_engine(model, oracle, max_slots=2, speculation="mc_sim_7b_63")
     a = engine.submit(PROMPTS[0], SamplingParams(max_tokens=48))

@@ -60,6 +60,9 @@ class Engine:
         )
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
+        # Static batching (the baseline): a finished request's row stays in the padded batch, computed
+        # and thrown away every step, until the longest request of the batch is done. slot -> token.
+        self.padding: dict[int, int] = {}
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -196,6 +199,8 @@ class Engine:
         if running:
             self._decode(running)
         self._prefill()
+        if self.padding and not self.active:
+            self._release_padding()
 
     def _admit(self) -> None:
         with self._cond:
@@ -229,6 +234,7 @@ class Engine:
         topk = self._head_topk(need)
         inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
+        inputs += [TreeInput(slot, chain(0), [token]) for slot, token in self.padding.items()]
         t0 = time.perf_counter()
         try:
             results = self.runner.verify(inputs)
@@ -240,7 +246,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         q = max(t.size for t in trees.values())
         if self.cost_model is not None:
-            self.cost_model.observe(len(running) * q, seconds, n_rows=len(running))
+            self.cost_model.observe(len(inputs) * q, seconds, n_rows=len(inputs))
         self.counters["steps"] += 1
         self.counters["step_seconds"] += seconds
         commits, emitted = {}, {}
@@ -263,6 +269,7 @@ class Engine:
                 self.stats.accepted += len(nodes) - 1
                 self.counters["spec_steps"] += 1
                 self.counters["spec_tokens"] += len(emitted[r.id])
+        self._advance_padding(commits)
         self.runner.commit(commits)
         for r in running:
             if r.id in emitted:
@@ -270,6 +277,21 @@ class Engine:
         if self.on_step is not None:
             self.on_step({"batch": len(running), "tree": chosen.name, "tree_size": chosen.size,
                           "seconds": seconds, "tokens": sum(len(e) for e in emitted.values())})
+
+    def _advance_padding(self, commits: dict[int, list[int]]) -> None:
+        """Padding rows keep their KV in step with the batch while the context has room."""
+        limit = self.runner.max_context - 65
+        for slot in list(self.padding):
+            if self.runner.lengths[slot] + 1 < limit:
+                commits[slot] = [0]
+            else:
+                del self.padding[slot]
+                self.runner.free(slot)
+
+    def _release_padding(self) -> None:
+        for slot in self.padding:
+            self.runner.free(slot)
+        self.padding.clear()
 
     def _probe_due(self) -> bool:
         """While no tree runs, the heads still look ahead now and then so the acceptance statistics
@@ -379,7 +401,10 @@ class Engine:
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:
-            self.runner.free(r.slot)
+            if self.static_batching and reason not in ("cancelled", "error") and r.pending is not None:
+                self.padding[r.slot] = r.pending  # the padded batch goes on computing this row
+            else:
+                self.runner.free(r.slot)
             r.slot = None
         now = time.monotonic()
         key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
