@@ -93,3 +93,41 @@ def test_weights_only_refuses_pickled_code(tmp_path):
     torch.save({"0.0.linear.weight": Evil()}, tmp_path / "medusa_lm_head.pt")
     with pytest.raises(HeadsFormatError):
         load_heads(tmp_path, hidden_size=H)
+
+
+def test_proposal_vocabulary_restricts_candidates_and_matches_the_full_topk(tmp_path):
+    torch.manual_seed(0)
+    hidden, vocab = 16, 300
+    heads = MedusaHeads(hidden, 3)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+    allowed = list(range(0, vocab, 3))  # every third token
+    save_heads(heads, tmp_path, proposal_vocab=allowed)
+    loaded = load_heads(tmp_path, hidden)
+    assert loaded.proposal_vocab.tolist() == allowed
+    x = torch.randn(5, hidden)
+    top = loaded.topk(x, lm_head, 10)  # [5, 3, 10]
+    assert set(top.flatten().tolist()) <= set(allowed)
+    # same candidates, same order, as the full top-k with the other tokens masked out
+    full = loaded(x, lm_head).transpose(0, 1)  # [5, 3, V]
+    masked = torch.full_like(full, float("-inf"))
+    masked[..., allowed] = full[..., allowed]
+    assert torch.equal(top, masked.topk(10, dim=-1).indices)
+    loaded.proposal_vocab = None
+    assert torch.equal(loaded.topk(x, lm_head, 10), full.topk(10, dim=-1).indices)
+
+
+@pytest.mark.parametrize("content", ["[1, 2, oops", "[]", '{"a": 1}', "[1, 2, 3]", "[-1" + ", 5" * 20 + "]"])
+def test_bad_proposal_vocabulary_is_a_clear_error(tmp_path, content):
+    save_heads(MedusaHeads(16, 2), tmp_path)
+    (tmp_path / "proposal_vocab.json").write_text(content)
+    with pytest.raises(HeadsFormatError, match="proposal_vocab.json"):
+        load_heads(tmp_path, 16)
+
+
+def test_proposal_vocabulary_beyond_the_model_vocabulary_is_a_clear_error(tmp_path):
+    save_heads(MedusaHeads(16, 2), tmp_path, proposal_vocab=list(range(100, 400)))
+    heads = load_heads(tmp_path, 16)
+    with pytest.raises(HeadsFormatError, match="proposal vocabulary holds token 399"):
+        heads.topk(torch.randn(1, 16), torch.nn.Linear(16, 300, bias=False), 10)

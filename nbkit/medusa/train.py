@@ -172,6 +172,8 @@ def acceptance_table(f: Features, heads: MedusaHeads, lm_head, batch_size: int =
     """
     n = len(f.next_tokens)
     weight = lm_head.weight.detach().to(torch.bfloat16)
+    bf16_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16)
+    bf16_head.weight.data = weight
     n_heads = heads.n_heads
     hits = torch.zeros(n_heads, TOPK)
     trials = torch.zeros(n_heads)
@@ -182,11 +184,13 @@ def acceptance_table(f: Features, heads: MedusaHeads, lm_head, batch_size: int =
         idx = torch.arange(s, min(s + batch_size, n))
         h = f.hidden[idx].float()
         alive = torch.ones(len(idx), dtype=torch.bool)  # all previous depths matched
-        for k, head in enumerate(heads.heads):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cands = heads.topk(h, bf16_head, TOPK)  # [B, heads, k], from the proposal vocabulary if any
+        for k in range(n_heads):
             tgt, valid = head_targets(f, idx, k)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 actual = (f.hidden[tgt] @ weight.T).float().argmax(-1)
-                cand = (head(h).to(torch.bfloat16) @ weight.T).float().topk(TOPK, -1).indices
+            cand = cands[:, k]
             match = cand == actual[:, None]  # [B, TOPK]
             top1[k] += (match[:, 0] & valid).sum()
             topk_hits[k] += (match.any(-1) & valid).sum()
@@ -260,7 +264,7 @@ def _cmd_train(args) -> int:
                    trained_by="python -m nbkit train-heads " + " ".join(
                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                        if k in ("n_heads", "n_layers", "epochs", "lr", "batch_size", "limit") and v is not None),
-                   train_positions=len(f.next_tokens))
+                   train_positions=len(f.next_tokens), proposal_vocab=active_vocab(f).tolist())
     if "eval" in stages:
         from .heads import load_heads
 
