@@ -221,6 +221,18 @@ def test_adaptive_policy_follows_the_cost_model(model, oracle):
     assert engine.policy.choose(n_rows=16, n_speculative=16).size < engine.policy.choose(1, 1).size
 
 
+def test_heads_cost_is_priced_by_the_rows_that_run_them(model, oracle):
+    """Heads measured at 1 and 16 rows: one request pays the 1-row price, not the 16-row one."""
+    costs = CostModel({1: 0.010, 2: 0.0115, 4: 0.013, 64: 0.04}, heads_cost={1: 0.001, 16: 0.016}, ema=0.0)
+    assert costs.heads(1) == 0.001 and abs(costs.heads(16) - 0.016) < 1e-9
+    assert abs(costs.heads(8) - 0.008) < 1e-9 and costs.heads(32) > costs.heads(16)
+    engine = make_engine(model, oracle, speculation="adaptive", cost_model=costs)
+    assert engine.policy.choose(n_rows=1, n_speculative=1).size > 1  # a small tree pays at 1 row
+    priced_at_16 = CostModel(costs.points, heads_cost=0.016, ema=0.0)
+    engine = make_engine(model, oracle, speculation="adaptive", cost_model=priced_at_16)
+    assert engine.policy.choose(n_rows=1, n_speculative=1).size == 1  # it would not at the 16-row price
+
+
 def test_threaded_engine_streams_to_asyncio(model, refs, oracle):
     engine = make_engine(model, oracle, speculation="adaptive").start()
     try:

@@ -30,11 +30,13 @@ class CostModel:
     times the engine observes (exponential moving average per power-of-two bucket).
     """
 
-    def __init__(self, points: dict[int, float], heads_cost: float = 0.0, ema: float = 0.1):
+    def __init__(self, points: dict[int, float], heads_cost: float | dict[int, float] = 0.0, ema: float = 0.1):
         if not points:
             raise ValueError("a cost model needs at least one measured point")
         self.points = dict(sorted(points.items()))
-        self.heads_cost = heads_cost  # seconds for one heads call (all rows)
+        # seconds for one heads call: a constant, or measured {rows: seconds} (1 row costs less than 16)
+        self.heads_points = dict(sorted(heads_cost.items())) if isinstance(heads_cost, dict) else {1: heads_cost}
+        self.heads_cost = max(self.heads_points.values())
         self.ema = ema
         self.measured: dict[tuple[int, int], float] = {}  # (rows, tokens per row) -> seconds, from real steps
         self._lock = threading.Lock()
@@ -43,6 +45,15 @@ class CostModel:
         """Seconds for a step of n_rows x per_row tokens: measured for that shape if it has run
         (16 rows x 2 tokens costs more than 1 row x 32), else the calibrated curve."""
         return self.measured.get((n_rows, per_row)) or self(n_rows * per_row)
+
+    def heads(self, n_rows: int) -> float:
+        """Seconds for the heads on n_rows hidden states (linear between the measured row counts)."""
+        xs, ys = list(self.heads_points), list(self.heads_points.values())
+        if len(xs) == 1 or n_rows <= xs[0]:
+            return ys[0]
+        i = min(max(bisect.bisect_left(xs, n_rows), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(0.0, y0 + (y1 - y0) * (n_rows - x0) / (x1 - x0))
 
     @classmethod
     def from_function(cls, fn: Callable[[int], float], heads_cost: float = 0.0, max_tokens: int = 1024) -> CostModel:
@@ -182,7 +193,7 @@ class SpeculationPolicy:
             for tree, expected in self.candidates():
                 if self.max_leaves is not None and tree.size > 1 and n_speculative * tree.n_leaves > self.max_leaves:
                     continue
-                seconds = self.cost.step(n_rows, tree.size) + (self.cost.heads_cost if tree.size > 1 else 0.0)
+                seconds = self.cost.step(n_rows, tree.size) + (self.cost.heads(n_speculative) if tree.size > 1 else 0.0)
                 rate = (n_speculative * expected + (n_rows - n_speculative)) / seconds
                 if rate > best_rate:
                     best, best_rate = tree, rate

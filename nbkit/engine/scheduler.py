@@ -301,7 +301,7 @@ class Engine:
         every = PROBE_EVERY
         if self.cost_model is not None and self.cost_model.heads_cost > 0:
             step = max(self.cost_model(len(self.active)), 1e-6)
-            every = max(PROBE_EVERY, round(100 * self.cost_model.heads_cost / step))
+            every = max(PROBE_EVERY, round(100 * self.cost_model.heads(len(self.active)) / step))
         return self.counters["steps"] % every == 0
 
     def _head_topk(self, requests: list[Request]) -> dict[int, torch.Tensor]:
@@ -482,15 +482,19 @@ def calibrate(runner, heads: MedusaHeads | None, max_batch: int, max_tree: int =
                 times.append(time.perf_counter() - t0)
             points[n] = sorted(times[1:])[len(times[1:]) // 2]
             n *= 2
-        heads_cost = 0.0
+        heads_cost: dict[int, float] = {}
         if heads is not None:
-            hidden = torch.zeros(max_batch, heads.hidden_size, dtype=runner.dtype, device=runner.device)
-            heads.topk(hidden, runner.lm_head, TOPK)
-            t0 = time.perf_counter()
-            heads.topk(hidden, runner.lm_head, TOPK)
-            heads_cost = time.perf_counter() - t0
+            for rows in sorted({1, max_batch}):
+                hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
+                times = []
+                for _ in range(repeats + 2):
+                    t0 = time.perf_counter()
+                    heads.topk(hidden, runner.lm_head, TOPK)
+                    times.append(time.perf_counter() - t0)
+                heads_cost[rows] = sorted(times[1:])[len(times[1:]) // 2]
     finally:
         for s in slots:
             runner.free(s)
-    log.info("cost model: %s, heads %.4f s", {k: round(v, 4) for k, v in points.items()}, heads_cost)
-    return CostModel(points, heads_cost)
+    log.info("cost model: %s, heads %s", {k: round(v, 4) for k, v in points.items()},
+             {k: round(v, 4) for k, v in heads_cost.items()})
+    return CostModel(points, heads_cost or 0.0)
