@@ -131,3 +131,22 @@ def test_proposal_vocabulary_beyond_the_model_vocabulary_is_a_clear_error(tmp_pa
     heads = load_heads(tmp_path, 16)
     with pytest.raises(HeadsFormatError, match="proposal vocabulary holds token 399"):
         heads.topk(torch.randn(1, 16), torch.nn.Linear(16, 300, bias=False), 10)
+
+
+def test_int8_cpu_lm_head_slices_to_the_proposal_vocabulary(tmp_path):
+    from nbkit.engine.llamacpp_runner import Int8LmHead
+
+    torch.manual_seed(0)
+    hidden, vocab = 32, 500
+    dense = torch.nn.Linear(hidden, vocab, bias=False)
+    int8 = Int8LmHead(dense)
+    heads = MedusaHeads(hidden, 2)
+    allowed = list(range(1, vocab, 2))
+    save_heads(heads, tmp_path, proposal_vocab=allowed)
+    loaded = load_heads(tmp_path, hidden)
+    x = torch.randn(3, hidden)
+    top = loaded.topk(x, int8, 10)
+    assert set(top.flatten().tolist()) <= set(allowed)
+    # the int8 slice ranks like the dense fp32 slice (rounding may swap near-ties only)
+    exact = loaded.topk(x, dense, 10)
+    assert (top[..., :3] == exact[..., :3]).float().mean() > 0.8

@@ -149,6 +149,9 @@ class Int8LmHead(nn.Module):
         super().__init__()
         import warnings
 
+        self.out_features = dense.out_features
+        self._dense_weight = dense.weight.detach()  # kept (shared, not copied) for sliced()
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.ao.quantization announces its own deprecation
@@ -161,6 +164,13 @@ class Int8LmHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden.to(self.cast)).float()
+
+    def sliced(self, rows: torch.Tensor) -> Int8LmHead:
+        """The same kind of lm_head over a subset of the vocabulary (the heads' proposal vocabulary)."""
+        weight = self._dense_weight.float()[rows]
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        dense.weight.data = weight.contiguous()
+        return Int8LmHead(dense)
 
 
 class _Batch:

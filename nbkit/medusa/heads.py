@@ -45,7 +45,7 @@ class MedusaHeads(nn.Module):
         # actually produces): a 576 x 10k slice of the lm_head instead of 576 x 49k makes the heads
         # ~4x cheaper per step on a CPU. Proposals only: verification still scores the full vocabulary.
         self.proposal_vocab: torch.Tensor | None = None
-        self._proposal_weight: tuple[tuple, torch.Tensor] | None = None
+        self._proposal_weight: tuple[nn.Module, tuple[torch.Tensor, nn.Module]] | None = None
         self.heads = nn.ModuleList()
         for _ in range(n_heads):
             layers: list[nn.Module] = [ResBlock(hidden_size) for _ in range(n_layers)]
@@ -75,23 +75,32 @@ class MedusaHeads(nn.Module):
             h = torch.stack([head(hidden) for head in self.heads], dim=1)  # [N, heads, H]
             if self.proposal_vocab is None:
                 return lm_head(h).topk(k, dim=-1).indices
-            vocab, weight = self._proposal(lm_head.weight)
-            return vocab[(h @ weight.T).topk(k, dim=-1).indices]
+            vocab, head = self._proposal(lm_head)
+            return vocab.to(h.device)[head(h).topk(k, dim=-1).indices]
         else:
             logits = self.forward(hidden).transpose(0, 1)
         return logits.topk(k, dim=-1).indices
 
 
-    def _proposal(self, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(proposal ids, lm_head rows for them), sliced once per lm_head weight."""
-        key = (full.data_ptr(), full.device, full.dtype)
-        if self._proposal_weight is None or self._proposal_weight[0] != key:
-            vocab = self.proposal_vocab.to(full.device)
-            if len(vocab) and int(vocab.max()) >= full.shape[0]:
+    def _proposal(self, lm_head: nn.Module) -> tuple[torch.Tensor, nn.Module]:
+        """(proposal ids, an lm_head over just those rows), built once per lm_head.
+
+        An nn.Linear is sliced; another module may offer `sliced(ids)` (the int8 CPU lm_head does)."""
+        if self._proposal_weight is None or self._proposal_weight[0] is not lm_head:
+            n_vocab = getattr(lm_head, "out_features", None)
+            vocab = self.proposal_vocab
+            if n_vocab is not None and len(vocab) and int(vocab.max()) >= n_vocab:
                 raise HeadsFormatError(f"proposal vocabulary holds token {int(vocab.max())}, but the base "
-                                       f"model's vocabulary has {full.shape[0]} tokens")
-            self._proposal_weight = (key, (vocab, full.detach()[vocab].contiguous()))
-        return self._proposal_weight[1]
+                                       f"model's vocabulary has {n_vocab} tokens")
+            if hasattr(lm_head, "sliced"):
+                head = lm_head.sliced(vocab)
+            else:
+                weight = lm_head.weight.detach()
+                head = nn.Linear(weight.shape[1], len(vocab), bias=False, device=weight.device, dtype=weight.dtype)
+                head.weight.data = weight[vocab.to(weight.device)].contiguous()
+            self._proposal_weight = (lm_head, (vocab, head))
+        vocab, head = self._proposal_weight[1]
+        return vocab, head
 
 
 class HeadsFormatError(ValueError):
