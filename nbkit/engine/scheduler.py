@@ -454,44 +454,47 @@ def _eos_ids(tokenizer, runner) -> set[int]:
     return ids
 
 
-def calibrate(runner, heads: MedusaHeads | None, max_batch: int, max_tree: int = 64, repeats: int = 2,
+def calibrate(runner, heads: MedusaHeads | None, max_batch: int, max_tree: int = 64, repeats: int = 5,
               max_tokens: int | None = None) -> CostModel:
-    """Time real verification passes for 1, 2, 4, ... tokens (rows of up to `max_tree` tokens).
+    """Time real verification passes for 1, 2, 3, 4, 8, ... tokens (rows of up to `max_tree` tokens).
 
-    On a CPU the cost is close to linear past a few hundred tokens, so points stop at 256 (the model
-    extrapolates and the engine corrects it online from real steps); on a GPU they go to 1024.
+    The sizes are timed in interleaved rounds and each keeps its median, so a burst of load from
+    elsewhere on the machine does not make one size look dear (small sizes decide whether a short
+    chain pays at all). On a CPU the cost is close to linear past a few hundred tokens, so points stop
+    at 256 (the model extrapolates and the engine corrects it online from real steps); on a GPU at 1024.
     """
     if max_tokens is None:
         max_tokens = 1024 if str(runner.device).startswith("cuda") else 256
+    sizes = [1, 2, 3] + [n for n in (2 ** i for i in range(2, 16)) if n <= min(max_batch * max_tree, max_tokens)]
     slots = []
-    points: dict[int, float] = {}
+    times: dict[int, list[float]] = {n: [] for n in sizes}
     try:
-        n = 1
-        while n <= max_batch * max_tree and n <= max_tokens:
+        shapes = {}
+        for n in sizes:
             rows = max(1, -(-n // max_tree))
-            per_row = n // rows
             while len(slots) < rows:
                 slot = runner.alloc()
                 runner.prefill({slot: [1] * 64})
                 slots.append(slot)
-            inputs = [TreeInput(s, chain(per_row - 1), [1] * per_row) for s in slots[:rows]]
-            times = []
-            for _ in range(repeats + 1):
+            shapes[n] = [TreeInput(s, chain(n // rows - 1), [1] * (n // rows)) for s in slots[:rows]]
+        for n in sizes:  # warm-up
+            runner.verify(shapes[n])
+        for _ in range(repeats):
+            for n in sizes:
                 t0 = time.perf_counter()
-                runner.verify(inputs)
-                times.append(time.perf_counter() - t0)
-            points[n] = sorted(times[1:])[len(times[1:]) // 2]
-            n *= 2
+                runner.verify(shapes[n])
+                times[n].append(time.perf_counter() - t0)
+        points = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
         heads_cost: dict[int, float] = {}
         if heads is not None:
             for rows in sorted({1, max_batch}):
                 hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
-                times = []
-                for _ in range(repeats + 2):
+                runs = []
+                for _ in range(repeats + 1):
                     t0 = time.perf_counter()
                     heads.topk(hidden, runner.lm_head, TOPK)
-                    times.append(time.perf_counter() - t0)
-                heads_cost[rows] = sorted(times[1:])[len(times[1:]) // 2]
+                    runs.append(time.perf_counter() - t0)
+                heads_cost[rows] = sorted(runs[1:])[len(runs[1:]) // 2]
     finally:
         for s in slots:
             runner.free(s)
