@@ -261,7 +261,10 @@ class TorchRunner:
         allowed.scatter_(2, cols[:, None, :].expand(b, q, q), tree_mask)
         ctx = _ForwardContext(slice(0, b), torch.arange(b, device=self.device), cols, kv_len,
                               _same_cols([self.lengths[it.slot] for it in items], q))
-        hidden = self._forward(ids, positions, self._float_mask(allowed[:, None]), ctx)
+        # One new token per row and equal lengths: every row sees its whole prefix, so no mask at all
+        # (SDPA then takes its unmasked kernel; the common batch-1 decoding step).
+        mask = None if q == 1 and ctx.same_cols is not None else self._float_mask(allowed[:, None])
+        hidden = self._forward(ids, positions, mask, ctx)
         sizes = [it.tree.size for it in items]
         valid = torch.cat([hidden[i, :t] for i, t in enumerate(sizes)])
         logits = self.lm_head(valid).float().split(sizes)
