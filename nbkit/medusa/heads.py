@@ -206,14 +206,15 @@ def read_proposal_vocab(path: Path) -> torch.Tensor:
     return torch.tensor(sorted(set(ids)), dtype=torch.long)
 
 
-def save_heads(heads: MedusaHeads, out_dir: str | Path, proposal_vocab: list[int] | None = None, **config) -> Path:
+def save_heads(heads: MedusaHeads, out_dir: str | Path, proposal_vocab: list[int] | None = None,
+               dtype: torch.dtype = torch.float32, **config) -> Path:
     """Save in the shared-lm_head (or own-lm_head) safetensors format with a small config.json
     (and, for shared-format heads, optionally the proposal vocabulary)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in heads.heads.state_dict().items()}
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in heads.heads.state_dict().items()}
     save_file(state, str(out / SAFETENSORS_FILE))
     meta = {"medusa_num_heads": heads.n_heads, "medusa_num_layers": heads.n_layers,
             "hidden_size": heads.hidden_size, "shared_lm_head": heads.shared_lm_head, **config}

@@ -215,10 +215,10 @@ def register_cli(sub) -> None:
     p.add_argument("--out", default=None, help="heads output folder (default: the shipped embedded heads)")
     p.add_argument("--stages", default="generate,features,train,eval")
     p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--n-layers", type=int, default=1)
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--limit", type=int, default=None,
                    help="use only the N training prompts with the shortest chat prompts (generation order)")
@@ -264,7 +264,8 @@ def _cmd_train(args) -> int:
                    trained_by="python -m nbkit train-heads " + " ".join(
                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                        if k in ("n_heads", "n_layers", "epochs", "lr", "batch_size", "limit") and v is not None),
-                   train_positions=len(f.next_tokens), proposal_vocab=active_vocab(f).tolist())
+                   train_positions=len(f.next_tokens), proposal_vocab=active_vocab(f).tolist(),
+                   dtype=torch.bfloat16)  # bf16 like the upstream checkpoints: half the bytes in the repo
     if "eval" in stages:
         from .heads import load_heads
 
