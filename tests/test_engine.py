@@ -233,6 +233,19 @@ def test_heads_cost_is_priced_by_the_rows_that_run_them(model, oracle):
     assert engine.policy.choose(n_rows=1, n_speculative=1).size == 1  # it would not at the 16-row price
 
 
+def test_policy_wants_a_clear_gain_before_it_speculates():
+    """A tree predicted 3% faster than no speculation is not worth the estimation error; 15% is."""
+    from nbkit.engine.policy import AcceptanceStats, SpeculationPolicy
+    from nbkit.medusa.trees import get_tree
+
+    q = [[0.5] + [0.0] * 9] + [[0.0] * 10] * 3  # head 0's top-1 is right half the time, nothing else is
+    stats = AcceptanceStats(4, measured=q)
+    for two_tokens, speculates in ((0.0146, False), (0.013, True)):  # 1.5 tokens for 1.46x / 1.3x the time
+        costs = CostModel({1: 0.010, 2: two_tokens, 4: 0.05}, ema=0.0)
+        policy = SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, costs)
+        assert (policy.choose(1, 1).size > 1) == speculates
+
+
 def test_threaded_engine_streams_to_asyncio(model, refs, oracle):
     engine = make_engine(model, oracle, speculation="adaptive").start()
     try:
