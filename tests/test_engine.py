@@ -280,3 +280,16 @@ def test_dead_engine_fails_fast(model):
     with pytest.raises(EngineStopped):
         engine.submit([1, 2, 3], SamplingParams(max_tokens=5))
     assert not engine.alive
+
+
+def test_cost_model_interpolates_between_measured_row_counts():
+    costs = CostModel({1: 0.01, 32: 0.02}, ema=0.1)
+    costs.measured.update({(1, 2): 0.012, (16, 2): 0.060})
+    assert abs(costs.step(6, 2) - (0.012 + 0.048 * 5 / 15)) < 1e-9  # between 1 and 16 rows
+    assert costs.step(16, 2) == 0.060
+    assert abs(costs.step(20, 2) - costs(40)) < 1e-9  # outside the measured rows: the curve
+    version = costs.version
+    costs.observe(8, 0.05, n_rows=8)  # a first measurement of (8, 1) makes cached choices stale
+    assert costs.version == version + 1
+    costs.observe(8, 0.05, n_rows=8)
+    assert costs.version == version + 1

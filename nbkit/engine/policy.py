@@ -39,12 +39,23 @@ class CostModel:
         self.heads_cost = max(self.heads_points.values())
         self.ema = ema
         self.measured: dict[tuple[int, int], float] = {}  # (rows, tokens per row) -> seconds, from real steps
+        self.version = 0  # bumped when a shape is measured for the first time (cached choices go stale)
         self._lock = threading.Lock()
 
     def step(self, n_rows: int, per_row: int) -> float:
         """Seconds for a step of n_rows x per_row tokens: measured for that shape if it has run
         (16 rows x 2 tokens costs more than 1 row x 32), else the calibrated curve."""
-        return self.measured.get((n_rows, per_row)) or self(n_rows * per_row)
+        known = self.measured.get((n_rows, per_row))
+        if known is not None:
+            return known
+        # Between two measured row counts with the same tokens per row: interpolate in rows.
+        rows = sorted(r for r, t in list(self.measured) if t == per_row)
+        below, above = [r for r in rows if r < n_rows], [r for r in rows if r > n_rows]
+        if below and above:
+            r0, r1 = below[-1], above[0]
+            y0, y1 = self.measured[(r0, per_row)], self.measured[(r1, per_row)]
+            return y0 + (y1 - y0) * (n_rows - r0) / (r1 - r0)
+        return self(n_rows * per_row)
 
     def heads(self, n_rows: int) -> float:
         """Seconds for the heads on n_rows hidden states (linear between the measured row counts)."""
@@ -80,6 +91,8 @@ class CostModel:
             with self._lock:
                 old = self.measured.get(key)
                 self.measured[key] = seconds if old is None else (1 - 2 * self.ema) * old + 2 * self.ema * seconds
+                if old is None:
+                    self.version += 1
         bucket = min(self.points, key=lambda x: abs(math.log2(x) - math.log2(n_tokens)))
         scaled = seconds * self(bucket) / max(self(n_tokens), 1e-9)
         with self._lock:
@@ -178,6 +191,7 @@ class SpeculationPolicy:
         # on a CPU a step is ~20-30 ms, and pricing every candidate each step would be ~1% of it.
         self._memo: dict[tuple[int, int], MedusaTree] = {}
         self._memo_age = 0
+        self._memo_version = -1
         self.last_choice = self.none
         self.choices: dict[str, int] = {}
 
@@ -209,9 +223,10 @@ class SpeculationPolicy:
         """The candidate with the most expected tokens per second, reused for RECHOOSE_EVERY steps."""
         candidates = self.candidates()
         self._memo_age += 1
-        if self._memo_age >= RECHOOSE_EVERY:
+        if self._memo_age >= RECHOOSE_EVERY or self._memo_version != self.cost.version:
             self._memo.clear()
             self._memo_age = 0
+            self._memo_version = self.cost.version
         key = (n_rows, n_speculative)
         if key not in self._memo:
             best, best_rate = self.none, -1.0

@@ -488,6 +488,23 @@ def calibrate(runner, heads: MedusaHeads | None, max_batch: int, max_tree: int =
                 runner.verify(shapes[n])
                 times[n].append(time.perf_counter() - t0)
         points = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
+        # Full batches of short trees (what the policy weighs under load): 16 rows x 2 tokens costs
+        # more than 1 row x 32, so these shapes are timed as they are.
+        rows_shapes: dict[tuple[int, int], list[float]] = {}
+        if max_batch > 1:
+            while len(slots) < max_batch:
+                slot = runner.alloc()
+                runner.prefill({slot: [1] * 64})
+                slots.append(slot)
+            for per_row in (1, 2, 3, 4):
+                batch = [TreeInput(s, chain(per_row - 1), [1] * per_row) for s in slots[:max_batch]]
+                runner.verify(batch)
+                runs = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    runner.verify(batch)
+                    runs.append(time.perf_counter() - t0)
+                rows_shapes[(max_batch, per_row)] = sorted(runs)[len(runs) // 2]
         heads_cost: dict[int, float] = {}
         if heads is not None:
             for rows in sorted({1, max_batch}):
@@ -503,4 +520,7 @@ def calibrate(runner, heads: MedusaHeads | None, max_batch: int, max_tree: int =
             runner.free(s)
     log.info("cost model: %s, heads %s", {k: round(v, 4) for k, v in points.items()},
              {k: round(v, 4) for k, v in heads_cost.items()})
-    return CostModel(points, heads_cost or 0.0)
+    model = CostModel(points, heads_cost or 0.0)
+    model.measured.update({(1, n): points[n] for n in (1, 2, 3, 4) if n in points})
+    model.measured.update(rows_shapes)
+    return model
