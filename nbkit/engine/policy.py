@@ -49,38 +49,29 @@ class CostModel:
         if known is not None:
             return known
         # Between two measured row counts with the same tokens per row: interpolate in rows.
-        rows = sorted(r for r, t in list(self.measured) if t == per_row)
-        below, above = [r for r in rows if r < n_rows], [r for r in rows if r > n_rows]
-        if below and above:
-            r0, r1 = below[-1], above[0]
-            y0, y1 = self.measured[(r0, per_row)], self.measured[(r1, per_row)]
-            return y0 + (y1 - y0) * (n_rows - r0) / (r1 - r0)
+        by_rows = {r: v for (r, t), v in list(self.measured.items()) if t == per_row}
+        if by_rows and min(by_rows) < n_rows < max(by_rows):
+            return _lerp(by_rows, n_rows)
         return self(n_rows * per_row)
 
     def heads(self, n_rows: int) -> float:
         """Seconds for the heads on n_rows hidden states (linear between the measured row counts)."""
-        xs, ys = list(self.heads_points), list(self.heads_points.values())
-        if len(xs) == 1 or n_rows <= xs[0]:
-            return ys[0]
-        i = min(max(bisect.bisect_left(xs, n_rows), 1), len(xs) - 1)
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return max(0.0, y0 + (y1 - y0) * (n_rows - x0) / (x1 - x0))
+        first = min(self.heads_points)
+        if len(self.heads_points) == 1 or n_rows <= first:
+            return self.heads_points[first]
+        return max(0.0, _lerp(self.heads_points, n_rows))
 
     @classmethod
     def from_function(cls, fn: Callable[[int], float], heads_cost: float = 0.0, max_tokens: int = 1024) -> CostModel:
         return cls({n: fn(n) for n in _buckets(max_tokens)}, heads_cost, ema=0.0)
 
     def __call__(self, n_tokens: int) -> float:
-        xs = list(self.points)
-        ys = list(self.points.values())
-        if n_tokens <= xs[0]:
-            return ys[0] * n_tokens / xs[0] if xs[0] > 1 else ys[0]
-        if n_tokens >= xs[-1]:
-            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else ys[-1] / xs[-1]
-            return ys[-1] + slope * (n_tokens - xs[-1])
-        i = bisect.bisect_left(xs, n_tokens)
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0)
+        first = min(self.points)
+        if n_tokens <= first:
+            return self.points[first] * n_tokens / first if first > 1 else self.points[first]
+        if len(self.points) == 1:
+            return self.points[first] * n_tokens / first
+        return _lerp(self.points, n_tokens)
 
     def observe(self, n_tokens: int, seconds: float, n_rows: int | None = None) -> None:
         """Fold a measured step time into its shape's record and the nearest bucket of the curve."""
@@ -97,6 +88,14 @@ class CostModel:
         scaled = seconds * self(bucket) / max(self(n_tokens), 1e-9)
         with self._lock:
             self.points[bucket] = (1 - self.ema) * self.points[bucket] + self.ema * scaled
+
+
+def _lerp(points: dict[int, float], x: float) -> float:
+    """Piecewise-linear through points (>= 2), extended linearly past the last one."""
+    xs = sorted(points)
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1 = xs[i - 1], xs[i]
+    return points[x0] + (points[x1] - points[x0]) * (x - x0) / (x1 - x0)
 
 
 def _buckets(max_tokens: int) -> list[int]:
