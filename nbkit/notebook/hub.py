@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import cache_dir
-from .env import in_colab
+from .env import colab_secret, in_colab
 
 # A transformers model: config, tokenizer, weights (safetensors when the repo has them, else .bin).
 MODEL_CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
@@ -37,8 +37,9 @@ class Login:
     def __repr__(self) -> str:
         if self.logged_in:
             return f"Hugging Face: token found ({self.source}); it is not shown."
-        return ("Hugging Face: no token. Public models download without one; for gated ones add a Colab secret "
-                "HF_TOKEN (key icon on the left), or set $HF_TOKEN, or run huggingface_hub.notebook_login().")
+        return ("Hugging Face: no token, going on: public models download without one. If a repository is gated "
+                "or private, the download asks for a token then (or add a Colab secret HF_TOKEN: key icon on the "
+                "left, or set $HF_TOKEN).")
 
 
 def token_source() -> str | None:
@@ -56,17 +57,52 @@ def token_source() -> str | None:
     return "Colab secret HF_TOKEN" if in_colab() else "huggingface_hub"
 
 
-def login(interactive: bool = True) -> Login:
-    """Find a token (Colab secret HF_TOKEN, $HF_TOKEN, a saved login) or, in Colab, ask with notebook_login().
+_may_ask = True  # login(interactive=False) turns the later notebook_login() prompt off
 
-    huggingface_hub then uses the token by itself; we never print it or return it."""
+
+def login(interactive: bool = True) -> Login:
+    """Find a token (Colab secret HF_TOKEN, $HF_TOKEN, a saved login); without one, go on: it never blocks.
+
+    Public models (vicuna-7b) need no token. Only when the hub answers 401 or "gated" for a repository being
+    downloaded does `prepare` ask, with notebook_login() (see `_as_user`), if `interactive`. The token is
+    never printed."""
+    global _may_ask
+    _may_ask = interactive
     source = token_source()
-    if source is None and interactive and in_colab():
+    if source is None and (value := colab_secret("HF_TOKEN")):
+        # huggingface_hub reads Colab secrets only under Colab's own shell class; hand it the secret in-process.
+        os.environ["HF_TOKEN"] = value
+        source = "Colab secret HF_TOKEN"
+    return Login(source is not None, source or "none")
+
+
+def _needs_login(err: Exception) -> str | None:
+    """'gated' or '401' when the hub refused a download for want of a (better) token, else None."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    if isinstance(err, GatedRepoError):
+        return "gated"
+    status = getattr(getattr(err, "response", None), "status_code", None) if isinstance(err, HfHubHTTPError) else None
+    return "401" if status == 401 else None
+
+
+def _as_user(repo_id: str, call):
+    """Run a hub call; on 401/gated, in Colab, ask for a token once (notebook_login) and try again."""
+    try:
+        return call()
+    except Exception as err:  # noqa: BLE001 -- only 401/gated are handled; everything else is raised as it is
+        why = _needs_login(err)
+        if why is None:
+            raise
+        message = (f"The Hugging Face hub answered {why} for {repo_id}: it needs a token of an account that "
+                   "has access (accept the model's terms on its page if it is gated).")
+        if not (in_colab() and _may_ask):
+            raise PermissionError(f"{message} Set $HF_TOKEN or run `hf auth login`, then run again.") from err
         from huggingface_hub import notebook_login
 
-        notebook_login()  # a password widget: the token is typed, never echoed into the saved output
-        source = token_source()
-    return Login(source is not None, source or "none")
+        print(f"{message} Log in below; the token is not shown or saved in this notebook.", flush=True)
+        notebook_login(skip_if_logged_in=False)
+        return call()
 
 
 # --- the two hub calls -------------------------------------------------------------------------------
@@ -124,8 +160,8 @@ def download_model(repo_id: str, revision: str | None = None, mirror: str | os.P
     if Path(repo_id).is_dir():
         return Path(repo_id)
     m = _mirror(mirror)
-    files = model_files(_list_files(repo_id, revision, m))
-    return _download(repo_id, files, local_dir_for(repo_id), revision, m)
+    files = _as_user(repo_id, lambda: model_files(_list_files(repo_id, revision, m)))
+    return _as_user(repo_id, lambda: _download(repo_id, files, local_dir_for(repo_id), revision, m))
 
 
 def download_heads(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
@@ -133,10 +169,10 @@ def download_heads(repo_id: str, revision: str | None = None, mirror: str | os.P
     if Path(repo_id).exists():
         return Path(repo_id)
     m = _mirror(mirror)
-    files = select_files(_list_files(repo_id, revision, m), HEADS_FILES)
+    files = select_files(_as_user(repo_id, lambda: _list_files(repo_id, revision, m)), HEADS_FILES)
     if not any(f.startswith("medusa_lm_head") for f in files):
         raise FileNotFoundError(f"{repo_id} holds no medusa_lm_head.pt or medusa_lm_head.safetensors")
-    return _download(repo_id, files, local_dir_for(repo_id), revision, m)
+    return _as_user(repo_id, lambda: _download(repo_id, files, local_dir_for(repo_id), revision, m))
 
 
 @dataclass

@@ -140,4 +140,6 @@ def ensure_engine(plan, env=None):
     from .env import detect
 
     gpu = (env or detect()).gpu
+    if gpu is not None and gpu.simulated:  # $NBKIT_GPU: planned for that GPU, built for the CPU it runs on
+        gpu = None
     return install_bindings(cuda=gpu is not None, cuda_arch=gpu.arch if gpu else None)

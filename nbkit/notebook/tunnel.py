@@ -5,12 +5,14 @@
   NGROK_AUTHTOKEN or $NGROK_AUTHTOKEN, and is never printed (ngrok echoes bad tokens in its errors,
   so its log lines are silenced and our messages are scrubbed).
 - "colab": `google.colab.kernel.proxyPort`, a URL that works only for you, in your browser, while the
-  notebook is open. No account needed.
+  notebook is open. No account needed. The chat page is shown in the notebook (an iframe), and no curl or
+  openai example is printed: nothing outside your browser can use that URL.
 - "none": the local URL.
 - "auto": ngrok when a token is there, else Colab's proxy in Colab, else none.
 
-A public URL is served only with an API key: without one, `api_key_for()` makes one (kept in the cache
-so re-runs reuse it), and `open_tunnel` refuses to publish a server that answers without it.
+A public URL is served only with an API key: the one given, else the Colab secret (or $) NBKIT_API_KEY,
+else `api_key_for()` makes one (kept in the cache so re-runs reuse it), and `open_tunnel` refuses to
+publish a server that answers without it.
 Re-opening replaces the previous tunnel instead of adding a second one.
 """
 
@@ -36,6 +38,9 @@ NGROK_HELP = (
     "on https://dashboard.ngrok.com/get-started/your-authtoken) or set $NGROK_AUTHTOKEN. Without an ngrok "
     "account use provider='colab' (a URL only you can open) or provider='none'."
 )
+
+
+EVAL_JS_TIMEOUT_S = 30  # Colab's eval_js waits for the browser; a closed tab would hang the cell forever
 
 
 class TunnelError(RuntimeError):
@@ -96,8 +101,10 @@ class Tunnel:
         key_ref = "$NBKIT_API_KEY"
         lines = [f"{'Public' if self.public else 'Local'} URL ({self.provider}): {self.url}"]
         if self.provider == "colab":
-            lines.append("  This URL works only in your browser while this notebook is open; for a public API "
-                         "use provider='ngrok' with the NGROK_AUTHTOKEN secret.")
+            lines.append("  This URL works only in your browser while this notebook is open (the chat page is "
+                         "shown below). curl, openai and other machines cannot use it: for a public API use "
+                         "tunnel='ngrok' with the NGROK_AUTHTOKEN secret.")
+            return "\n".join(lines)
         if self.api_key and self.key_generated:
             lines.append(f"API key, generated for this public URL (every route but /health requires it; clear "
                          f"this output before sharing the notebook): export NBKIT_API_KEY={self.api_key}")
@@ -176,7 +183,9 @@ def resolve_provider(provider: str, token: str | None = None) -> str:
 
 
 def api_key_for(provider: str = "auto", api_key: str | None = None, ngrok_authtoken: str | None = None) -> str | None:
-    """The key the server must require: the one given, or for a public URL a generated one (reused on re-runs)."""
+    """The key the server must require: the one given, the Colab secret (or $) NBKIT_API_KEY, or for a public
+    URL a generated one (reused on re-runs)."""
+    api_key = api_key or secret("NBKIT_API_KEY")[0]
     if api_key:
         return api_key
     if resolve_provider(provider, ngrok_authtoken) != "ngrok":
@@ -245,7 +254,19 @@ def _open_colab(port: int) -> str:
         raise TunnelError("provider='colab' works only inside Google Colab; use 'ngrok' or 'none' here.")
     from google.colab.output import eval_js  # type: ignore[import-not-found]
 
-    return str(eval_js(f"google.colab.kernel.proxyPort({port})")).rstrip("/")
+    try:
+        url = eval_js(f"google.colab.kernel.proxyPort({port})", timeout_sec=EVAL_JS_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 -- Colab raises its own TimeoutException when the browser does not answer
+        raise TunnelError(f"Colab's proxy did not answer within {EVAL_JS_TIMEOUT_S} s ({type(err).__name__}): is "
+                          "this notebook open in a browser tab? Or use tunnel='ngrok' or 'none'.") from None
+    return str(url).rstrip("/")
+
+
+def show_colab_page(port: int, path: str = "/", height: int = 560) -> None:
+    """Show the server's page (the chat page at /) inside the notebook, through Colab's proxy."""
+    from google.colab.output import serve_kernel_port_as_iframe  # type: ignore[import-not-found]
+
+    serve_kernel_port_as_iframe(port, path=path, height=height)
 
 
 def open_tunnel(
@@ -279,6 +300,8 @@ def open_tunnel(
     _current = tunnel
     if show:
         print(tunnel.usage())
+        if chosen == "colab":
+            show_colab_page(port)
     return tunnel
 
 
