@@ -68,8 +68,11 @@ class Tunnel:
         request = urllib.request.Request(
             f"{base}/generate", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **self.headers}, method="POST")
-        with urllib.request.urlopen(request, timeout=600) as r:
-            answer = json.load(r)
+        try:
+            with urllib.request.urlopen(request, timeout=600) as r:
+                answer = json.load(r)
+        except urllib.error.HTTPError as err:  # the server's own words, not urllib's traceback
+            raise RuntimeError(f"POST /generate answered {err.code}: {err.read().decode(errors='replace')}") from None
         extra = {k: v for k, v in answer.items() if k != "response"}
         print(answer["response"].strip())
         if extra:
