@@ -37,10 +37,10 @@ SECRETS = {"HF_TOKEN": "hf_colabfake_91c3e2b7aa", "NGROK_AUTHTOKEN": "2fakeNgrok
            "NBKIT_API_KEY": "nbk-colab-fake-key-7d1f0a"}
 GPUS = {"t4": "Tesla T4, 15360, 15095, 7.5", "a100": "NVIDIA A100-SXM4-40GB, 40960, 40339, 8.0"}
 ENGINES = {"t4": "llamacpp", "a100": "torch"}
-PROMPT = "The cat sat in the garden and"
+PROMPT = "Once upon a time there was"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-MAX_TOKENS = 24
+MAX_TOKENS = 32
 # Run after the notebook's own cells, in the same kernel: where its server listens and which nbkit it runs.
 AFTER = "import nbkit\nprint(public.local_url, nbkit.__file__)"
 
