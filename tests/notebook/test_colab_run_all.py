@@ -185,14 +185,18 @@ def reference_gguf(mirror: Path, home: Path) -> Path:
 
 
 # --- what is checked over HTTP while the notebook's server runs -----------------------------------------
-def check_server(url: str, plan: str, mirror: Path, home: Path) -> dict:
+def reference(plan: str, mirror: Path, home: Path) -> tuple[list[int], list[int]]:
+    """(ids of <s> + PROMPT, plain greedy continuation) with the plan's engine kind."""
     tok = _tokenizer(mirror)
     ids = tok(PROMPT)["input_ids"]
     assert ids[0] == tok.bos_token_id == 1
     if ENGINES[plan] == "torch":
-        want = torch_greedy(mirror, ids, MAX_TOKENS)
-    else:
-        want = llamacpp_greedy(reference_gguf(mirror, home), ids, MAX_TOKENS)
+        return ids, torch_greedy(mirror, ids, MAX_TOKENS)
+    return ids, llamacpp_greedy(reference_gguf(mirror, home), ids, MAX_TOKENS)
+
+
+def check_server(url: str, mirror: Path, ids: list[int], want: list[int]) -> dict:
+    tok = _tokenizer(mirror)
     expected = tok.decode(want, skip_special_tokens=True)
     headers = {"Authorization": f"Bearer {SECRETS['NBKIT_API_KEY']}"}
     with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
@@ -203,7 +207,7 @@ def check_server(url: str, plan: str, mirror: Path, home: Path) -> dict:
             assert r.status_code == 200, r.text
             answers[name] = r.json()
         for name, got in answers.items():
-            assert got["response"] == expected, f"{plan} /generate ({name}) differs from plain greedy of <s> + prompt"
+            assert got["response"] == expected, f"/generate ({name}) differs from plain greedy of <s> + prompt"
             assert (got["prompt_tokens"], got["completion_tokens"]) == (len(ids), len(want)), name
         assert answers["medusa"]["steps"] < answers["plain"]["steps"], "the heads' tree was accepted at least once"
 
@@ -219,7 +223,8 @@ def check_server(url: str, plan: str, mirror: Path, home: Path) -> dict:
         assert completion.status_code == 200, completion.text
         assert chat.json()["usage"]["prompt_tokens"] == len(rendered)
         assert chat.json()["choices"][0]["message"]["content"] == completion.json()["choices"][0]["text"]
-    return answers
+    # What must not change across a restart (steps of adaptive speculation may: they follow timings).
+    return {name: (got["response"], got["prompt_tokens"], got["completion_tokens"]) for name, got in answers.items()}
 
 
 def _colab_calls(home: Path) -> list[dict]:
@@ -241,9 +246,10 @@ def test_run_all_as_colab_twice(plan, mirror, repository, llama_cpp_source, tmp_
     # shared cache): the notebook's build step must find and reuse it, not compile for minutes.
     (home / "cache" / "llama-cpp").symlink_to(llama_cpp_source, target_is_directory=True)
     env = _kernel_env(home, mirror, repository, GPUS[plan], _free_port())
+    ids, want = reference(plan, mirror, home)
     seen: list[dict] = []
 
-    first = run_all(home, env, lambda url: seen.append(check_server(url, plan, mirror, home)))
+    first = run_all(home, env, lambda url: seen.append(check_server(url, mirror, ids, want)))
     files = _snapshot(home / "cache")
     assert any(f.endswith("pytorch_model-00002-of-00002.bin") for f in files)
     assert any(f.endswith("medusa_lm_head.pt") for f in files)
@@ -252,7 +258,7 @@ def test_run_all_as_colab_twice(plan, mirror, repository, llama_cpp_source, tmp_
         assert len(ggufs) == 1 and ggufs[0].lower().endswith("vicuna-7b-v1.3.q8_0.gguf"), files
 
     # Runtime > Restart session, then Run all again in the same /content.
-    second = run_all(home, env, lambda url: seen.append(check_server(url, plan, mirror, home)))
+    second = run_all(home, env, lambda url: seen.append(check_server(url, mirror, ids, want)))
     assert _snapshot(home / "cache") == files, "the second Run all downloaded or converted again"
     assert seen[0] == seen[1]
 
