@@ -12,8 +12,12 @@ What makes the kernel Colab's (see fake_colab/):
 
 Each plan runs all cells, then the kernel is restarted and Run all runs again in the same directory: it
 must pass again (after a restart /content/nbkit is found as an empty namespace package) and reuse what
-the first run downloaded, built and converted. One parameter differs from the defaults: TUNNEL is "colab"
-(Colab's proxy, faked here), since ngrok cannot be reached from CI; the ngrok token is still a secret.
+the first run downloaded, built and converted.
+
+Parameters other than the defaults: TUNNEL is "colab" (Colab's proxy, faked here), since ngrok cannot be
+reached from CI (the ngrok token is still a secret); PORT is a free one. On the T4, ENGINE and QUANTIZATION
+are set to what "auto" chooses there for the real vicuna-7b (asserted below): the miniature itself is so
+small that a plan sized from its own config.json would serve it in f16 with torch on any GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ SECRETS = {"HF_TOKEN": "hf_colabfake_91c3e2b7aa", "NGROK_AUTHTOKEN": "2fakeNgrok
            "NBKIT_API_KEY": "nbk-colab-fake-key-7d1f0a"}
 GPUS = {"t4": "Tesla T4, 15360, 15095, 7.5", "a100": "NVIDIA A100-SXM4-40GB, 40960, 40339, 8.0"}
 ENGINES = {"t4": "llamacpp", "a100": "torch"}
+PARAMS = {"t4": {"NBKIT_ENGINE": "llamacpp", "NBKIT_QUANTIZATION": "q8_0"}, "a100": {}}
 PROMPT = "Once upon a time there was"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -68,7 +73,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kernel_env(home: Path, mirror: Path, repository: str, gpu: str, port: int) -> dict[str, str]:
+def _kernel_env(home: Path, mirror: Path, repository: str, plan: str, port: int) -> dict[str, str]:
     """The kernel's environment: this machine's, minus nbkit's own settings and secrets, plus Colab's."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("NBKIT_", "HF_", "HUGGING_FACE", "PYTEST_", "JPY_")) and k not in SECRETS
@@ -79,8 +84,8 @@ def _kernel_env(home: Path, mirror: Path, repository: str, gpu: str, port: int) 
         "FAKE_COLAB_SECRETS": str(home / "secrets.json"), "FAKE_COLAB_LOG": str(home / "colab.log"),
         "NBKIT_GIT": repository, "NBKIT_CHECKOUT": str(home / "content" / "nbkit"),
         "NBKIT_CACHE_DIR": str(home / "cache"), "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1",
-        "NBKIT_HUB_MIRROR": str(mirror), "NBKIT_GPU": gpu, "NBKIT_TUNNEL": "colab", "NBKIT_PORT": str(port),
-        "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
+        "NBKIT_HUB_MIRROR": str(mirror), "NBKIT_GPU": GPUS[plan], "NBKIT_TUNNEL": "colab", "NBKIT_PORT": str(port),
+        "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1", **PARAMS[plan],
     })
     return env
 
@@ -232,6 +237,18 @@ def _colab_calls(home: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
+def test_the_t4_parameters_are_what_auto_chooses_for_vicuna_7b():
+    from nbkit.notebook.env import Environment, resolve_plan, simulated_gpus
+
+    for plan, gpu in GPUS.items():
+        facts = Environment(colab=True, python="3.12", torch=None, cuda=None, gpus=simulated_gpus(gpu))
+        chosen = resolve_plan("auto", "auto", env=facts)  # vicuna-7b's sizes: no model given
+        assert chosen.engine == ENGINES[plan]
+        if PARAMS[plan]:
+            assert (chosen.engine, chosen.quantization) == (PARAMS[plan]["NBKIT_ENGINE"],
+                                                            PARAMS[plan]["NBKIT_QUANTIZATION"])
+
+
 @pytest.fixture
 def mirror(vicuna_mirror) -> Path:
     return Path(vicuna_mirror)
@@ -245,7 +262,7 @@ def test_run_all_as_colab_twice(plan, mirror, repository, llama_cpp_source, tmp_
     # The llama.cpp build is already done on this machine (bindings in the venv, the pinned source in the
     # shared cache): the notebook's build step must find and reuse it, not compile for minutes.
     (home / "cache" / "llama-cpp").symlink_to(llama_cpp_source, target_is_directory=True)
-    env = _kernel_env(home, mirror, repository, GPUS[plan], _free_port())
+    env = _kernel_env(home, mirror, repository, plan, _free_port())
     ids, want = reference(plan, mirror, home)
     seen: list[dict] = []
 
