@@ -102,7 +102,8 @@ class Tunnel:
     def usage(self) -> str:
         """How to call the API: curl and the openai client. Shows a key only if we generated it."""
         key_ref = "$NBKIT_API_KEY"
-        lines = [f"{'Public' if self.public else 'Local'} URL ({self.provider}): {self.url}"]
+        kind = "Public" if self.public else "Private" if self.provider == "colab" else "Local"
+        lines = [f"{kind} URL ({self.provider}): {self.url}"]
         if self.provider == "colab":
             lines.append("  This URL works only in your browser while this notebook is open (the chat page is "
                          "shown below). curl, openai and other machines cannot use it: for a public API use "

@@ -27,7 +27,8 @@ def serve_kernel_port_as_iframe(port: int, path: str = "/", height: int = 400, c
     from IPython.display import HTML, display
 
     url = kernel.proxyPort(port).rstrip("/") + path
-    display(HTML(f'<iframe data-fake-colab="serve_kernel_port_as_iframe" src="{url}" height="{height}"></iframe>'))
+    display(HTML(f'<div data-fake-colab="serve_kernel_port_as_iframe"><iframe src="{url}" height="{height}">'
+                 "</iframe></div>"))
 
 
 def serve_kernel_port_as_window(port: int, path: str = "/", anchor_text=None):
