@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .chat_format import chat_prompt_ids, prompt_ids
 from .engine.request import SamplingParams
 from .engine.scheduler import Engine
 from .medusa.prompts import distill_prompts
@@ -102,9 +103,8 @@ def bench_prompts(tokenizer, n: int = 32, chat: bool = True) -> list[list[int]]:
     _, held_out = distill_prompts()
     picked = held_out[:n]
     if not chat:
-        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in picked]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for p in picked]
+        return [prompt_ids(tokenizer, p) for p in picked]
+    return [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}], allow_special=True) for p in picked]
 
 
 def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("off", "mc_sim_7b_63", "adaptive"),

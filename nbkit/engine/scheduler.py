@@ -163,10 +163,13 @@ class Engine:
         return handle.result()
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """A raw prompt as `tokenizer(prompt)` (BOS when the tokenizer adds one), or a one-turn chat (the chat
+        template, or vicuna's conversation without one). The caller wrote it: special tokens are real."""
+        from ..chat_format import chat_prompt_ids, prompt_ids
+
         if chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True, tokenize=True, return_dict=False)
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return chat_prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}], allow_special=True)
+        return prompt_ids(self.tokenizer, prompt)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:

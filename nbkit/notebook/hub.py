@@ -192,21 +192,28 @@ class HeadsInfo:
 
 
 def inspect_heads(heads_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> HeadsInfo:
-    """Load the heads with nbkit's loader (which counts them in the weights) and check they fit the model."""
+    """Count the heads in the weights and check they fit the model, reading only keys and shapes (the
+    checkpoint is memory-mapped): the engine loads the heads once, later, straight into its dtype."""
     import json
 
-    from ..medusa.heads import load_heads, read_state_dict
+    from ..medusa.heads import HeadsFormatError, infer_layout, read_state_dict
 
     heads_dir = Path(heads_dir)
-    hidden = None
+    state = read_state_dict(heads_dir)
+    n_heads, n_layers, own = infer_layout(state)
+    hidden = state["0.0.linear.weight"].shape[0]
     if model_dir is not None and (Path(model_dir) / "config.json").is_file():
-        hidden = json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"]
-    if hidden is None:  # the ResBlock's square weight tells the hidden size
-        hidden = read_state_dict(heads_dir)["0.0.linear.weight"].shape[0]
-    heads = load_heads(heads_dir, hidden)
-    claimed = heads.config.get("medusa_num_heads")
-    return HeadsInfo(heads_dir, heads.n_heads, heads.n_layers, not heads.shared_lm_head,
-                     int(claimed) if claimed is not None else None)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        if config.get("hidden_size") not in (None, hidden):
+            raise HeadsFormatError(f"the heads in {heads_dir} have hidden size {hidden}; the model has "
+                                   f"{config['hidden_size']}: they belong to another base model")
+        vocab = config.get("vocab_size")
+        if own and vocab is not None and state[f"0.{n_layers}.weight"].shape[0] != vocab:
+            raise HeadsFormatError(f"the heads in {heads_dir} predict {state[f'0.{n_layers}.weight'].shape[0]} "
+                                   f"tokens; the model's vocabulary has {vocab}")
+    config_file = heads_dir / "config.json" if heads_dir.is_dir() else heads_dir.parent / "config.json"
+    claimed = json.loads(config_file.read_text()).get("medusa_num_heads") if config_file.is_file() else None
+    return HeadsInfo(heads_dir, n_heads, n_layers, own, int(claimed) if claimed is not None else None)
 
 
 # --- everything a server needs, from the notebook's parameters ------------------------------------
