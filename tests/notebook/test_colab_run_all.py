@@ -166,7 +166,7 @@ def llamacpp_greedy(gguf: Path, ids: list[int], n: int) -> list[int]:
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=1, verbose=False)
+    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=1, logits_all=True, verbose=False)  # keeps scores
     assert llm.tokenize(PROMPT.encode(), add_bos=True) == ids, "the GGUF tokenizes as the HF tokenizer does"
     out: list[int] = []
     llm.eval(ids)
