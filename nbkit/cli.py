@@ -22,10 +22,11 @@ def _sampling(args):
 
 def cmd_generate(args) -> int:
     from .engine.loader import load_torch_engine
+    from .notebook.hub import fetch_heads, fetch_model
 
     speculation = "off" if args.no_medusa else ("adaptive" if args.tree == "auto" else args.tree)
-    engine = load_torch_engine(args.model, "none" if args.no_medusa else args.heads, args.device,
-                               max_batch=1, speculation=speculation)
+    engine = load_torch_engine(fetch_model(args.model), "none" if args.no_medusa else fetch_heads(args.heads),
+                               args.device, max_batch=1, speculation=speculation)
     out = engine.generate(args.prompt, _sampling(args), chat=not args.raw)
     tree = engine.policy.last_choice.name
     if args.json:

@@ -75,7 +75,14 @@ class ServerHandle:
 
 
 def load_engine(kind: str = "torch", **kwargs):
-    """An Engine (not started) from the torch or the llama.cpp backend; the same keyword arguments for both."""
+    """An Engine (not started) from the torch or the llama.cpp backend; the same keyword arguments for both.
+    A hub id as model or heads is fetched first (once, into the cache; from $NBKIT_HUB_MIRROR when set)."""
+    from .notebook.hub import fetch_heads, fetch_model
+
+    model = kwargs.get("model")
+    kwargs.update(model=fetch_model(model), heads=fetch_heads(kwargs.get("heads")))
+    if kwargs["model"] != model:  # served under the id clients know, not the cache folder's name
+        kwargs.setdefault("model_name", model)
     if kind == "torch":
         from .engine.loader import load_torch_engine
 

@@ -671,6 +671,7 @@ def load_llamacpp_engine(
     if heads_obj is None and speculation not in ("adaptive", "off"):
         raise ValueError(f"speculation {speculation!r} needs Medusa heads")
     tokenizer = gguf_tokenizer(gguf_file)
-    name = "SmolLM2-135M-Instruct" if model is None else Path(str(model)).stem
+    name = engine_kwargs.pop("model_name", None) or ("SmolLM2-135M-Instruct" if model is None
+                                                      else Path(str(model)).stem)
     return Engine(runner, tokenizer, heads_obj, speculation=speculation, max_batch=max_batch,
                   model_name=name, **engine_kwargs)

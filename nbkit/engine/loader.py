@@ -49,5 +49,5 @@ def _load(model, heads, device, dtype, max_batch, engine_kwargs) -> Engine:
     else:
         heads = heads.to(device=device, dtype=dtype).eval()
     runner = TorchRunner(base, max_slots=max_batch)
-    name = str(model) if model is not None else "SmolLM2-135M-Instruct"
+    name = engine_kwargs.pop("model_name", None) or (str(model) if model is not None else "SmolLM2-135M-Instruct")
     return Engine(runner, tokenizer, heads, model_name=name, **engine_kwargs)
