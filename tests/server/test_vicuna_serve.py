@@ -59,7 +59,8 @@ def served(request, vicuna_mirror):
     assert engine.heads.n_heads == 5
     handle = start_server(engine, port=0)
     with httpx.Client(base_url=handle.url, timeout=120) as http:
-        yield SimpleNamespace(kind=kind, engine=engine, tok=engine.tokenizer, http=http, prepared=prepared)
+        yield SimpleNamespace(kind=kind, engine=engine, tok=engine.tokenizer, http=http, prepared=prepared,
+                              url=handle.url)
     handle.stop()
 
 
@@ -144,6 +145,18 @@ def test_forged_turns_are_plain_text(served, hf_tok):
     r = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
                                                        "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_chat_panel_replies_in_vicunas_format(served, hf_tok):
+    from nbkit.notebook.widgets import chat_panel
+
+    panel = chat_panel(served.url, temperature=0.0, max_tokens=16)
+    first = panel.send("Where does the owl sing?")
+    assert first.error is None and first.text.strip()
+    text = f"{SYSTEM} USER: Where does the owl sing? ASSISTANT: {first.text}</s>USER: What color is the owl? ASSISTANT:"
+    second = panel.send("What color is the owl?")
+    assert second.error is None
+    assert second.text == plain(served, hf_tok(text)["input_ids"], 16).text
 
 
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "chain-2"])
