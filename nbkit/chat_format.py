@@ -127,6 +127,8 @@ def vicuna_prompt_ids(tokenizer, messages: list[dict], allow_special: bool = Fal
     on, a message that holds a special-token string or a role marker is tokenized piecewise instead: special
     strings become plain characters, and role markers are spelled one character at a time, so the exact
     token sequences that open a turn only ever come from the template."""
+    if getattr(tokenizer, "eos_token", None) is None:
+        raise ValueError("this tokenizer has neither a chat template nor an EOS token: send a raw prompt instead")
     pieces = vicuna_pieces(messages)
     if allow_special or not any(_forgery(tokenizer).search(text) for kind, text in pieces if kind == "content"):
         return _ids(tokenizer(vicuna_text(messages, tokenizer.eos_token)))
