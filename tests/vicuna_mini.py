@@ -111,6 +111,16 @@ def encode_corpus(sp_model: bytes, texts: list[str]) -> list[list[int]]:
     return seqs
 
 
+def fastchat_ids(tok, text: str) -> list[int]:
+    """The ids vicuna trained on for a rendered conversation, built by hand for tests: FastChat called the
+    legacy LlamaTokenizer, which split the text at `</s>` and tokenized each segment on its own (each with
+    sentencepiece's word-start marker), BOS first. (transformers 5's fast tokenizer differs after `</s>`.)"""
+    out = [1]
+    for i, segment in enumerate(text.split("</s>")):
+        out += ([2] if i else []) + (list(tok(segment, add_special_tokens=False)["input_ids"]) if segment else [])
+    return out
+
+
 # --- the models -------------------------------------------------------------------------------------------
 def vicuna_config() -> dict:
     """vicuna-7b-v1.3's config.json key set (transformers 4.28), tiny sizes."""

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from vicuna_mini import BASE_ID, HEADS_ID
+from vicuna_mini import BASE_ID, HEADS_ID, fastchat_ids
 
 from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
@@ -122,7 +122,7 @@ def test_tgi_and_completions_add_bos_too(served, hf_tok):
 def test_chat_renders_vicunas_conversation(served, hf_tok, messages, text):
     from nbkit.chat_format import chat_prompt_ids
 
-    expected = list(hf_tok(text)["input_ids"])  # FastChat: tokenizer(prompt).input_ids
+    expected = fastchat_ids(hf_tok, text)
     assert expected[0] == 1 and expected.count(2) == text.count("</s>")
     assert chat_prompt_ids(served.tok, messages) == expected
     ref = plain(served, expected, 16)
@@ -156,7 +156,7 @@ def test_chat_panel_replies_in_vicunas_format(served, hf_tok):
     text = f"{SYSTEM} USER: Where does the owl sing? ASSISTANT: {first.text}</s>USER: What color is the owl? ASSISTANT:"
     second = panel.send("What color is the owl?")
     assert second.error is None
-    assert second.text == plain(served, hf_tok(text)["input_ids"], 16).text
+    assert second.text == plain(served, fastchat_ids(hf_tok, text), 16).text
 
 
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "chain-2"])
