@@ -22,9 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .engine.request import SamplingParams
-from .engine.scheduler import Engine
-from .medusa.prompts import distill_prompts
+from ..engine.engine import Engine
+from ..engine.request import SamplingParams
+from ..medusa.prompts import distill_prompts
 
 
 @dataclass
@@ -232,15 +232,10 @@ def register_cli(sub) -> None:
 def _cmd_bench(args) -> int:
     import torch
 
-    from .engine.loader import load_torch_engine
-
-    if args.engine == "llamacpp":
-        from .engine.llamacpp_runner import load_llamacpp_engine as load
-    else:
-        load = load_torch_engine
+    from ..engine.loader import load_engine
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     top = max(concurrencies + [16])
-    proto = load(args.model, args.heads, args.device, max_batch=top, speculation="adaptive")
+    proto = load_engine(args.engine, args.model, args.heads, args.device, max_batch=top, speculation="adaptive")
     proto.start().stop()  # one calibration, in an engine thread, shared by every configuration
 
     def make_engine(speculation, static_batching, max_batch):

@@ -1,6 +1,6 @@
 """A bounded load test for a running nbkit server: every kind of request at once, every one accounted for.
 
-    python -m nbkit.server.loadtest --url http://127.0.0.1:8000 --requests 300 --concurrency 64
+    python -m nbkit.bench.loadtest --url http://127.0.0.1:8000 --requests 300 --concurrency 64
 
 Each request ends in exactly one outcome:
 - "answered": HTTP 200 with a complete answer (a finish reason; for streams the final event or `[DONE]`);
@@ -274,7 +274,7 @@ def markdown(report: Report, command: str, mismatches: int | None = None) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nbkit.server.loadtest", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m nbkit.bench.loadtest", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--requests", type=int, default=300)
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if o.kind in ("failed", "lost"):
             print(f"{o.kind}: job {o.job.index} {o.job.route} status={o.status}: {o.detail}", file=sys.stderr)
     if args.markdown:
-        print(markdown(report, "python -m nbkit.server.loadtest " + " ".join(argv or sys.argv[1:]), mismatches))
+        print(markdown(report, "python -m nbkit.bench.loadtest " + " ".join(argv or sys.argv[1:]), mismatches))
     else:
         print(json.dumps({**report.summary(), **({"mismatches": mismatches} if args.verify else {})}))
     bad = report.count("failed") + report.count("lost") + (mismatches or 0)

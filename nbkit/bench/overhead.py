@@ -1,6 +1,6 @@
 """What the HTTP path adds to a request: the engine alone vs `POST /generate`, one request at a time.
 
-    python -m nbkit.server.overhead [--max-tokens 64] [--repeats 3] [--speculation off]
+    python -m nbkit.bench.overhead [--max-tokens 64] [--repeats 3] [--speculation off]
 
 Both paths use the same started engine and the same prompts, interleaved (engine, HTTP, engine, ...)
 so that a busy machine slows both alike. Prints one JSON object.
@@ -25,7 +25,7 @@ def measure(max_tokens: int = 64, repeats: int = 3, speculation: str = "off", mo
     import httpx
 
     from ..engine.request import SamplingParams
-    from ..launch import start_server
+    from ..server.launch import start_server
 
     params = SamplingParams(max_tokens=max_tokens)  # what POST /generate asks the engine for
     with start_server(model=model, heads=heads, port=0, max_batch=1, speculation=speculation) as handle, \
@@ -52,7 +52,7 @@ def measure(max_tokens: int = 64, repeats: int = 3, speculation: str = "off", mo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nbkit.server.overhead", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m nbkit.bench.overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)

@@ -1,10 +1,11 @@
-"""The scheduler: decides, every step, which requests run and how much each speculates.
+"""The engine: decides, every step, which requests run and how much each speculates.
 
 Iteration-level ("continuous") batching: new requests join at the next step, their prompts are
 prefilled in chunks under a per-step token budget, finished or cancelled requests leave at once.
 Each step verifies every running request's Medusa tree in ONE forward pass of the runner, accepts
 per request (greedy, lossless sampling or typical), commits the accepted paths, and streams the
-tokens out. The runner does the tensor work; this module never touches a KV cache.
+tokens out. The runner does the tensor work (runner.py is the contract); this module never touches a
+KV cache. The speculation policy (policy.py) picks each step's tree.
 """
 
 from __future__ import annotations
@@ -16,26 +17,38 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..medusa.acceptance import accept_greedy, accept_sampling, accept_typical, tree_candidates
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
-from .policy import AcceptanceStats, CostModel, SpeculationPolicy
+from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
-from .torch_runner import TreeInput
+from .runner import Runner, TreeInput
 
 log = logging.getLogger("nbkit.engine")
 
 PROBE_EVERY = 8  # steps between acceptance probes for requests that are not speculating
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a server may promise its clients (the server reads these, never the runner or the policy)."""
+
+    max_total_tokens: int  # prompt + max_tokens, after the room kept for the largest tree
+    max_batch: int
+    max_queue: int
+    speculation: str  # "adaptive", "fixed" or "off"
+    heads: int | None  # Medusa heads (None: no heads)
+
+
 class Engine:
     """Continuous-batching Medusa engine over a runner (torch or llama.cpp)."""
 
     def __init__(
-        self, runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
+        self, runner: Runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
         speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
         prefill_budget: int = 256, static_batching: bool = False, cost_model: CostModel | None = None,
         model_name: str = "model",
@@ -44,7 +57,9 @@ class Engine:
         self.model_name = model_name
         self.max_batch = min(max_batch or runner.max_slots, runner.max_slots)
         self.max_queue, self.prefill_budget, self.static_batching = max_queue, prefill_budget, static_batching
-        self.eos_ids = _eos_ids(tokenizer, runner)
+        self.eos_ids = set(runner.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
         n_heads = heads.n_heads if heads is not None else 0
         self.base_tree = get_tree(base_tree, n_heads) if heads is not None else chain(0)
         self.stats = AcceptanceStats(max(n_heads, 1), measured=getattr(heads, "config", {}).get("acceptance_q"))
@@ -56,8 +71,10 @@ class Engine:
         self.cost_model = cost_model
         self.policy = SpeculationPolicy(
             self.base_tree, self.stats, cost_model or CostModel({1: 1.0}), mode="fixed" if fixed else speculation,
-            fixed=fixed, max_leaves=getattr(runner, "max_leaves", None),
+            fixed=fixed, max_leaves=runner.max_leaves,
         )
+        # Every slot keeps room in its context for the largest tree it may verify (+1: the root's next token).
+        self.tree_reserve = max(self.base_tree.size, fixed.size if fixed else 1) + 1
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         # Static batching (the baseline): a finished request's row stays in the padded batch, computed
@@ -77,7 +94,7 @@ class Engine:
     def prepare(self) -> Engine:
         """Measure the forward cost once (adaptive speculation needs it)."""
         if self.policy.mode == "adaptive" and self.cost_model is None:
-            self.cost_model = calibrate(self.runner, self.heads, self.max_batch)
+            self.cost_model = calibrate(self.runner, self.heads, self.max_batch, max_tree=self.base_tree.size)
             self.policy.cost = self.cost_model
         return self
 
@@ -120,11 +137,13 @@ class Engine:
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        reserve = self.tree_reserve
         if params.tree is not None:
-            get_tree(params.tree, self.heads.n_heads if self.heads else 0)
+            tree = get_tree(params.tree, self.heads.n_heads if self.heads else 0)
             if params.tree != "none" and self.heads is None:
                 raise ValueError("this engine has no Medusa heads: tree must be 'none'")
-        limit = self.runner.max_context - 64 - 1  # room for the largest tree
+            reserve = max(reserve, tree.size + 1)
+        limit = self.runner.max_context - reserve
         if len(prompt_ids) + params.max_tokens > limit:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context limit of {limit} tokens")
@@ -283,9 +302,9 @@ class Engine:
 
     def _advance_padding(self, commits: dict[int, list[int]]) -> None:
         """Padding rows keep their KV in step with the batch while the context has room."""
-        limit = self.runner.max_context - 65
+        limit = self.runner.max_context - self.tree_reserve
         for slot in list(self.padding):
-            if self.runner.lengths[slot] + 1 < limit:
+            if self.runner.length(slot) + 1 < limit:
                 commits[slot] = [0]
             else:
                 del self.padding[slot]
@@ -431,6 +450,10 @@ class Engine:
                                        r.accepted_tokens, None, time.monotonic() - r.created, error, "generation"))
 
     # ---- introspection --------------------------------------------------------------------
+    def limits(self) -> EngineLimits:
+        return EngineLimits(self.runner.max_context - self.tree_reserve, self.max_batch, self.max_queue,
+                            self.policy.mode, self.heads.n_heads if self.heads is not None else None)
+
     def snapshot(self) -> dict:
         """Counters, the speculation choice and acceptance statistics (the server turns these into metrics)."""
         c = dict(self.counters)
@@ -442,85 +465,3 @@ class Engine:
             "mean_accepted_per_spec_step": c["spec_tokens"] / c["spec_steps"] if c["spec_steps"] else 0.0,
             **self.stats.snapshot(),
         }
-
-
-def _eos_ids(tokenizer, runner) -> set[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    gen_cfg = getattr(getattr(runner, "model", None), "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(eos)
-    return ids
-
-
-def calibrate(runner, heads: MedusaHeads | None, max_batch: int, max_tree: int = 64, repeats: int = 5,
-              max_tokens: int | None = None) -> CostModel:
-    """Time real verification passes for 1, 2, 3, 4, 8, ... tokens (rows of up to `max_tree` tokens).
-
-    The sizes are timed in interleaved rounds and each keeps its median, so a burst of load from
-    elsewhere on the machine does not make one size look dear (small sizes decide whether a short
-    chain pays at all). On a CPU the cost is close to linear past a few hundred tokens, so points stop
-    at 256 (the model extrapolates and the engine corrects it online from real steps); on a GPU at 1024.
-    """
-    if max_tokens is None:
-        max_tokens = 1024 if str(runner.device).startswith("cuda") else 256
-    sizes = [1, 2, 3] + [n for n in (2 ** i for i in range(2, 16)) if n <= min(max_batch * max_tree, max_tokens)]
-    slots = []
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    try:
-        shapes = {}
-        for n in sizes:
-            rows = max(1, -(-n // max_tree))
-            while len(slots) < rows:
-                slot = runner.alloc()
-                runner.prefill({slot: [1] * 64})
-                slots.append(slot)
-            shapes[n] = [TreeInput(s, chain(n // rows - 1), [1] * (n // rows)) for s in slots[:rows]]
-        for n in sizes:  # warm-up
-            runner.verify(shapes[n])
-        for _ in range(repeats):
-            for n in sizes:
-                t0 = time.perf_counter()
-                runner.verify(shapes[n])
-                times[n].append(time.perf_counter() - t0)
-        points = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
-        # Full batches of short trees (what the policy weighs under load): 16 rows x 2 tokens costs
-        # more than 1 row x 32, so these shapes are timed as they are.
-        rows_shapes: dict[tuple[int, int], list[float]] = {}
-        if max_batch > 1:
-            while len(slots) < max_batch:
-                slot = runner.alloc()
-                runner.prefill({slot: [1] * 64})
-                slots.append(slot)
-            for per_row in (1, 2, 3, 4):
-                batch = [TreeInput(s, chain(per_row - 1), [1] * per_row) for s in slots[:max_batch]]
-                runner.verify(batch)
-                runs = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    runner.verify(batch)
-                    runs.append(time.perf_counter() - t0)
-                rows_shapes[(max_batch, per_row)] = sorted(runs)[len(runs) // 2]
-        heads_cost: dict[int, float] = {}
-        if heads is not None:
-            for rows in sorted({1, max_batch}):
-                hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
-                runs = []
-                for _ in range(repeats + 1):
-                    t0 = time.perf_counter()
-                    heads.topk(hidden, runner.lm_head, TOPK)
-                    runs.append(time.perf_counter() - t0)
-                heads_cost[rows] = sorted(runs[1:])[len(runs[1:]) // 2]
-    finally:
-        for s in slots:
-            runner.free(s)
-    log.info("cost model: %s, heads %s", {k: round(v, 4) for k, v in points.items()},
-             {k: round(v, 4) for k, v in heads_cost.items()})
-    model = CostModel(points, heads_cost or 0.0)
-    model.measured.update({(1, n): points[n] for n in (1, 2, 3, 4) if n in points})
-    model.measured.update(rows_shapes)
-    return model

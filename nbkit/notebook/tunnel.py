@@ -291,7 +291,7 @@ def serve(
 
     A public URL gets a generated key when none is given (the same one on re-runs); the key is printed only
     if it was generated. `server_kwargs` go to nbkit.launch.start_server (speculation, max_batch, ...)."""
-    from ..launch import start_server
+    from ..server.launch import start_server
 
     key = api_key_for(provider, api_key, ngrok_authtoken)
     handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,

@@ -1,7 +1,7 @@
 """Shared set-up for the server tests: a tiny engine (random Llama + heads) and reference answers.
 
-Imported by tests/test_server*.py, test_launch*.py and test_chat_page*.py (not a conftest.py: plain
-functions, each test module builds its own fixtures from them).
+Imported by the tests in tests/server/ (plain functions: each test module builds its own fixtures
+from them).
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from collections.abc import Iterator
 
 import httpx
 import torch
-from helpers import ToyTokenizer, random_heads, tiny_llama
 
+from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
-from nbkit.engine.scheduler import Engine
 from nbkit.engine.torch_runner import TorchRunner
+
+from . import ToyTokenizer, random_heads, tiny_llama
 
 TINY_MODEL = "tiny-llama"
 
@@ -33,11 +34,11 @@ def wait_for(condition, timeout: float = 5.0) -> bool:
 
 def embedded_engine(max_batch: int = 4, max_queue: int = 8) -> Iterator[Engine]:
     """A started engine on the embedded SmolLM2 (body of a module fixture: `yield from embedded_engine()`)."""
-    from nbkit.engine.loader import load_torch_engine
+    from nbkit.engine.loader import load_engine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: see test_reliability_faults.py
-    engine = load_torch_engine(max_batch=max_batch, max_queue=max_queue,
+    engine = load_engine("torch", max_batch=max_batch, max_queue=max_queue,
                                cost_model=CostModel.from_function(lambda n: 0.03 + 0.0015 * n))
     engine.start()
     yield engine

@@ -15,9 +15,11 @@ from helpers import tiny_llama
 os.environ.setdefault("NBKIT_LLAMA_THREADS", "1")
 
 from nbkit.cli import main as nbkit_main
-from nbkit.engine.llamacpp_runner import LlamaCppRunner, gguf_lm_head, gguf_tokenizer
+from nbkit.engine.llamacpp.lm_head import gguf_lm_head
+from nbkit.engine.llamacpp.runner import LlamaCppRunner
+from nbkit.gguf.convert import check_hf_dir, convert, quantize
+from nbkit.gguf.files import gguf_tokenizer
 from nbkit.models import embedded_gguf_path
-from nbkit.notebook.convert import check_hf_dir, convert, quantize
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 30, 2]
 

@@ -1,6 +1,6 @@
 """The llama.cpp engine on the embedded SmolLM2 GGUF: exact greedy Medusa, and sequence-id bookkeeping.
 
-Exactness is checked in the runner's exact configuration (see nbkit/engine/llamacpp_runner.py): greedy
+Exactness is checked in the runner's exact configuration (see nbkit/engine/llamacpp/runner.py): greedy
 Medusa output must equal plain greedy output token for token, for a request alone and for requests
 that share steps with others, finish early, and arrive late. The fast configuration's divergence
 rate is measured by scripts/bench_llamacpp.py, not asserted here.
@@ -16,10 +16,11 @@ from helpers import OracleHeads
 
 os.environ.setdefault("NBKIT_LLAMA_THREADS", "1")  # ggml threads spin at barriers: one is faster on a busy CPU
 
-from nbkit.engine.llamacpp_runner import LlamaCppRunner, load_llamacpp_engine
+from nbkit.engine.llamacpp.runner import LlamaCppRunner
+from nbkit.engine.loader import load_engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
-from nbkit.engine.torch_runner import TreeInput
+from nbkit.engine.runner import TreeInput
 from nbkit.medusa.heads import MedusaHeads
 from nbkit.medusa.trees import build_tree, chain
 from nbkit.models import embedded_gguf_path
@@ -34,7 +35,7 @@ N_TOKENS = 24
 @pytest.fixture(scope="module")
 def plain():
     """The reference: no heads, no speculation, the exact configuration."""
-    return load_llamacpp_engine(None, heads="none", max_batch=4, speculation="off", exact=True)
+    return load_engine("llamacpp", None, heads="none", max_batch=4, speculation="off", exact=True)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ class LlamaOracle(OracleHeads):
 
 @pytest.fixture(scope="module")
 def medusa(prompt_ids, refs):
-    engine = load_llamacpp_engine(None, heads=MedusaHeads(576, 4), max_batch=4, exact=True, cost_model=CHEAP)
+    engine = load_engine("llamacpp", None, heads=MedusaHeads(576, 4), max_batch=4, exact=True, cost_model=CHEAP)
     oracle = LlamaOracle(engine.runner)
     for ids, ref in zip(prompt_ids, refs):
         oracle.register(ids, ref)
@@ -100,7 +101,7 @@ def test_embedded_gguf_serves_chat(plain, refs):
     first = llm.create_completion(ids, max_tokens=1, temperature=0.0)["choices"][0]["text"]
     assert plain.tokenizer.decode(refs[1][:1]) == first
     # The plain engine with hidden states on (heads present, speculation off) gives the same tokens.
-    hidden_on = load_llamacpp_engine(None, heads=MedusaHeads(576, 4), max_batch=2, speculation="off", exact=True)
+    hidden_on = load_engine("llamacpp", None, heads=MedusaHeads(576, 4), max_batch=2, speculation="off", exact=True)
     assert hidden_on.generate(plain.encode(PROMPTS[0], chat=True),
                               SamplingParams(max_tokens=N_TOKENS, ignore_eos=True)).token_ids == refs[0]
 
@@ -189,7 +190,7 @@ def test_sequence_ids_never_leak(exact):
 def test_engine_with_cancellations_frees_everything(prompt_ids):
     # A cost that grows with the tokens verified: the policy picks mid-size trees (several leaf ids each).
     cost = CostModel.from_function(lambda n: 0.01 * (1 + n / 8))
-    engine = load_llamacpp_engine(None, heads=MedusaHeads(576, 4), max_batch=3, cost_model=cost)
+    engine = load_engine("llamacpp", None, heads=MedusaHeads(576, 4), max_batch=3, cost_model=cost)
     leaves, verify = [], engine.runner.verify
     engine.runner.verify = lambda items: (leaves.append(max(i.tree.n_leaves for i in items)), verify(items))[1]
     rng = random.Random(3)

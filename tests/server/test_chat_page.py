@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_server import TINY_MODEL, reference_text, tiny_engine
+from helpers.server import TINY_MODEL, reference_text, tiny_engine
 
-from nbkit.launch import start_server
+from nbkit.server.launch import start_server
 
 KEY = "page-key-5f1c2b"
 INSTALL = Path(__file__).resolve().parents[1] / "scripts" / "install_chromium.sh"

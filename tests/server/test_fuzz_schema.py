@@ -13,10 +13,10 @@ schemathesis = pytest.importorskip("schemathesis", reason="pip install -r requir
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402  (schemathesis brings hypothesis)
 from schemathesis import checks  # noqa: E402
 
-from nbkit.engine.loader import load_torch_engine  # noqa: E402
+from nbkit.engine.loader import load_engine  # noqa: E402
 from nbkit.engine.policy import CostModel  # noqa: E402
-from nbkit.launch import start_server  # noqa: E402
 from nbkit.server.app import Settings, create_app  # noqa: E402
+from nbkit.server.launch import start_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.cont
 
 @pytest.fixture(scope="module")
 def server():
-    engine = load_torch_engine(max_batch=4, max_queue=16, cost_model=CostModel.from_function(lambda n: 0.03 + 0.0015 * n))
+    engine = load_engine("torch", max_batch=4, max_queue=16, cost_model=CostModel.from_function(lambda n: 0.03 + 0.0015 * n))
     # Small limits keep each generated request short: longer asks are (correctly) refused with 4xx.
     settings_ = Settings(max_new_tokens=2, max_input_tokens=64, rate_limit=None)
     handle = start_server(engine, port=0, settings=settings_)

@@ -15,10 +15,11 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest_server import reference_text, tiny_engine, wait_for
+from helpers.server import reference_text, tiny_engine, wait_for
 
+from nbkit.engine.loader import load_engine
 from nbkit.engine.policy import CostModel
-from nbkit.launch import current_server, load_engine, start_server
+from nbkit.server.launch import current_server, start_server
 
 
 def server_threads() -> int:
@@ -116,7 +117,7 @@ def test_stop_without_grace_ends_streams_promptly():
 def test_unknown_or_missing_engine_backend_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="unknown engine"):
         load_engine("tensorrt")
-    monkeypatch.setitem(sys.modules, "nbkit.engine.llamacpp_runner", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "nbkit.engine.llamacpp.runner", None)  # as if not installed
     with pytest.raises(ValueError, match="llama.cpp engine is not available"):
         load_engine("llamacpp", model=None)
     with pytest.raises(ValueError, match="llama.cpp engine is not available"):

@@ -14,11 +14,11 @@ import httpx
 import pytest
 import torch
 
-from nbkit.engine.loader import load_torch_engine
+from nbkit.engine.engine import Engine
+from nbkit.engine.loader import load_engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.request import Finished, Overloaded, SamplingParams
-from nbkit.engine.scheduler import Engine
-from nbkit.launch import start_server
+from nbkit.server.launch import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def engine(one_torch_thread):
-    engine = load_torch_engine(max_batch=8, max_queue=8, cost_model=COST).start()
+    engine = load_engine("torch", max_batch=8, max_queue=8, cost_model=COST).start()
     yield engine
     engine.stop()
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-from nbkit.server.loadtest import PROMPTS, Job, make_jobs, markdown, run_load
+from nbkit.bench.loadtest import PROMPTS, Job, make_jobs, markdown, run_load
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def test_load_300_requests_at_concurrency_64(server, embedded):
     jobs = make_jobs(REQUESTS, seed=0)
     report = asyncio.run(run_load(url, jobs, CONCURRENCY, timeout=REQUEST_TIMEOUT, deadline=600, api_key=KEY))
     summary = report.summary()
-    print("\n" + markdown(report, "pytest tests/test_reliability_load.py (" + " ".join(COMMAND[1:]) + ")"))
+    print("\n" + markdown(report, "pytest tests/server/test_reliability_load.py (" + " ".join(COMMAND[1:]) + ")"))
 
     problems = [f"{o.kind} {o.job} status={o.status}: {o.detail}" for o in report.outcomes
                 if o.kind in ("failed", "lost")]

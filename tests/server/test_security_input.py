@@ -14,10 +14,10 @@ import socket
 
 import httpx
 import pytest
-from conftest_server import embedded_engine
+from helpers.server import embedded_engine
 
-from nbkit.launch import start_server
 from nbkit.server.app import Settings, create_app
+from nbkit.server.launch import start_server
 
 pytestmark = pytest.mark.slow
 

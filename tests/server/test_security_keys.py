@@ -11,11 +11,11 @@ import re
 
 import httpx
 import pytest
-from conftest_server import embedded_engine
+from helpers.server import embedded_engine
 
-from nbkit.launch import start_server
 from nbkit.server import security
 from nbkit.server.app import CHAT_PAGE, Settings
+from nbkit.server.launch import start_server
 
 pytestmark = pytest.mark.slow
 

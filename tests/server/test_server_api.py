@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest_server import TINY_MODEL, reference_text, sse_data, tiny_engine
+from helpers.server import TINY_MODEL, reference_text, sse_data, tiny_engine
 
-from nbkit.launch import start_server
+from nbkit.server.launch import start_server
 
 
 @pytest.fixture(scope="module")

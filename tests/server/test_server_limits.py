@@ -13,10 +13,10 @@ import time
 import httpx
 import openai
 import pytest
-from conftest_server import TINY_MODEL, reference_text, sse_data, tiny_engine, wait_for
+from helpers.server import TINY_MODEL, reference_text, sse_data, tiny_engine, wait_for
 
-from nbkit.launch import start_server
 from nbkit.server.app import Settings, create_app
+from nbkit.server.launch import start_server
 
 
 def slow_engine(seconds_per_step: float = 0.02, **kwargs):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from nbkit.notebook import build
+from nbkit.gguf import build
 
 
 @pytest.fixture

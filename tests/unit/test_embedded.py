@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
-from nbkit.engine.scheduler import Engine
 from nbkit.engine.torch_runner import TorchRunner
 
 pytestmark = pytest.mark.slow

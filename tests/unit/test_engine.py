@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import OracleHeads, ToyTokenizer, hf_greedy, random_heads, tiny_llama
 
+from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.request import EngineStopped, Overloaded, SamplingParams
-from nbkit.engine.scheduler import Engine
 from nbkit.engine.torch_runner import TorchRunner
 
 CHEAP = CostModel.from_function(lambda n: 0.01)  # verification costs the same for any size: trees win

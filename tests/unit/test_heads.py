@@ -134,7 +134,7 @@ def test_proposal_vocabulary_beyond_the_model_vocabulary_is_a_clear_error(tmp_pa
 
 
 def test_int8_cpu_lm_head_slices_to_the_proposal_vocabulary(tmp_path):
-    from nbkit.engine.llamacpp_runner import Int8LmHead
+    from nbkit.engine.llamacpp.lm_head import Int8LmHead
 
     torch.manual_seed(0)
     hidden, vocab = 32, 500

@@ -119,7 +119,7 @@ def test_login_never_shows_the_token(monkeypatch, tmp_path, capsys):
 
 
 def test_prepare_for_each_engine(mirror, monkeypatch):
-    from nbkit.notebook import convert
+    from nbkit.gguf import convert
     from nbkit.notebook.env import choose_plan
 
     torch_plan, llamacpp_plan = choose_plan(40.0), choose_plan(15.0)

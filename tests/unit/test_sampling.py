@@ -7,9 +7,9 @@ import torch
 from helpers import ToyTokenizer, random_heads, tiny_llama
 from scipy.stats import chisquare
 
+from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
-from nbkit.engine.scheduler import Engine
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.acceptance import probs_from_logits
 
@@ -70,6 +70,8 @@ def pooled_chisquare(samples, exact, margin):
     return chisquare(obs, exp).pvalue
 
 
+@pytest.mark.slow  # many samples or an epoch of training: out of `make test-fast`
+@pytest.mark.tiny
 @pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=6, top_p=0.9)])
 def test_medusa_sampling_is_lossless(model, params):
     exact = exact_distribution(model, params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0))
@@ -83,6 +85,8 @@ def test_medusa_sampling_is_lossless(model, params):
     assert pooled_chisquare(biased, exact, 2) < 1e-3
 
 
+@pytest.mark.slow  # many samples or an epoch of training: out of `make test-fast`
+@pytest.mark.tiny
 def test_plain_sampling_matches_the_same_distribution(model):
     exact = exact_distribution(model, 1.0, 0, 1.0)
     plain, _ = sample(model, "off", N, temperature=1.0)

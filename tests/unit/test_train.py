@@ -52,6 +52,8 @@ def test_features_are_the_final_norm_states_and_next_tokens(model, answers_file)
     assert (f.seq_end[: len(a)] == len(a)).all()
 
 
+@pytest.mark.slow  # many samples or an epoch of training: out of `make test-fast`
+@pytest.mark.tiny
 def test_trained_heads_predict_far_better_than_untrained_ones(model, answers_file, tmp_path):
     f = compute_features(model, load_answers(answers_file), batch_tokens=256)
     lm_head = model.get_output_embeddings()

@@ -41,164 +41,27 @@ is the fast configuration; its divergence rate is measured by scripts/bench_llam
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..medusa.trees import MedusaTree
-from .torch_runner import TreeInput
+from ...medusa.trees import MedusaTree
+from ..runner import TreeInput
+from .bindings import Batch, cpu_threads, llama_cpp_module
+from .lm_head import Int8LmHead, gguf_lm_head
 
 log = logging.getLogger("nbkit.engine")
 
-_BACKEND_READY = False
 EXACT_UBATCH = 63  # ggml-cpu switches to tiled flash attention at 64 query rows (GGML_FA_TILE_Q)
 
 
-def _print_errors(level: int, text: bytes, user_data) -> None:
-    if level == 4:  # GGML_LOG_LEVEL_ERROR (the bindings' own callback maps WARN to ERROR and prints it)
-        print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
-
-
-_log_errors_only = None  # the ctypes callback; a module global so it is never garbage-collected
-
-
-def llama_cpp_module():
-    """The low-level bindings, with llama.cpp's own logging quietened; a clear error if they are missing."""
-    global _BACKEND_READY, _log_errors_only
-    try:
-        import llama_cpp
-    except ImportError as err:
-        raise ImportError(
-            "llama-cpp-python is not installed. Build it for this machine with `python -m nbkit build` "
-            "(CPU) or `python -m nbkit build --cuda` (GPU); `make setup` installs the CPU build."
-        ) from err
-    if not _BACKEND_READY:
-        if os.environ.get("NBKIT_LLAMA_VERBOSE") != "1":
-            _log_errors_only = llama_cpp.llama_log_callback(_print_errors)
-            llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _BACKEND_READY = True
-    return llama_cpp
-
-
-def cpu_threads() -> int:
-    """Cores this process may use. On a CPU shared with other busy processes, fewer threads (even 1) are
-    much faster: ggml's threads spin at barriers, so one descheduled thread stalls every layer. Set
-    NBKIT_LLAMA_THREADS to override."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-def gguf_output_weight(gguf_file: str | os.PathLike) -> np.ndarray:
-    """The output projection [V, H] dequantized from the GGUF (the tied token embeddings if there is no
-    output.weight), rounded to fp16 (it only feeds the heads' proposals) and returned as fp32. Cached:
-    dequantizing in numpy takes seconds, loading the cached copy a fraction of one."""
-    from ..models import cache_dir
-
-    gguf_file = Path(gguf_file)
-    stat = gguf_file.stat()
-    cached = cache_dir() / "lm_heads" / f"{gguf_file.stem}-{stat.st_size}-{int(stat.st_mtime)}.npy"
-    if cached.is_file():
-        return np.load(cached).astype(np.float32)
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    tensors = {t.name: t for t in GGUFReader(str(gguf_file)).tensors}
-    tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
-    if tensor is None:
-        raise ValueError(f"{gguf_file} has neither output.weight nor token_embd.weight")
-    weight = np.asarray(dequantize(tensor.data, tensor.tensor_type)).reshape(-1, int(tensor.shape[0]))
-    weight = weight.astype(np.float16)  # the same values whether cached or not
-    with contextlib.suppress(OSError):  # a read-only cache only costs time
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp.npy")
-        np.save(tmp, weight)
-        tmp.rename(cached)
-    return weight.astype(np.float32)
-
-
-def gguf_lm_head(gguf_file: str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> nn.Linear:
-    """The base model's lm_head as a dense torch Linear(H, V) (shared-lm_head Medusa heads need it)."""
-    weight = gguf_output_weight(gguf_file)
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    head.weight.data = torch.from_numpy(weight)
-    return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-class Int8LmHead(nn.Module):
-    """The lm_head for the heads' proposals on a CPU: int8 weights, fp32 in and out.
-
-    The dense fp32 [V, H] matrix is read from memory for every call (113 MB for SmolLM2: ~75 ms on
-    this shared CPU, more than decoding a token); int8 is a quarter of that and fbgemm's kernel is
-    ~10x faster. Proposals only decide what gets verified, never what is emitted, so the rounding
-    costs at most a little acceptance. Falls back to bf16 where torch has no dynamic quantization.
-    """
-
-    def __init__(self, dense: nn.Linear):
-        super().__init__()
-        import warnings
-
-        self.out_features = dense.out_features
-        self._dense_weight = dense.weight.detach()  # kept (shared, not copied) for sliced()
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.ao.quantization announces its own deprecation
-                from torch.ao.quantization import quantize_dynamic
-
-                self.linear = quantize_dynamic(nn.Sequential(dense.float()), {nn.Linear}, dtype=torch.qint8)
-            self.cast = torch.float32
-        except (ImportError, AttributeError, RuntimeError):
-            self.linear, self.cast = dense.to(torch.bfloat16), torch.bfloat16
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.to(self.cast)).float()
-
-    def sliced(self, rows: torch.Tensor) -> Int8LmHead:
-        """The same kind of lm_head over a subset of the vocabulary (the heads' proposal vocabulary)."""
-        weight = self._dense_weight.float()[rows]
-        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        dense.weight.data = weight.contiguous()
-        return Int8LmHead(dense)
-
-
-class _Batch:
-    """A llama_batch whose arrays are numpy buffers we own, so filling it is vectorized (no per-token ctypes)."""
-
-    def __init__(self, lib, capacity: int, max_ids: int):
-        self.capacity, self.max_ids = capacity, max_ids
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
-        self.n_seq_id = np.zeros(capacity, dtype=np.int32)
-        self.seq_id = np.zeros((capacity, max_ids), dtype=np.int32)
-        self.output = np.zeros(capacity, dtype=np.int8)
-        row_bytes = self.seq_id.strides[0]
-        base = self.seq_id.ctypes.data
-        self._rows = (ctypes.POINTER(lib.llama_seq_id) * capacity)(
-            *[ctypes.cast(base + i * row_bytes, ctypes.POINTER(lib.llama_seq_id)) for i in range(capacity)]
-        )
-        self.struct = lib.llama_batch()
-        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(lib.llama_token))
-        self.struct.embd = None
-        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(lib.llama_pos))
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.struct.seq_id = ctypes.cast(self._rows, ctypes.POINTER(ctypes.POINTER(lib.llama_seq_id)))
-        self.struct.logits = self.output.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-
-
 class LlamaCppRunner:
-    """Forward passes for a batch of slots on a GGUF model through llama.cpp's low-level API.
+    """Forward passes for a batch of slots on a GGUF model through llama.cpp's low-level API (runner.Runner).
 
     model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); otherwise
     the fast one. flash_attn: None = on when exact, llama.cpp's auto otherwise; off is the most accurate
@@ -273,7 +136,7 @@ class LlamaCppRunner:
         self.n_ctx = lib.llama_n_ctx(self._ctx)
         self.max_context = min(n_ctx_train, self.n_ctx)
         self._mem = lib.llama_get_memory(self._ctx)
-        self._batch = _Batch(lib, self.n_batch + 1, self.n_seq_max)
+        self._batch = Batch(lib, self.n_batch + 1, self.n_seq_max)
         self._embeddings_on = hidden
 
         self.lengths = [0] * max_slots  # tokens committed per slot (in the KV cache or in its carry)
@@ -282,8 +145,7 @@ class LlamaCppRunner:
         self._free_leaves = list(range(max_slots + self.max_leaves - 1, max_slots - 1, -1))
         self._pending: dict[int, _Pending] = {}  # slot -> the tree verified but not yet committed
         self._lm_head: nn.Module | None = None
-        eos = {lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)} - {-1}
-        self.model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=sorted(eos)))
+        self.eos_token_ids = {lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)} - {-1}
 
     def fresh(self, max_slots: int | None = None) -> LlamaCppRunner:
         """A new runner (own context and KV cache) over the same GGUF file and settings."""
@@ -577,100 +439,3 @@ class _Pending:
     tree: MedusaTree
     leaves: list[int]  # borrowed sequence ids, one per leaf (empty for a chain)
     tokens: list[int]
-
-
-# ---- building an engine ---------------------------------------------------------------------
-# The embedded SmolLM2 ships as Q4_1, which has no fast batched CPU kernels on x86 in this llama.cpp.
-# A Q8_0 copy holds Q4_1's values almost exactly (top-1 agreement 96%, KL 0.009 along Q4_1's own
-# greedy answers) and decodes 16 sequences ~1.3x faster (one thread here: 126 -> 166 tok/s at batch 16,
-# 59 -> 53 at batch 1). Q4_0 batches faster still (207) but loses too much (top-1 67%, KL 0.49).
-EMBEDDED_FORMAT = "Q8_0"
-
-
-def embedded_gguf(fmt: str = EMBEDDED_FORMAT) -> Path:
-    """The embedded model for the llama.cpp engine: the shipped Q4_1 file, or a copy requantized once
-    into the cache through the bindings (a few seconds)."""
-    from ..models import cache_dir, embedded_gguf_path
-    from ..notebook.convert import quantize
-
-    shipped = embedded_gguf_path()
-    if fmt.upper() == "Q4_1":
-        return shipped
-    copy = cache_dir() / "gguf" / f"{shipped.stem.rsplit('.', 1)[0]}.{fmt.upper()}.gguf"
-    if copy.is_file() and copy.stat().st_mtime >= shipped.stat().st_mtime:
-        return copy
-    return quantize(shipped, copy, fmt, allow_requantize=True)
-
-
-def resolve_gguf(model: str | os.PathLike | None) -> Path:
-    """None/'embedded' -> the embedded SmolLM2 (Q8_0 copy); a .gguf file as is; an HF folder -> converted once."""
-    from ..models import cache_dir
-
-    if model is None or str(model) in ("embedded", "default", ""):
-        return embedded_gguf()
-    path = Path(model)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        return path
-    if path.is_dir():
-        from ..notebook.convert import convert
-
-        return convert(path, cache_dir() / "gguf" / f"{path.name}.f16.gguf", outtype="f16")
-    raise FileNotFoundError(f"{model} is neither a .gguf file nor a transformers model folder")
-
-
-def gguf_tokenizer(gguf_file: Path):
-    """The HF tokenizer (with the chat template) stored in a GGUF, cached as a folder after the first load."""
-    from transformers import AutoTokenizer
-
-    from ..models import cache_dir
-
-    stat = gguf_file.stat()
-    saved = cache_dir() / "tokenizers" / f"{gguf_file.stem}-{stat.st_size}"
-    if (saved / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(saved)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    try:
-        tokenizer.save_pretrained(saved)
-    except OSError:
-        log.warning("could not cache the tokenizer in %s", saved)
-    return tokenizer
-
-
-def load_llamacpp_engine(
-    model: str | os.PathLike | None = None, heads=None, device: str | None = None, max_batch: int = 16,
-    speculation: str = "adaptive", exact: bool = False, n_ctx: int | None = None, n_threads: int | None = None,
-    n_gpu_layers: int | None = None, **engine_kwargs,
-):
-    """A llama.cpp Engine (not started): `model` a GGUF file, an HF folder, or None for the embedded SmolLM2.
-
-    heads: a folder/file of Medusa heads, 'embedded', 'none', a MedusaHeads, or None (the shipped heads
-    with the embedded model, else none). The heads run in torch on `device` (CUDA when available).
-    """
-    from ..medusa.heads import MedusaHeads, load_heads
-    from ..models import default_device, default_dtype
-    from .loader import resolve_heads
-    from .scheduler import Engine
-
-    gguf_file = resolve_gguf(model)
-    device = device or default_device()
-    dtype = default_dtype(device)
-    if not isinstance(heads, MedusaHeads):
-        path = resolve_heads(heads, model)
-        heads_obj = None
-    else:
-        path, heads_obj = None, heads
-    runner = LlamaCppRunner(gguf_file, max_slots=max_batch, n_ctx=n_ctx, exact=exact, n_threads=n_threads,
-                            n_gpu_layers=n_gpu_layers, device=device, dtype=dtype,
-                            hidden=path is not None or heads_obj is not None)
-    if path is not None:
-        heads_obj = load_heads(path, runner.hidden_size, dtype=dtype, device=device)
-    elif heads_obj is not None:
-        heads_obj = heads_obj.to(device=device, dtype=dtype).eval()
-    if heads_obj is None and speculation not in ("adaptive", "off"):
-        raise ValueError(f"speculation {speculation!r} needs Medusa heads")
-    tokenizer = gguf_tokenizer(gguf_file)
-    name = "SmolLM2-135M-Instruct" if model is None else Path(str(model)).stem
-    return Engine(runner, tokenizer, heads_obj, speculation=speculation, max_batch=max_batch,
-                  model_name=name, **engine_kwargs)

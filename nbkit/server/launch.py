@@ -74,21 +74,6 @@ class ServerHandle:
         self.stop()
 
 
-def load_engine(kind: str = "torch", **kwargs):
-    """An Engine (not started) from the torch or the llama.cpp backend; the same keyword arguments for both."""
-    if kind == "torch":
-        from .engine.loader import load_torch_engine
-
-        return load_torch_engine(**kwargs)
-    if kind == "llamacpp":
-        try:
-            from .engine.llamacpp_runner import load_llamacpp_engine
-        except ImportError as err:
-            raise ValueError(f"the llama.cpp engine is not available ({err}); use --engine torch") from None
-        return load_llamacpp_engine(**kwargs)
-    raise ValueError(f"unknown engine {kind!r}: choose torch or llamacpp")
-
-
 def start_server(
     engine_or_none=None, /, *, model=None, heads=None, engine: str = "torch", device: str | None = None,
     host: str = "127.0.0.1", port: int = 8000, api_key: str | list[str] | None = None,
@@ -101,7 +86,8 @@ def start_server(
     `settings` (nbkit.server.app.Settings) sets the limits; `api_key` overrides its key.
     """
     global _current
-    from .server.app import Settings, create_app
+    from ..engine.loader import load_engine
+    from .app import Settings, create_app
 
     settings = dataclasses.replace(settings or Settings())  # a copy: the caller's object stays as it was
     if api_key is not None:
@@ -180,7 +166,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def _serve(app, sock: socket.socket, log_level: str, timeout: float):
     import uvicorn
 
-    from .server.security import redact_logs
+    from .security import redact_logs
 
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
     redact_logs(app.state.service.settings.keys)  # after Config: it (re)configures uvicorn's loggers
