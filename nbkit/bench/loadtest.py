@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from ..client import DONE, asse_events, auth_headers
+
 ROUTES = ("original", "tgi", "tgi_stream", "completions", "completions_stream", "chat", "chat_stream")
 STREAMING = frozenset({"tgi_stream", "completions_stream", "chat_stream"})
 
@@ -182,16 +184,12 @@ async def _stream(http: httpx.AsyncClient, job: Job, path: str, body: dict) -> O
             await r.aread()
             return _classify(job, r)
         pieces, final_text, reason, done = [], None, None, False
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
+        async for event in asse_events(r.aiter_lines()):
+            if event == DONE:
                 done = True
                 break
-            event = json.loads(payload)
             if "error" in event:
-                return Outcome(job, "failed", 200, 0.0, detail=f"error event: {payload[:300]}")
+                return Outcome(job, "failed", 200, 0.0, detail=f"error event: {json.dumps(event)[:300]}")
             if job.route == "tgi_stream":
                 pieces.append(event["token"]["text"])
                 if event.get("details"):
@@ -217,7 +215,7 @@ async def run_load(url: str, jobs: list[Job], concurrency: int = 64, *, timeout:
     """Send `jobs` with `concurrency` clients at once. A refused client backs off as well-behaved clients
     do (the server's Retry-After, doubled after each refusal in a row, at most `backoff_cap` s, with
     jitter) before its next job; refused jobs count as refused and are not resent."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     pending = list(reversed(jobs))
     outcomes: list[Outcome] = []
@@ -247,7 +245,7 @@ async def run_load(url: str, jobs: list[Job], concurrency: int = 64, *, timeout:
 async def solo_answers(url: str, jobs: list[Job], *, api_key: str | None = None,
                        timeout: float = 120.0) -> dict[tuple[str, bool, int], str]:
     """Each distinct (prompt, chat, max_tokens) of `jobs` sent alone, greedy, speculation off."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key)
     answers = {}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as http:
         for key in sorted({(j.prompt, j.chat, j.max_tokens) for j in jobs}):

@@ -6,13 +6,13 @@ from them).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 
 import httpx
 import torch
 
+from nbkit.client import sse_events
 from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.torch_runner import TorchRunner
@@ -69,9 +69,4 @@ def reference_text(prompt_ids: list[int], max_new_tokens: int) -> str:
 
 def sse_data(response: httpx.Response) -> list:
     """The `data:` payloads of an SSE response, JSON-decoded where they are JSON."""
-    out = []
-    for line in response.iter_lines():
-        if line.startswith("data:"):
-            payload = line[5:].strip()
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
+    return list(sse_events(response.iter_lines()))
