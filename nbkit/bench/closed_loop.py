@@ -25,6 +25,7 @@ from pathlib import Path
 from ..engine.engine import Engine
 from ..engine.request import SamplingParams
 from ..medusa.prompts import distill_prompts
+from .static import StaticBatchingEngine
 
 
 @dataclass
@@ -242,8 +243,9 @@ def _cmd_bench(args) -> int:
         if proto.heads is None and speculation != "off":
             speculation = "off"
         runner = proto.runner.fresh(max_slots=max_batch)
-        return Engine(runner, proto.tokenizer, proto.heads, speculation=speculation, max_batch=max_batch,
-                      static_batching=static_batching, cost_model=proto.cost_model, max_queue=1024,
+        engine_class = StaticBatchingEngine if static_batching else Engine
+        return engine_class(runner, proto.tokenizer, proto.heads, speculation=speculation, max_batch=max_batch,
+                            cost_model=proto.cost_model, max_queue=1024,
                       model_name=proto.model_name).start()
 
     torch.manual_seed(0)

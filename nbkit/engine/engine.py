@@ -26,7 +26,7 @@ from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
 from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
-from .runner import Runner, TreeInput
+from .runner import Runner, SlotOutput, TreeInput
 
 log = logging.getLogger("nbkit.engine")
 
@@ -50,13 +50,13 @@ class Engine:
     def __init__(
         self, runner: Runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
         speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
-        prefill_budget: int = 256, static_batching: bool = False, cost_model: CostModel | None = None,
+        prefill_budget: int = 256, cost_model: CostModel | None = None,
         model_name: str = "model",
     ):
         self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
         self.model_name = model_name
         self.max_batch = min(max_batch or runner.max_slots, runner.max_slots)
-        self.max_queue, self.prefill_budget, self.static_batching = max_queue, prefill_budget, static_batching
+        self.max_queue, self.prefill_budget = max_queue, prefill_budget
         self.eos_ids = set(runner.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -77,15 +77,11 @@ class Engine:
         self.tree_reserve = max(self.base_tree.size, fixed.size if fixed else 1) + 1
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
-        # Static batching (the baseline): a finished request's row stays in the padded batch, computed
-        # and thrown away every step, until the longest request of the batch is done. slot -> token.
-        self.padding: dict[int, int] = {}
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead: str | None = None  # why the engine thread died
-        self.fault_injector: Callable[[Request], None] | None = None  # tests: raise inside one request
         self.counters = {"steps": 0, "tokens": 0, "finished": 0, "cancelled": 0, "errors": 0, "rejected": 0,
                          "prefill_tokens": 0, "step_seconds": 0.0, "spec_steps": 0, "spec_tokens": 0}
         self.on_step: Callable[[dict], None] | None = None  # metrics hook, called from the engine thread
@@ -218,16 +214,18 @@ class Engine:
         if running:
             self._decode(running)
         self._prefill()
-        if self.padding and not self.active:
-            self._release_padding()
+
+    def _admits_new_work(self) -> bool:
+        """Continuous batching: a free slot takes new work at every step (bench/static.py overrides it)."""
+        return True
 
     def _admit(self) -> None:
         with self._cond:
             for req in [r for r in self.waiting if r.handle.cancelled]:  # a client that left frees its queue place now
                 self.waiting.remove(req)
                 self._finish(req, "cancelled")
-            if self.static_batching and self.active:
-                return  # static batching: the batch runs to its end before new work is taken
+            if not self._admits_new_work():
+                return
             while self.waiting and len(self.active) < self.max_batch:
                 req = self.waiting.popleft()
                 if req.handle.cancelled:
@@ -253,10 +251,9 @@ class Engine:
         topk = self._head_topk(need)
         inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
-        inputs += [TreeInput(slot, chain(0), [token]) for slot, token in self.padding.items()]
         t0 = time.perf_counter()
         try:
-            results = self.runner.verify(inputs)
+            results = self._verify(inputs)
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
             log.exception("verification failed")
             for r in running:
@@ -268,8 +265,6 @@ class Engine:
         for r, item in zip(running, inputs):
             tree = trees[r.id]
             try:
-                if self.fault_injector is not None:
-                    self.fault_injector(r)
                 logits, hidden = results[r.slot]
                 emitted[r.id], nodes = self._accept(r, tree, item.tokens, logits)
             except Exception as err:
@@ -284,13 +279,12 @@ class Engine:
                 self.stats.accepted += len(nodes) - 1
                 self.counters["spec_steps"] += 1
                 self.counters["spec_tokens"] += len(emitted[r.id])
-        self._advance_padding(commits)
-        self.runner.commit(commits)
+        self._commit(commits)
         # The policy learns what a step of this shape really costs: the forward pass plus acceptance
         # and KV compaction (per-request work that grows with trees, ~3% of a 16-row CPU step).
         seconds = time.perf_counter() - t0
         if self.cost_model is not None:
-            self.cost_model.observe(len(inputs) * q, seconds, n_rows=len(inputs))
+            self.cost_model.observe(len(results) * q, seconds, n_rows=len(results))
         self.counters["steps"] += 1
         self.counters["step_seconds"] += seconds
         for r in running:
@@ -300,20 +294,11 @@ class Engine:
             self.on_step({"batch": len(running), "tree": chosen.name, "tree_size": chosen.size,
                           "seconds": seconds, "tokens": sum(len(e) for e in emitted.values())})
 
-    def _advance_padding(self, commits: dict[int, list[int]]) -> None:
-        """Padding rows keep their KV in step with the batch while the context has room."""
-        limit = self.runner.max_context - self.tree_reserve
-        for slot in list(self.padding):
-            if self.runner.length(slot) + 1 < limit:
-                commits[slot] = [0]
-            else:
-                del self.padding[slot]
-                self.runner.free(slot)
+    def _verify(self, inputs: list[TreeInput]) -> dict[int, SlotOutput]:
+        return self.runner.verify(inputs)
 
-    def _release_padding(self) -> None:
-        for slot in self.padding:
-            self.runner.free(slot)
-        self.padding.clear()
+    def _commit(self, commits: dict[int, list[int]]) -> None:
+        self.runner.commit(commits)
 
     def _probe_due(self) -> bool:
         """While no tree runs, the heads still look ahead now and then so the acceptance statistics
@@ -369,8 +354,6 @@ class Engine:
                 continue
             logits, hidden = results[r.slot]
             try:
-                if self.fault_injector is not None:
-                    self.fault_injector(r)
                 first, _ = self._accept(r, chain(0), [0], logits[None])
             except Exception as err:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
@@ -423,10 +406,7 @@ class Engine:
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:
-            if self.static_batching and reason not in ("cancelled", "error") and r.pending is not None:
-                self.padding[r.slot] = r.pending  # the padded batch goes on computing this row
-            else:
-                self.runner.free(r.slot)
+            self._release_slot(r, reason)
             r.slot = None
         now = time.monotonic()
         key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
@@ -437,6 +417,9 @@ class Engine:
             time_to_first_token=None if r.first_token_at is None else r.first_token_at - r.created,
             latency=now - r.created, error=error, error_type="generation" if reason == "error" else None,
         ))
+
+    def _release_slot(self, r: Request, reason: str) -> None:
+        self.runner.free(r.slot)
 
     def _finish_all(self, reason: str, error: str) -> None:
         with self._cond:

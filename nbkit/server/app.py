@@ -20,6 +20,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -44,12 +45,10 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
                               "contract, TGI and OpenAI-compatible APIs.")
     metrics = Metrics(routes=set())
     app.state.service = Service(engine, settings, metrics)
-    routers = (generate.router, openai.router, ops.router)
-    for router in routers:
+    for router in (generate.router, openai.router, ops.router):
         app.include_router(router)
     _add_error_handlers(app)
-    metrics.routes.update(r.path for r in app.routes if hasattr(r, "path"))  # /docs, /openapi.json, ...
-    metrics.routes.update(r.path for router in routers for r in router.routes)
+    metrics.routes.update(r.path for r in iter_route_contexts(app.routes))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(Guard, keys=settings.keys, rate_limit=settings.rate_limit)
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts the guards' refusals too

@@ -98,3 +98,76 @@ class OracleHeads(MedusaHeads):
                 out[row, d][out[row, d] == token] = 0 if token != 0 else 2
                 out[row, d, rank] = token
         return out
+
+
+class SlotState:
+    """What a fault sees of one slot: the prompt prefilled so far and the tokens emitted before this pass."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.prompt_ids: list[int] = []
+        self.n_output = 0
+
+
+class _Poisoned:
+    """Logits that raise `err` when acceptance reads them: the failure lands inside that one request."""
+
+    def __init__(self, err: Exception):
+        self._err = err
+
+    def __getattr__(self, name):
+        raise self._err
+
+    def __getitem__(self, key):
+        raise self._err
+
+
+class FaultyRunner:
+    """A runner wrapper for fault tests: `fault(state)` runs for every slot of every pass's results.
+
+    It may sleep (slow steps), raise an Exception (that request fails, as a sampling failure would) or
+    raise a BaseException (it escapes the engine's per-request handling and kills the engine thread).
+    Everything else is the wrapped runner's.
+    """
+
+    def __init__(self, runner):
+        self.inner = runner
+        self.fault = None
+        self.states: dict[int, SlotState] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def fresh(self, max_slots=None) -> FaultyRunner:
+        return FaultyRunner(self.inner.fresh(max_slots))
+
+    def alloc(self) -> int:
+        slot = self.inner.alloc()
+        self.states[slot] = SlotState(slot)
+        return slot
+
+    def prefill(self, chunks):
+        for slot, chunk in chunks.items():
+            self.states[slot].prompt_ids += list(chunk)
+        return self._inject(self.inner.prefill(chunks), first=True)
+
+    def verify(self, batch):
+        return self._inject(self.inner.verify(batch))
+
+    def commit(self, accepted) -> None:
+        self.inner.commit(accepted)
+        for slot, nodes in accepted.items():
+            self.states[slot].n_output += len(nodes)  # the accepted nodes are the tokens emitted this step
+
+    def _inject(self, results, first: bool = False):
+        for slot, (_logits, hidden) in list(results.items()):
+            state = self.states[slot]
+            if not first and state.n_output == 0:
+                state.n_output = 1  # the prefill's token
+            if self.fault is None:
+                continue
+            try:
+                self.fault(state)
+            except Exception as err:
+                results[slot] = (_Poisoned(err), hidden)
+        return results

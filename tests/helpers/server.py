@@ -17,7 +17,7 @@ from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
-from . import ToyTokenizer, random_heads, tiny_llama
+from . import FaultyRunner, ToyTokenizer, random_heads, tiny_llama
 
 TINY_MODEL = "tiny-llama"
 
@@ -47,9 +47,11 @@ def embedded_engine(max_batch: int = 4, max_queue: int = 8) -> Iterator[Engine]:
 
 
 def tiny_engine(max_batch: int = 8, max_queue: int = 64, speculation: str = "adaptive") -> Engine:
-    """A not-yet-started engine over a random 2-layer Llama with 4 random Medusa heads (steps take ms)."""
+    """A not-yet-started engine over a random 2-layer Llama with 4 random Medusa heads (steps take ms).
+
+    Its runner is a FaultyRunner: tests slow it down or break it with `engine.runner.fault = ...`."""
     model = tiny_llama()
-    return Engine(TorchRunner(model, max_slots=max_batch), ToyTokenizer(), random_heads(model),
+    return Engine(FaultyRunner(TorchRunner(model, max_slots=max_batch)), ToyTokenizer(), random_heads(model),
                   speculation=speculation, max_queue=max_queue, model_name=TINY_MODEL,
                   cost_model=CostModel.from_function(lambda n: 0.01 + 0.001 * n))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 NAMES = [p.stem for p in NOTEBOOKS]
 SECRETS = {"NBKIT_API_KEY": "nbk-test-key-5f3a9c0d", "HF_TOKEN": "hf_testtoken_8d2e71aa",

@@ -17,7 +17,7 @@ from helpers.server import TINY_MODEL, reference_text, tiny_engine
 from nbkit.server.launch import start_server
 
 KEY = "page-key-5f1c2b"
-INSTALL = Path(__file__).resolve().parents[1] / "scripts" / "install_chromium.sh"
+INSTALL = Path(__file__).resolve().parents[2] / "scripts" / "install_chromium.sh"
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -59,7 +59,7 @@ def test_chat_page_asks_for_key_and_streams_a_reply(browser):
     from selenium.webdriver.common.by import By
 
     engine = tiny_engine()
-    engine.fault_injector = lambda request: time.sleep(0.03)  # slow enough to watch the reply grow
+    engine.runner.fault = lambda slot: time.sleep(0.03)  # slow enough to watch the reply grow
     with start_server(engine, port=0, api_key=KEY) as handle:
         browser.get(handle.url + "/")
         el = lambda css: browser.find_element(By.CSS_SELECTOR, css)

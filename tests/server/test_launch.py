@@ -72,7 +72,7 @@ def test_engine_given_running_is_left_running():
 
 def test_stop_lets_inflight_requests_finish_then_refuses():
     engine = tiny_engine()
-    engine.fault_injector = lambda request: time.sleep(0.02)
+    engine.runner.fault = lambda slot: time.sleep(0.02)
     handle = start_server(engine, port=0)
     result = {}
     t = threading.Thread(target=lambda: result.update(
@@ -95,7 +95,7 @@ def test_stop_lets_inflight_requests_finish_then_refuses():
 
 def test_stop_without_grace_ends_streams_promptly():
     engine = tiny_engine()
-    engine.fault_injector = lambda request: time.sleep(0.02)
+    engine.runner.fault = lambda slot: time.sleep(0.02)
     handle = start_server(engine, port=0)
     events = []
 

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 import torch
+from helpers import FaultyRunner
 
 from nbkit.engine.engine import Engine
 from nbkit.engine.loader import load_engine
@@ -37,7 +38,10 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def engine(one_torch_thread):
-    engine = load_engine("torch", max_batch=8, max_queue=8, cost_model=COST).start()
+    base = load_engine("torch", max_batch=8, max_queue=8, cost_model=COST)
+    # Faults are injected by a wrapping runner (tests/helpers), never by a hook inside the engine.
+    engine = Engine(FaultyRunner(base.runner), base.tokenizer, base.heads, max_batch=8, max_queue=8,
+                    cost_model=COST, model_name=base.model_name).start()
     yield engine
     engine.stop()
 
@@ -50,10 +54,10 @@ def fresh_engine(base: Engine, max_batch: int, max_queue: int = 8) -> Engine:
 
 @pytest.fixture
 def server(engine):
-    engine.fault_injector = None
+    engine.runner.fault = None
     handle = start_server(engine, port=0)
     yield handle
-    engine.fault_injector = None
+    engine.runner.fault = None
     handle.stop(grace=0)
 
 
@@ -228,12 +232,12 @@ def test_sampling_failure_ends_that_request_with_an_error_while_others_finish(se
     others = {"The capital of France is": 8, "def fibonacci(n):": 8, "List three prime numbers:": 5}
     expected = {p: solo(engine, engine.encode(p), n) for p, n in others.items()}
 
-    def inject(request):
-        ids = tuple(request.prompt_ids)
-        if ids in victim_ids and (ids == first_token_ids or len(request.output_ids) >= 3):
+    def inject(slot):
+        ids = tuple(slot.prompt_ids)
+        if ids in victim_ids and (ids == first_token_ids or slot.n_output >= 3):
             raise RuntimeError("injected sampling failure")
 
-    engine.fault_injector = inject
+    engine.runner.fault = inject
     out = {}
 
     def call(name, path, body, stream=False):
@@ -274,7 +278,7 @@ def test_sampling_failure_ends_that_request_with_an_error_while_others_finish(se
     for prompt in others:
         status, body = out[prompt]
         assert status == 200 and body["response"] == expected[prompt], prompt
-    engine.fault_injector = None
+    engine.runner.fault = None
     assert engine.alive and httpx.get(url + "/health").json() == {"status": "ok"}
     r = httpx.post(url + "/generate", json={"prompt": victims["/generate"], "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["response"] == solo(engine, engine.encode(victims["/generate"]), 4)
@@ -314,11 +318,11 @@ def test_engine_death_fails_running_waiting_and_new_requests_fast(engine):
         assert wait_for(lambda: doomed.snapshot()["running"] == 2 and doomed.snapshot()["waiting"] == 3, 60)
         assert wait_for(lambda: doomed.counters["tokens"] >= 2, 60)
 
-        def crash(request):
+        def crash(slot):
             raise EngineCrash("injected: the engine thread dies")
 
         died_at = time.monotonic()
-        doomed.fault_injector = crash
+        doomed.runner.fault = crash
         for t in threads:
             t.join(30)
         assert not any(t.is_alive() for t in threads)

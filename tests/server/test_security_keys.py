@@ -11,6 +11,7 @@ import re
 
 import httpx
 import pytest
+from fastapi.routing import iter_route_contexts
 from helpers.server import embedded_engine
 
 from nbkit.server import security
@@ -76,7 +77,7 @@ def keyed(engine, monkeypatch):
 def all_routes(app) -> list[tuple[str, str]]:
     """(method, path) of every route the app serves, the docs' included, plus HEAD/OPTIONS and unknown paths."""
     out = []
-    for route in app.routes:
+    for route in iter_route_contexts(app.routes):  # the included routers' routes too
         for method in sorted(getattr(route, "methods", None) or {"GET"}):
             out.append((method, route.path))
     return out + [("OPTIONS", "/generate"), ("HEAD", "/info"), ("GET", "/nothing"), ("POST", "/v1/embeddings"),

@@ -21,7 +21,7 @@ from nbkit.server.launch import start_server
 
 def slow_engine(seconds_per_step: float = 0.02, **kwargs):
     engine = tiny_engine(**kwargs)
-    engine.fault_injector = lambda request: time.sleep(seconds_per_step)
+    engine.runner.fault = lambda slot: time.sleep(seconds_per_step)
     return engine
 
 
@@ -175,10 +175,10 @@ def test_dead_engine_fails_fast_and_health_says_so():
         t.start()
         assert wait_for(lambda: engine.snapshot()["running"] == 1)
 
-        def crash(request):
+        def crash(slot):
             raise Crash("injected")
 
-        engine.fault_injector = crash
+        engine.runner.fault = crash
         t.join(10)
         assert result["r"].status_code == 503 and "engine thread died" in result["r"].json()["error"]
         health = http.get("/health")
@@ -218,11 +218,11 @@ def test_health_is_503_while_loading_then_200():
 def test_stream_error_event_when_generation_fails():
     engine = tiny_engine()
     with start_server(engine, port=0) as handle, httpx.Client(base_url=handle.url, timeout=30) as http:
-        def fail(request):
-            if request.output_ids:  # after the first token: the error arrives mid-stream
+        def fail(slot):
+            if slot.n_output:  # after the first token: the error arrives mid-stream
                 raise RuntimeError("injected sampling failure")
 
-        engine.fault_injector = fail
+        engine.runner.fault = fail
         with http.stream("POST", "/generate_stream", json={"prompt": "x", "max_tokens": 20}) as r:
             events = sse_data(r)
         assert events[-1]["error_type"] == "generation" and "injected" in events[-1]["error"]
@@ -230,6 +230,6 @@ def test_stream_error_event_when_generation_fails():
         assert r.status_code == 424 and r.json()["error_type"] == "generation"
         r = http.post("/v1/completions", json={"model": TINY_MODEL, "prompt": "x", "max_tokens": 20})
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-        engine.fault_injector = None
+        engine.runner.fault = None
         assert http.get("/health").status_code == 200
         assert http.post("/generate", json={"prompt": "x", "max_tokens": 3}).status_code == 200

@@ -4,8 +4,9 @@ import asyncio
 
 import pytest
 import torch
-from helpers import OracleHeads, ToyTokenizer, hf_greedy, random_heads, tiny_llama
+from helpers import FaultyRunner, OracleHeads, ToyTokenizer, hf_greedy, random_heads, tiny_llama
 
+from nbkit.bench.static import StaticBatchingEngine
 from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.request import EngineStopped, Overloaded, SamplingParams
@@ -25,9 +26,10 @@ def refs(model):
     return [hf_greedy(model, p, 48) for p in PROMPTS]
 
 
-def make_engine(model, heads=None, max_slots=8, **kw):
+def make_engine(model, heads=None, max_slots=8, static_batching=False, **kw):
     kw.setdefault("cost_model", CHEAP)
-    return Engine(TorchRunner(model, max_slots=max_slots), ToyTokenizer(), heads, **kw)
+    engine_class = StaticBatchingEngine if static_batching else Engine
+    return engine_class(TorchRunner(model, max_slots=max_slots), ToyTokenizer(), heads, **kw)
 
 
 def test_plain_engine_equals_hf_generate(model, refs):
@@ -140,18 +142,19 @@ def test_cancel_frees_the_slot_and_the_slot_is_reused_correctly(model, refs, ora
 
 
 def test_a_failing_request_does_not_disturb_the_others(model, refs, oracle):
-    engine = make_engine(model, oracle, max_slots=4, speculation="mc_sim_7b_63")
+    runner = FaultyRunner(TorchRunner(model, max_slots=4))
+    engine = Engine(runner, ToyTokenizer(), oracle, speculation="mc_sim_7b_63", cost_model=CHEAP)
     handles = [engine.submit(p, SamplingParams(max_tokens=48)) for p in PROMPTS[:3]]
-    bad = handles[1].id
+    bad = PROMPTS[1]
     calls = {"n": 0}
 
-    def fault(req):
-        if req.id == bad:
+    def fault(slot):
+        if slot.prompt_ids == bad:
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("injected sampling failure")
 
-    engine.fault_injector = fault
+    runner.fault = fault
     results = run_until_done(engine, handles)
     assert results[1].finish_reason == "error" and "injected" in results[1].error
     assert results[0].token_ids == refs[0] and results[2].token_ids == refs[2]
