@@ -28,7 +28,7 @@ def tokenizers(vicuna_mirror):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from nbkit.engine.llamacpp_runner import gguf_tokenizer
+    from nbkit.gguf.files import gguf_tokenizer
 
     gguf = hub.to_gguf(hub.download_model(BASE_ID, mirror=vicuna_mirror), "q8_0")
     llm = Llama(str(gguf), vocab_only=True, verbose=False)

@@ -21,10 +21,11 @@ import pytest
 import torch
 from vicuna_mini import BASE_ID, HEADS_ID, fastchat_ids
 
+from nbkit.engine.loader import load_engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
-from nbkit.launch import start_server
 from nbkit.notebook import hub
+from nbkit.server.launch import start_server
 
 os.environ.setdefault("NBKIT_LLAMA_THREADS", "1")
 
@@ -46,16 +47,10 @@ def served(request, vicuna_mirror):
         pytest.importorskip("llama_cpp", reason="the llama.cpp bindings are not installed")
     prepared = hub.prepare(BASE_ID, HEADS_ID, plan, mirror=vicuna_mirror)
     assert prepared.heads_info.n_heads == 5 and prepared.heads_info.config_heads == 2
-    if kind == "torch":
-        from nbkit.engine.loader import load_torch_engine
-
-        engine = load_torch_engine(prepared.model, heads=prepared.heads, max_batch=4, cost_model=CHEAP)
-    else:
-        from nbkit.engine.llamacpp_runner import load_llamacpp_engine
-
+    extra = {"exact": True} if kind == "llamacpp" else {}
+    if kind == "llamacpp":
         assert prepared.model.endswith(".gguf") and "q8_0" in prepared.model.lower()
-        engine = load_llamacpp_engine(prepared.model, heads=prepared.heads, max_batch=4, exact=True,
-                                      cost_model=CHEAP)
+    engine = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=4, cost_model=CHEAP, **extra)
     assert engine.heads.n_heads == 5
     handle = start_server(engine, port=0)
     with httpx.Client(base_url=handle.url, timeout=120) as http:
