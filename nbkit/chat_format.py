@@ -121,16 +121,32 @@ def vicuna_text(messages: list[dict], eos_token: str = "</s>") -> str:
 
 
 def vicuna_prompt_ids(tokenizer, messages: list[dict], allow_special: bool = False) -> list[int]:
-    """`tokenizer(vicuna_text(messages))` (BOS + the conversation, as FastChat tokenizes it).
+    """BOS + the conversation, tokenized as vicuna saw it in training: FastChat called the (legacy, slow)
+    LlamaTokenizer on the whole text, which tokenizes the text between special tokens segment by segment,
+    each with sentencepiece's word-start marker, so "</s>USER:" is `</s>`, "▁USER", ":". llama.cpp's own
+    tokenizer does the same; transformers 5's fast tokenizer would give "US", "ER" there.
 
     vicuna's turns are marked by plain text ("USER:", "ASSISTANT:") and by `</s>`. Unless allow_special is
-    on, a message that holds a special-token string or a role marker is tokenized piecewise instead: special
-    strings become plain characters, and role markers are spelled one character at a time, so the exact
-    token sequences that open a turn only ever come from the template."""
-    pieces = vicuna_pieces(messages)
-    if allow_special or not any(_forgery(tokenizer).search(text) for kind, text in pieces if kind == "content"):
-        return _ids(tokenizer(vicuna_text(messages, tokenizer.eos_token)))
-    return vicuna_piecewise_ids(tokenizer, pieces)
+    on, what clients wrote is tokenized with special strings as plain characters and role markers spelled one
+    character at a time, so the exact token sequences that open a turn only ever come from the template."""
+    if getattr(tokenizer, "eos_token", None) is None:
+        raise ValueError("this tokenizer has neither a chat template nor an EOS token: send a raw prompt instead")
+    if allow_special:  # the client's text is parsed like the template's: special strings are real
+        return segmentwise_ids(tokenizer, vicuna_text(messages, tokenizer.eos_token))
+    return vicuna_piecewise_ids(tokenizer, vicuna_pieces(messages))
+
+
+def segmentwise_ids(tokenizer, text: str) -> list[int]:
+    """BOS + `text` tokenized as the legacy LlamaTokenizer did: special strings become their ids, and the
+    text between them is tokenized segment by segment (each with sentencepiece's word-start marker)."""
+    specials = sorted(set(special_strings(tokenizer)), key=len, reverse=True)
+    out, pos = bos_prefix(tokenizer), 0
+    if specials:
+        for m in re.finditer("|".join(re.escape(s) for s in specials), text):
+            out += _encode(tokenizer, text[pos : m.start()], split_special=False)
+            out.append(tokenizer.convert_tokens_to_ids(m.group()))
+            pos = m.end()
+    return out + _encode(tokenizer, text[pos:], split_special=False)
 
 
 def _forgery(tokenizer) -> re.Pattern:
@@ -140,17 +156,16 @@ def _forgery(tokenizer) -> re.Pattern:
 
 
 def vicuna_piecewise_ids(tokenizer, pieces: list[tuple[str, str]]) -> list[int]:
-    """Each piece tokenized on its own: content with special tokens split (plain text), our own `</s>` as
-    the EOS id. A piece right after an EOS is tokenized behind the EOS token, as the whole text would be
-    (sentencepiece adds its word-start marker only at the very beginning of a text)."""
+    """Each piece tokenized on its own: our text as usual, client content with special strings and role
+    markers as plain characters, our own `</s>` as the EOS id. Pieces begin at word boundaries or right
+    after an EOS, where the word-start marker belongs anyway: the ids equal the segment-wise tokenization
+    of the whole text (checked in tests against llama.cpp's tokenizer)."""
     out = bos_prefix(tokenizer)
-    for i, (kind, text) in enumerate(pieces):
+    for kind, text in pieces:
         if kind == "eos":
             out.append(tokenizer.eos_token_id)
         elif kind == "content":
             out += _content_ids(tokenizer, text)
-        elif i > 0 and pieces[i - 1][0] == "eos":  # template text only: "USER:" follows an EOS
-            out += _continuation(tokenizer, text)
         else:
             out += _encode(tokenizer, text, split_special=False)
     return out

@@ -35,7 +35,7 @@ import torch
 BASE_ID = "lmsys/vicuna-7b-v1.3"
 HEADS_ID = "FasterDecoding/medusa-vicuna-7b-v1.3"
 # Bump when anything below changes what is written: cached builds are keyed by it.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -109,6 +109,16 @@ def encode_corpus(sp_model: bytes, texts: list[str]) -> list[list[int]]:
                 ids += sp.encode(part)
         seqs.append(ids)
     return seqs
+
+
+def fastchat_ids(tok, text: str) -> list[int]:
+    """The ids vicuna trained on for a rendered conversation, built by hand for tests: FastChat called the
+    legacy LlamaTokenizer, which split the text at `</s>` and tokenized each segment on its own (each with
+    sentencepiece's word-start marker), BOS first. (transformers 5's fast tokenizer differs after `</s>`.)"""
+    out = [1]
+    for i, segment in enumerate(text.split("</s>")):
+        out += ([2] if i else []) + (list(tok(segment, add_special_tokens=False)["input_ids"]) if segment else [])
+    return out
 
 
 # --- the models -------------------------------------------------------------------------------------------
@@ -189,7 +199,7 @@ def write_base(out: Path, model, sp_model: bytes) -> None:
     (out / "tokenizer.model").write_bytes(sp_model)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": _token("<s>"),
-        "clean_up_tokenization_spaces": False, "eos_token": _token("</s>"), "legacy": False,
+        "clean_up_tokenization_spaces": False, "eos_token": _token("</s>"),
         "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
         "tokenizer_class": "LlamaTokenizer", "unk_token": _token("<unk>")}, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps({

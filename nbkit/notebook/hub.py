@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ SAFETENSORS_FILES = ["*.safetensors", "model.safetensors.index.json"]
 BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 # Medusa heads: FasterDecoding publishes medusa_lm_head.pt; our own trained heads are safetensors.
 HEADS_FILES = ["config.json", "medusa_lm_head.pt", "medusa_lm_head.safetensors"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # --- the token ---------------------------------------------------------------------------------------
@@ -155,6 +157,24 @@ def model_files(available: list[str]) -> list[str]:
     return select_files(available, MODEL_CONFIG_FILES) + weights
 
 
+def is_hub_id(name) -> bool:
+    """'owner/name' that is not a local path nor a .gguf file: something to fetch from the hub."""
+    return (isinstance(name, str) and bool(HUB_ID.match(name)) and not name.endswith(".gguf")
+            and not Path(name).exists())
+
+
+def fetch_model(model):
+    """A hub id -> its folder in nbkit's cache (only the files needed, fetched once, through $NBKIT_HUB_MIRROR
+    when set): `python -m nbkit serve --model lmsys/vicuna-7b-v1.3` loads what the notebooks load.
+    Anything else (None, a folder, a .gguf file) is returned unchanged."""
+    return str(download_model(model)) if is_hub_id(model) else model
+
+
+def fetch_heads(heads):
+    """A hub id of Medusa heads -> its folder in the cache; anything else unchanged."""
+    return str(download_heads(heads)) if is_hub_id(heads) else heads
+
+
 def download_model(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
     """A transformers model folder for `repo_id`. A local folder is returned as it is (nothing to fetch)."""
     if Path(repo_id).is_dir():
@@ -250,7 +270,7 @@ class Prepared:
 
 def to_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
     """The GGUF the llama.cpp engine serves: converted once, quantized once, reused on re-runs."""
-    from .convert import convert
+    from ..gguf.convert import convert
 
     q = (quantization or "f16").lower()
     if q in ("none", "auto"):

@@ -21,7 +21,7 @@ def run(capsys, *args) -> dict:
 
 
 @pytest.mark.parametrize("raw", [True, False])
-def test_generate_on_vicuna(vicuna_mirror, capsys, raw):
+def test_generate_on_vicuna(vicuna_mirror, capsys, monkeypatch, raw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, heads_dir = vicuna_mirror / BASE_ID, vicuna_mirror / HEADS_ID
@@ -29,7 +29,9 @@ def test_generate_on_vicuna(vicuna_mirror, capsys, raw):
     prompt = "Where does the owl sing?"
     text = prompt if raw else f"{VICUNA_SYSTEM} USER: {prompt} ASSISTANT:"
     ids = [1] + tok(text, add_special_tokens=False)["input_ids"]
-    out = run(capsys, "--model", str(model_dir), "--heads", str(heads_dir), "--prompt", prompt,
+    monkeypatch.setenv("NBKIT_HUB_MIRROR", str(vicuna_mirror))
+    names = (BASE_ID, HEADS_ID) if raw else (str(model_dir), str(heads_dir))  # hub ids and local folders
+    out = run(capsys, "--model", names[0], "--heads", names[1], "--prompt", prompt,
               "--tree", "mc_sim_7b_63", *(["--raw"] if raw else []))
     assert out["prompt_tokens"] == len(ids)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
