@@ -61,7 +61,7 @@ def repository(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def llama_cpp_source() -> Path:
     """The pinned llama.cpp tree (converter included), from the shared cache (downloaded once if missing)."""
-    from nbkit.notebook import build
+    from nbkit.gguf import build
 
     build.source_dir()
     return build.root().parent
@@ -182,7 +182,7 @@ def llamacpp_greedy(gguf: Path, ids: list[int], n: int) -> list[int]:
 
 def reference_gguf(mirror: Path, home: Path) -> Path:
     """The miniature converted to Q8_0 here, with the pinned converter directly (not through nbkit)."""
-    from nbkit.notebook.build import vendor_dir
+    from nbkit.gguf.build import vendor_dir
 
     out = home / "reference.Q8_0.gguf"
     subprocess.run([sys.executable, str(vendor_dir() / "convert_hf_to_gguf.py"), str(mirror / BASE_ID),

@@ -27,7 +27,7 @@ def test_simulated_gpu_makes_the_plan_and_says_so(monkeypatch):
 
 
 def test_simulated_gpu_builds_the_cpu_bindings(monkeypatch):
-    from nbkit.notebook import build
+    from nbkit.gguf import build
 
     asked = []
     monkeypatch.setattr(build, "install_bindings", lambda **kw: asked.append(kw))
