@@ -171,7 +171,8 @@ ray start --address=HEAD_IP:6379              # on every other machine
 {multi}
 ```
 
-This copy of the heads must be at the same path on every machine (or on shared storage).
+Copy this folder to the machines that run vLLM (every machine, same path, or shared storage) and put
+that path in `"model"`.
 `--pipeline-parallel-size` is the number of machines, `--tensor-parallel-size` the GPUs per machine.
 
 ## What changes from nbkit
