@@ -8,10 +8,10 @@ set -euo pipefail
 SIDE=${1:-/tmp/vllm-side}
 PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 VLLM_VERSION=$("$PY" -c 'from nbkit.medusa.vllm import VLLM_VERSION; print(VLLM_VERSION)')
-"$PY" -m venv "$SIDE"
+"$PY" -m venv --system-site-packages "$SIDE"
 "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
   > "$SIDE/lib/python$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')/site-packages/nbkit-venv.pth"
 "$SIDE/bin/pip" install -q --no-deps "vllm==$VLLM_VERSION"
 "$SIDE/bin/pip" install -q cbor2 aiohttp openai-harmony pybase64 cachetools msgspec uvloop partial-json-parser \
-  llguidance einops xgrammar==0.2.8
+  llguidance einops cloudpickle py-cpuinfo xgrammar==0.2.8
 VLLM_TARGET_DEVICE=cpu "$SIDE/bin/python" -c 'import vllm.model_executor.models.medusa' && echo "vLLM $VLLM_VERSION ready in $SIDE"
