@@ -14,6 +14,9 @@ from nbkit.chat_format import (
     vicuna_text,
 )
 
+# Loading a tokenizer.model-only tokenizer converts it (seconds); the first use builds the miniature (a minute).
+pytestmark = pytest.mark.slow
+
 CONVERSATIONS = [
     ([{"role": "user", "content": "Hello there"}], f"{VICUNA_SYSTEM} USER: Hello there ASSISTANT:"),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -69,7 +72,6 @@ def test_unknown_role_is_refused(tok):
         chat_prompt_ids(tok, [{"role": "tool", "content": "x"}])
 
 
-@pytest.mark.slow
 def test_smollm2_keeps_its_template_and_gets_no_bos():
     from transformers import AutoTokenizer
 

@@ -12,6 +12,9 @@ from vicuna_mini import BASE_ID, HEADS_ID
 
 from nbkit.notebook import hub
 
+# Loading the miniature takes seconds; the first use builds it (a minute of CPU).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def mini(vicuna_mirror):
