@@ -282,7 +282,7 @@ def test_run_all_as_colab_twice(plan, mirror, repository, llama_cpp_source, tmp_
 
     for nb in (first, second):
         shown = {name: _text(_cell(nb, code)) for name, code in {
-            "env": "env = show_summary()", "plan": "plan = resolve_plan", "build": "ensure_engine(plan",
+            "env": "env = show_summary()", "plan": "plan = ", "build": "ensure_engine(plan",
             "login": "login()", "ngrok": "ngrok_status()", "prepare": "prepared = prepare",
             "serve": "public = serve", "answer": "answer = public.generate", "chat": "panel.send("}.items()}
         assert "Google Colab" in shown["env"] and "simulated by $NBKIT_GPU" in shown["env"]
