@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .build_job import ensure_engine  # noqa: F401 -- the notebooks import it from here
 from .env import in_colab
 
 EXACT = {"transformers", "tokenizers", "huggingface-hub", "gguf", "safetensors"}
@@ -127,17 +128,3 @@ def ensure_requirements(path: str | os.PathLike | None = None, install: bool | N
                               "(Runtime > Restart session) and run the notebook again; the second run installs "
                               "nothing.")
     return todo
-
-
-def ensure_engine(plan, env=None):
-    """Build and install llama-cpp-python when the plan's engine is llama.cpp (CUDA for this GPU); else nothing.
-
-    The build is cached: the second run finds the wheel (or the installed bindings) and returns at once."""
-    if plan.engine != "llamacpp":
-        print(f"engine {plan.engine}: nothing to build")
-        return None
-    from .build import install_bindings
-    from .env import detect
-
-    gpu = (env or detect()).gpu
-    return install_bindings(cuda=gpu is not None, cuda_arch=gpu.arch if gpu else None)
