@@ -119,6 +119,12 @@ def model_files(available: list[str]) -> list[str]:
     return select_files(available, MODEL_CONFIG_FILES) + weights
 
 
+def download_config(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
+    """Only config.json of a model repo (kilobytes): enough to plan before downloading gigabytes."""
+    m = _mirror(mirror)
+    return _download(repo_id, ["config.json"], local_dir_for(repo_id), revision, m)
+
+
 def download_model(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
     """A transformers model folder for `repo_id`. A local folder is returned as it is (nothing to fetch)."""
     if Path(repo_id).is_dir():
