@@ -255,8 +255,7 @@ def ensure_engine(plan, env=None, wheel_cache: str | os.PathLike | None = None, 
     from .env import detect
 
     gpu = (env or detect()).gpu
-    # $NBKIT_BUILD_CUDA=0: CPU bindings even with a GPU (a test that fakes the GPU; no CUDA toolkit here).
-    cuda = gpu is not None and os.environ.get("NBKIT_BUILD_CUDA", "1").strip().lower() not in ("0", "false", "no")
+    cuda = gpu is not None and not getattr(gpu, "simulated", False)  # $NBKIT_GPU plans for a GPU, builds for the CPU
     arch = gpu.arch if cuda else None
     flavour = build.flavour(cuda, arch)
     log_file = build.root() / "logs" / f"background-{flavour}.log"
