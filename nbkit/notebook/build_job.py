@@ -123,6 +123,9 @@ class BuildJob:
         if not self.note:
             lines.append(f"  log: {self.log_file}")
             if self.state == "running":
+                last = next((line for line in reversed(self.tail(5)) if line.strip()), "")
+                if last:
+                    lines.append(f"  last: {last[:200]}")
                 lines.append("  the model downloads and converts meanwhile; serving waits for the build")
         return "\n".join(lines)
 

@@ -241,6 +241,8 @@ def prepare(model, heads, plan, mirror: str | os.PathLike | None = None, build=N
     `build`: the background llama.cpp build (ensure_engine); it goes on meanwhile, and only a quantization
     that needs the bindings (Q4_K_M ...) waits for it here. Serving waits for it in any case."""
     engine = plan.engine
+    if build is not None:
+        build.check()  # a build that already failed stops here, not after the download
     if model in EMBEDDED:
         model_arg = None  # both engines know the embedded SmolLM2 (HF folder or its shipped GGUF)
     elif str(model).endswith(".gguf"):

@@ -85,7 +85,7 @@ def test_the_build_runs_while_the_model_downloads_and_converts(cache, mirror, ca
     time.sleep(0.5)
     shown = repr(job)
     assert "building in the background" in shown and "% compiled" in shown and "left (estimate)" in shown
-    assert "serving waits for the build" in shown
+    assert "serving waits for the build" in shown and "last: [" in shown and "Building CUDA object" in shown
 
     prepared = hub.prepare("acme/tiny", "none", LLAMACPP, mirror=mirror_dir, build=job)
     assert (vendor / "converted").exists() and prepared.model.endswith(".q8_0.gguf")
@@ -103,6 +103,10 @@ def test_a_failed_build_says_why_where_serving_waits(cache, mirror):
     assert "exit 2" in str(err.value) and "Unsupported gpu architecture" in str(err.value)
     assert str(job.log_file) in str(err.value)
     assert job.state == "failed" and "FAILED" in repr(job)
+    mirror_dir, _ = mirror
+    with pytest.raises(build.BuildError, match="Unsupported gpu architecture"):  # before downloading gigabytes
+        hub.prepare("acme/tiny", "none", LLAMACPP, mirror=mirror_dir, build=job)
+    assert not hub.local_dir_for("acme/tiny").exists()
 
 
 def test_rerunning_the_cell_or_restarting_the_kernel_finds_the_running_build(cache):
