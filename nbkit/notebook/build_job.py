@@ -53,6 +53,7 @@ class BuildJob:
     started: float = field(default_factory=time.time)
     proc: subprocess.Popen | None = None
     note: str = ""  # set when nothing had to run ("already installed")
+    pid: int | None = None  # of a build an earlier kernel started (no Popen here)
 
     @property
     def rc_file(self) -> Path:
@@ -72,6 +73,8 @@ class BuildJob:
             return int(text)
         if self.proc is not None and self.proc.returncode is not None:
             return self.proc.returncode or 1  # exited without writing its status: killed
+        if self.proc is None and self.pid is not None and not _pid_alive(self.pid):
+            return -9  # an earlier kernel's build that died without writing its status
         return None
 
     @property
@@ -212,8 +215,8 @@ def _attach(flavour: str, log_file: Path, estimate_s: float) -> BuildJob | None:
         pid, started, cmd = int(record["pid"]), float(record["started"]), list(record["command"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    job = BuildJob(flavour, log_file, cmd, estimate_s, started)
-    return job if job.returncode() is None and _pid_alive(pid) else None
+    job = BuildJob(flavour, log_file, cmd, estimate_s, started, pid=pid)
+    return job if job.returncode() is None else None
 
 
 def start_build(cuda: bool = False, cuda_arch: str | None = None, cache: Path | None = None,

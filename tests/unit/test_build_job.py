@@ -5,7 +5,10 @@ A fake build command (a Python script that prints and waits) stands in for the c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 import textwrap
 import time
@@ -48,10 +51,14 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NBKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(build, "source_dir", lambda: tmp_path)  # no sdist download in these tests
     monkeypatch.setattr(build_job, "_jobs", {})
+    started = []
+    real_start = build_job.start_build
+    monkeypatch.setattr(build_job, "start_build", lambda *a, **k: started.append(real_start(*a, **k)) or started[-1])
     yield tmp_path
-    for job in build_job._jobs.values():  # never leave a fake build running
-        if job.proc is not None and job.proc.poll() is None:
-            job.proc.kill()
+    for job in started:  # never leave a fake build running
+        if job.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.proc.pid, signal.SIGKILL)
             job.proc.wait()
 
 
@@ -121,6 +128,17 @@ def test_rerunning_the_cell_or_restarting_the_kernel_finds_the_running_build(cac
     marker.write_text("")
     first.wait(timeout=30)
     assert attached.wait(timeout=30).state == "done"  # the status comes from the file, not from being the parent
+
+
+def test_an_attached_build_that_died_is_reported_not_awaited_forever(cache):
+    cmd = [sys.executable, "-c", FAKE_BUILD, str(cache / "never")]
+    first = build_job.start_build(command=cmd)
+    build_job._jobs.clear()
+    attached = build_job.start_build(command=cmd)
+    os.killpg(first.proc.pid, signal.SIGKILL)  # the machine killed the build: no status file is written
+    first.proc.wait()
+    with pytest.raises(build.BuildError, match="exit"):
+        attached.wait(timeout=30, poll_s=0.05)
 
 
 def test_wait_prints_progress_and_times_out(cache, capsys):
