@@ -110,6 +110,11 @@ def test_a_failed_build_says_why_where_serving_waits(cache, mirror):
     assert "exit 2" in str(err.value) and "Unsupported gpu architecture" in str(err.value)
     assert str(job.log_file) in str(err.value)
     assert job.state == "failed" and "FAILED" in repr(job)
+    from nbkit.notebook.widgets import run_benchmark
+
+    with pytest.raises(build.BuildError, match="Unsupported gpu architecture"):  # before starting the benchmark
+        run_benchmark(prepared, out=str(cache / "bench"))
+    assert not (cache / "bench").exists()
     mirror_dir, _ = mirror
     with pytest.raises(build.BuildError, match="Unsupported gpu architecture"):  # before downloading gigabytes
         hub.prepare("acme/tiny", "none", LLAMACPP, mirror=mirror_dir, build=job)
