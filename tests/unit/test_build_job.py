@@ -259,3 +259,12 @@ def test_a_full_drive_only_warns(cache, fake_builds, monkeypatch, capsys):
     monkeypatch.setattr(build, "_copy_atomic", full)
     whl = build.wheel(cache=cache / "wheels")
     assert whl.is_file() and "could not save the wheel" in capsys.readouterr().out
+
+
+def test_build_cli_passes_the_wheel_cache(monkeypatch, tmp_path):
+    from nbkit.cli import main
+
+    seen = {}
+    monkeypatch.setattr(build, "install_bindings", lambda **kw: seen.update(kw))
+    assert main(["build", "--cuda", "--cuda-arch", "75", "--wheel-cache", str(tmp_path)]) == 0
+    assert seen == {"cuda": True, "cuda_arch": "75", "force": False, "cache": str(tmp_path)}
