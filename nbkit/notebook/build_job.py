@@ -26,8 +26,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import build
-from .build import BuildError
+from ..gguf import build
+from ..gguf.build import BuildError
 
 DRIVE_MOUNT = "/content/drive"
 # Prior estimates before the compile reports progress. CPU: measured on this project's 2-core machines

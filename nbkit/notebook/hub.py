@@ -220,7 +220,7 @@ class Prepared:
 
 def to_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
     """The GGUF the llama.cpp engine serves: converted once, quantized once, reused on re-runs."""
-    from .convert import convert
+    from ..gguf.convert import convert
 
     q = (quantization or "f16").lower()
     if (outtype := _gguf_outtype(q)) is not None:  # the converter writes these directly (no F16 copy for Q8_0)

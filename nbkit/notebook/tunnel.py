@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..client import auth_headers
 from ..models import cache_dir
 from .env import in_colab, secret
 
 log = logging.getLogger("nbkit.tunnel")
 PROVIDERS = ("ngrok", "colab", "none", "auto")
-SKIP_WARNING = {"ngrok-skip-browser-warning": "1"}  # ngrok's free plan shows browsers a page without it
 NGROK_HELP = (
     "ngrok needs an auth token: add a Colab secret named NGROK_AUTHTOKEN (key icon on the left; the token is "
     "on https://dashboard.ngrok.com/get-started/your-authtoken) or set $NGROK_AUTHTOKEN. Without an ngrok "
@@ -86,10 +86,7 @@ class Tunnel:
 
     @property
     def headers(self) -> dict[str, str]:
-        h = dict(SKIP_WARNING) if self.provider == "ngrok" else {}
-        if self.api_key:
-            h["Authorization"] = f"Bearer {self.api_key}"
-        return h
+        return auth_headers(self.api_key, ngrok=self.provider == "ngrok")
 
     def usage(self) -> str:
         """How to call the API: curl and the openai client. Shows a key only if we generated it."""
@@ -201,9 +198,7 @@ def _requires_key(local_url: str) -> bool:
 
 
 def _model_id(local_url: str, api_key: str | None) -> str | None:
-    request = urllib.request.Request(f"{local_url}/v1/models")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
+    request = urllib.request.Request(f"{local_url}/v1/models", headers=auth_headers(api_key))
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             return json.load(r)["data"][0]["id"]
@@ -291,7 +286,7 @@ def serve(
 
     A public URL gets a generated key when none is given (the same one on re-runs); the key is printed only
     if it was generated. `server_kwargs` go to nbkit.launch.start_server (speculation, max_batch, ...)."""
-    from ..launch import start_server
+    from ..server.launch import start_server
 
     key = api_key_for(provider, api_key, ngrok_authtoken)
     if hasattr(prepared, "wait_for_engine"):

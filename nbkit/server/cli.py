@@ -31,8 +31,8 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_serve(args) -> int:
-    from ..launch import start_server
     from .app import Settings
+    from .launch import start_server
 
     keys = args.api_key or ([os.environ["NBKIT_API_KEY"]] if os.environ.get("NBKIT_API_KEY") else None)
     settings = Settings(rate_limit=args.rate_limit or None, max_new_tokens=args.max_new_tokens)

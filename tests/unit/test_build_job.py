@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from nbkit.notebook import build, build_job, hub
+from nbkit.gguf import build
+from nbkit.notebook import build_job, hub
 from nbkit.notebook.env import Environment, Plan
 
 FAKE_BUILD = textwrap.dedent("""

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from nbkit.notebook import build, convert
+from nbkit.gguf import build, convert
 
 # Prints a first line, then waits until the reader has seen it: if the output were captured until exit,
 # the marker would never appear and the script would fail.
