@@ -262,17 +262,15 @@ def sizes_from_config(model_dir: str | os.PathLike | None, n_heads: int = 5) -> 
 
 def resolve_plan(
     engine: str = "auto", quantization: str = "auto", model_dir: str | os.PathLike | None = None,
-    env: Environment | None = None, model: str | None = None,
+    env: Environment | None = None, sizes: dict | None = None,
 ) -> Plan:
     """The plan for this runtime; explicit notebook parameters ("torch", "q8_0", ...) win over "auto".
 
-    The sizes come from the model's config.json: `model_dir` (downloaded), or `model` (a hub id: only its
-    config.json is fetched), else vicuna-7b's. A plan that cannot fit the GPU raises PlanError, so the
-    notebook stops before it downloads anything."""
-    from .fit import model_sizes
-
+    The sizes come from `sizes` (choose_plan's keywords: fit.plan_for reads them from a hub repo's
+    config.json alone), else `model_dir`'s config.json, else vicuna-7b's. A plan that cannot fit the GPU
+    raises PlanError, so the notebook stops before it downloads anything."""
     env = env or detect()
-    sizes = sizes_from_config(model_dir) if model_dir else model_sizes(model)
+    sizes = sizes if sizes is not None else sizes_from_config(model_dir)
     gpu_gib = env.gpu.total_gib if env.gpu else None
     auto = choose_plan(gpu_gib, **sizes)
     if (engine, quantization) == ("auto", "auto"):

@@ -1,7 +1,7 @@
 """What to serve on this machine: model sizes read before downloading, and the CPU fallback.
 
-`resolve_plan` (env.py) sizes its plan from `model_sizes(MODEL)`: the config.json of a hub repo is a few
-kilobytes, so a plan that cannot fit is refused before gigabytes are fetched. `fit_model` keeps a machine
+`plan_for` sizes the plan (env.resolve_plan) from `model_sizes(MODEL)`: the config.json of a hub repo is a
+few kilobytes, so a plan that cannot fit is refused before gigabytes are fetched. `fit_model` keeps a machine
 without a GPU from downloading 13.5 GB to run a 7B model on a CPU: it serves the embedded model instead,
 and says so.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .env import Environment, detect, sizes_from_config
+from .env import Environment, Plan, detect, resolve_plan, sizes_from_config
+from .hub import EMBEDDED, download_config
 
 CPU_MAX_PARAMS_B = 2.0  # above this, a model on a CPU is too slow to be the default (vicuna-7b: 6.74)
 
@@ -23,8 +24,6 @@ EMBEDDED_SIZES = {"params_b": 0.135, "heads_gib": 0.02, "kv_mib_per_token": 2 * 
 def model_sizes(model: str | os.PathLike | None) -> dict:
     """choose_plan() sizes for a notebook's MODEL: the embedded model's, a folder's or a hub repo's config.json
     (only that file is fetched), else {} (vicuna-7b's defaults)."""
-    from .hub import EMBEDDED, download_config
-
     if model is None:
         return {}
     if model in EMBEDDED:
@@ -53,3 +52,11 @@ def fit_model(model, heads, env: Environment | None = None, allow_cpu: bool = Fa
           f"({params_b:.1f} B parameters: a {params_b * 2:.1f} GB download, far too slow on a CPU). To run it "
           "anyway set ALLOW_CPU = True (or $NBKIT_ALLOW_CPU=1); for a GPU: Runtime > Change runtime type > T4 GPU.")
     return "embedded", "embedded"
+
+
+def plan_for(engine: str = "auto", quantization: str = "auto", env: Environment | None = None,
+             model: str | os.PathLike | None = None) -> Plan:
+    """env.resolve_plan for the notebook's MODEL, sized from its config.json (only that file is fetched).
+
+    Raises env.PlanError, with the arithmetic, for a plan that cannot fit the GPU."""
+    return resolve_plan(engine, quantization, env=env or detect(), sizes=model_sizes(model))

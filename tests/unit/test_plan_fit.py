@@ -39,7 +39,7 @@ def fetched(repo: str) -> list[str]:
 
 def test_torch_f16_on_a_t4_is_refused_before_anything_is_downloaded(mirror):
     with pytest.raises(env.PlanError) as err:
-        env.resolve_plan("torch", "auto", env=T4, model="lmsys/vicuna-7b-v1.3")
+        fit.plan_for("torch", "auto", T4, "lmsys/vicuna-7b-v1.3")
     why = str(err.value)
     assert "torch/f16 does not fit Tesla T4" in why and "12.6 GiB weights" in why and "> 14.7 GiB" in why
     assert "Nothing was downloaded" in why and "ENGINE='auto'" in why
@@ -47,24 +47,24 @@ def test_torch_f16_on_a_t4_is_refused_before_anything_is_downloaded(mirror):
 
 
 def test_torch_plan_is_labelled_with_what_it_loads(mirror):
-    plan = env.resolve_plan("torch", "auto", env=A100, model="lmsys/vicuna-7b-v1.3")
+    plan = fit.plan_for("torch", "auto", A100, "lmsys/vicuna-7b-v1.3")
     assert (plan.engine, plan.quantization) == ("torch", "f16")  # not the llama.cpp plan's q8_0
     assert abs(plan.weights_gib - 12.6) < 0.1 and plan.fits()
-    small = env.resolve_plan("torch", "auto", env=T4, model="acme/small")  # a small model fits a T4 in f16
+    small = fit.plan_for("torch", "auto", T4, "acme/small")  # a small model fits a T4 in f16
     assert (small.engine, small.quantization) == ("torch", "f16") and small.weights_gib < 1.5
     with pytest.raises(env.PlanError, match="ENGINE='llamacpp'"):
-        env.resolve_plan("torch", "q8_0", env=A100, model="lmsys/vicuna-7b-v1.3")
+        fit.plan_for("torch", "q8_0", A100, "lmsys/vicuna-7b-v1.3")
 
 
 def test_other_plans_that_cannot_fit_are_refused(mirror):
     with pytest.raises(env.PlanError, match="llamacpp/f16 does not fit Tesla T4"):
-        env.resolve_plan("llamacpp", "f16", env=T4, model="lmsys/vicuna-7b-v1.3")
+        fit.plan_for("llamacpp", "f16", T4, "lmsys/vicuna-7b-v1.3")
     tiny_gpu = env.Environment(colab=True, python="3.13", torch="2", cuda="12", gpus=[env.Gpu("GT", 4.0, 4.0, (6, 1))])
     with pytest.raises(env.PlanError, match="does not fit GT"):
-        env.resolve_plan(env=tiny_gpu, model="lmsys/vicuna-7b-v1.3")
-    auto = env.resolve_plan(env=T4, model="lmsys/vicuna-7b-v1.3")  # the default on a T4 still runs
+        fit.plan_for(env=tiny_gpu, model="lmsys/vicuna-7b-v1.3")
+    auto = fit.plan_for(env=T4, model="lmsys/vicuna-7b-v1.3")  # the default on a T4 still runs
     assert (auto.engine, auto.quantization) == ("llamacpp", "q8_0") and auto.fits()
-    assert env.resolve_plan(env=T4, model="embedded").fits()
+    assert fit.plan_for(env=T4, model="embedded").fits()
 
 
 def test_an_unreadable_config_plans_with_vicunas_sizes(mirror, capsys):
