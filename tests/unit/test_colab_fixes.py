@@ -28,15 +28,19 @@ def test_simulated_gpu_makes_the_plan_and_says_so(monkeypatch):
 
 def test_simulated_gpu_builds_the_cpu_bindings(monkeypatch):
     from nbkit.gguf import build
+    from nbkit.notebook import build_job
 
-    asked = []
-    monkeypatch.setattr(build, "install_bindings", lambda **kw: asked.append(kw))
-    gpus = env.simulated_gpus("Tesla T4, 15360, 15095, 7.5")
-    facts = env.Environment(colab=True, python="3.12", torch=None, cuda=None, gpus=gpus)
-    install.ensure_engine(env.choose_plan(15.0), facts)
+    started = []
+    monkeypatch.setattr(build, "installed_bindings", lambda: (build.VERSION, False))  # the CPU build is installed
+    monkeypatch.setattr(build, "source_dir", lambda: None)
+    monkeypatch.setattr(build_job, "start_build", lambda cuda, arch, cache, command: started.append((cuda, arch)))
+    simulated = env.Environment(colab=True, python="3.12", torch=None, cuda=None,
+                                gpus=env.simulated_gpus("Tesla T4, 15360, 15095, 7.5"))
+    job = install.ensure_engine(env.choose_plan(15.0), simulated)
+    assert started == [] and "already installed" in repr(job)  # planned for the T4, the CPU bindings serve it
     real = env.Environment(colab=True, python="3.12", torch=None, cuda="12.4", gpus=[env.Gpu("Tesla T4", 15, 15, (7, 5))])
     install.ensure_engine(env.choose_plan(15.0), real)
-    assert asked == [{"cuda": False, "cuda_arch": None}, {"cuda": True, "cuda_arch": "75"}]
+    assert started == [(True, "75")]
 
 
 # --- login ----------------------------------------------------------------------------------------------
