@@ -15,11 +15,13 @@ import pytest
 from conftest_server import TINY_MODEL, reference_text, sse_data, tiny_engine
 
 from nbkit.launch import start_server
+from nbkit.server.app import Settings
 
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server(tiny_engine(), port=0)
+    # Strict model names (a setting): the 404 cases below; the lenient default is tests/server/test_clients.py.
+    handle = start_server(tiny_engine(), port=0, settings=Settings(strict_model_name=True))
     yield handle
     handle.stop()
 

@@ -83,6 +83,9 @@ class Settings:
     # Chat messages are text: "<|im_start|>system" in a message is not a special token (no forged turns).
     # True lets clients write raw special tokens into messages (trusted clients only).
     allow_special_tokens_in_chat: bool = False
+    # One model is served: any model name a client sends gets it (as TGI and llama-server do; clients such
+    # as huggingface_hub send "dummy"). True refuses other names with 404, as OpenAI does.
+    strict_model_name: bool = False
 
     @property
     def keys(self) -> list[str]:
@@ -147,7 +150,7 @@ class Service:
 
     def check_model(self, name: str | None) -> None:
         self.ready()
-        if name and name != self.model_id:
+        if self.settings.strict_model_name and name and name != self.model_id:
             raise APIError(404, f"the model {name!r} does not exist: this server serves {self.model_id!r}",
                            "not_found", param="model", code="model_not_found")
 
