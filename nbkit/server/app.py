@@ -76,6 +76,7 @@ class Settings:
     max_input_tokens: int | None = None  # default: whatever the context leaves room for
     max_new_tokens: int = 2048  # the largest max_tokens a request may ask for (and the default for chat)
     max_stop: int = 4  # stop sequences per request (as OpenAI and TGI)
+    max_stop_chars: int = 256  # characters per stop sequence: the engine matches them on every token
     max_body_bytes: int = 1 << 20
     retry_after: int = 1  # seconds, sent with 429 when the queue is full
     model_name: str | None = None  # the served model id (default: the engine's)
@@ -199,6 +200,9 @@ class Service:
                                  f"limit of {total} tokens", param=name, code="context_length_exceeded")
         if len(stop) > s.max_stop:
             raise APIError(None, f"{len(stop)} stop sequences; at most {s.max_stop} are allowed", param="stop")
+        if any(len(x) > s.max_stop_chars for x in stop):
+            raise APIError(None, f"a stop sequence has {max(len(x) for x in stop)} characters; at most "
+                                 f"{s.max_stop_chars} are allowed", param="stop")
         if params.get("speculate") is None:
             params["speculate"] = True
         return SamplingParams(max_tokens=max_tokens, stop=stop, **params)
