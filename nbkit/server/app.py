@@ -87,6 +87,7 @@ class Settings:
     # One model is served: any model name a client sends gets it (as TGI and llama-server do; clients such
     # as huggingface_hub send "dummy"). True refuses other names with 404, as OpenAI does.
     strict_model_name: bool = False
+    max_chat_messages: int = 1024  # messages per chat request, checked before the chat template runs
 
     @property
     def keys(self) -> list[str]:
@@ -161,8 +162,23 @@ class Service:
         engine = self.ready()
         return await run_in_threadpool(engine.encode, prompt)
 
+    def check_messages(self, messages: list[dict]) -> None:
+        """Refuse chats that cannot fit before the template runs: it costs time per message and character.
+
+        Every message adds at least one token and a token is rarely more than 16 characters, so more messages
+        than input tokens, or 16 characters per input token, can never fit the context."""
+        max_input, _ = self.limits()
+        max_messages = min(self.settings.max_chat_messages, max_input or self.settings.max_chat_messages)
+        if len(messages) > max_messages:
+            raise APIError(None, f"{len(messages)} messages; at most {max_messages} are allowed", param="messages")
+        chars = sum(len(m.get("content") or "") for m in messages)
+        if max_input and chars > 16 * max_input:
+            raise APIError(None, f"the messages have {chars} characters: far more than the {max_input} input "
+                                 "tokens allowed", param="messages", code="context_length_exceeded")
+
     async def chat_ids(self, messages: list[dict]) -> list[int]:
         tokenizer = self.ready().tokenizer
+        self.check_messages(messages)
         allow = self.settings.allow_special_tokens_in_chat
         try:
             return await run_in_threadpool(chat_prompt_ids, tokenizer, messages, allow)
