@@ -27,7 +27,7 @@ _current: ServerHandle | None = None
 _lock = threading.Lock()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it refers to its tunnel, which refers back
 class ServerHandle:
     url: str
     host: str
@@ -38,15 +38,33 @@ class ServerHandle:
     _server: object = field(repr=False)
     _thread: threading.Thread = field(repr=False)
     _sock: socket.socket = field(repr=False)
+    tunnel: object = field(default=None, repr=False)  # the tunnel that publishes this server: closed with it
 
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def set_api_key(self, key: str | list[str]) -> None:
+        """Require `key` (or keys) from now on instead of the current ones (rotation); the old ones stop working."""
+        from .server.security import redact_logs
+
+        settings = self.app.state.service.settings
+        old = settings.api_key
+        settings.api_key = key
+        try:
+            keys = settings.keys
+        except ValueError:
+            settings.api_key = old
+            raise
+        redact_logs(keys)
+
     def stop(self, grace: float = 5.0, timeout: float = 10.0) -> None:
         """Stop serving: refuse new requests, let in-flight ones finish for up to `grace` seconds, cancel
         the rest, then stop uvicorn and (if the launcher created or started it) the engine."""
         global _current
+        if self.tunnel is not None:  # first: nothing public may point at this port once it stops serving
+            self.tunnel.close()
+            self.tunnel = None
         svc = self.app.state.service
         svc.stopping = True
         deadline = time.monotonic() + grace
@@ -110,6 +128,7 @@ def start_server(
         settings.engine_name = engine
     settings.keys  # noqa: B018 -- validate the keys before anything starts
 
+    _close_unkeyed_tunnel(port, settings.keys)
     with _lock:
         previous = _current
     owns = engine_or_none is None
@@ -146,6 +165,17 @@ def start_server(
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.keys:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     return handle
+
+
+def _close_unkeyed_tunnel(port: int, keys: list[str]) -> None:
+    """A public tunnel to `port` stays only in front of a server that requires a key: else it closes first."""
+    tunnels = sys.modules.get("nbkit.notebook.tunnel")  # not imported: no tunnel was opened
+    tunnel = tunnels.current_tunnel() if tunnels is not None else None
+    if tunnel is None or not tunnel.public or keys:
+        return
+    if tunnel.port == port or (_current is not None and tunnel is _current.tunnel):
+        log.warning("closing the public tunnel %s: the new server on port %s has no API key", tunnel.url, port)
+        tunnel.close()
 
 
 def current_server() -> ServerHandle | None:

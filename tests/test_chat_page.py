@@ -16,7 +16,7 @@ from conftest_server import TINY_MODEL, reference_text, tiny_engine
 
 from nbkit.launch import start_server
 
-KEY = "page-key-5f1c2b"
+KEY = "page-key-5f1c2b-0a9e"
 INSTALL = Path(__file__).resolve().parents[1] / "scripts" / "install_chromium.sh"
 
 

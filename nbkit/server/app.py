@@ -64,6 +64,7 @@ CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 TREE_RESERVE = 64 + 1  # the engine keeps room for its largest tree in the context
 WATCH_EVERY = 0.25  # seconds between checks for a gone client or a dead engine while waiting for tokens
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
+MIN_KEY_LENGTH = 16
 OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
@@ -96,6 +97,9 @@ class Settings:
         keys = [self.api_key] if isinstance(self.api_key, str) else list(self.api_key)
         if any(not isinstance(k, str) or not k.strip() for k in keys):
             raise ValueError("API keys must be non-empty strings")
+        if any(len(k) < MIN_KEY_LENGTH for k in keys):
+            raise ValueError(f"API keys must have at least {MIN_KEY_LENGTH} characters: a short key is guessed "
+                             "quickly (make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')")
         return keys
 
 
@@ -508,7 +512,8 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
 
     metrics.routes.update(r.path for r in app.routes)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(Guard, keys=settings.keys, rate_limit=settings.rate_limit)
+    settings.keys  # noqa: B018 -- refuse bad keys now, not on the first request
+    app.add_middleware(Guard, keys=lambda: svc.settings.keys, rate_limit=settings.rate_limit)  # rotatable
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts the guards' refusals too
     return app
 

@@ -1,0 +1,96 @@
+"""Bounded work per request and keys (issue 13), against a real loopback server over a tiny random model.
+
+Each test names the attack it covers; each failed before the fix.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest_server import tiny_engine
+
+from nbkit.launch import start_server
+from nbkit.server.app import Settings
+from nbkit.server.cli import read_keys
+
+KEY = "hardening-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    handle = start_server(tiny_engine(), port=0)
+    yield handle
+    handle.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def test_stop_strings_are_capped_in_length(http):
+    # Attack: four 20,000-character stops cost seconds of engine-thread CPU per request.
+    r = http.post("/generate", json={"prompt": "x", "max_tokens": 4, "stop": ["a" * 257]})
+    assert r.status_code == 422 and "at most 256" in r.json()["error"]
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "stop": ["a" * 20000] * 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    ok = http.post("/generate", json={"prompt": "x", "max_tokens": 4, "stop": ["a" * 256] * 4})
+    assert ok.status_code == 200
+
+
+def test_chat_messages_are_capped_before_templating(http):
+    # Attack: 32,000 messages (under the 1 MiB body limit) made the template path run for 24 s.
+    many = [{"role": "user", "content": "<|im_start|>"}] * 2000
+    r = http.post("/v1/chat/completions", json={"messages": many, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "at most" in r.text
+    huge = [{"role": "user", "content": "z" * 900_000}]
+    r = http.post("/v1/chat/completions", json={"messages": huge, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    ok = http.post("/v1/chat/completions", json={"messages": many[:3], "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
+
+
+def test_short_keys_are_refused():
+    # Attack: a one-character key was accepted.
+    with pytest.raises(ValueError, match="at least 16"):
+        start_server(tiny_engine(), port=0, api_key="k")
+    with pytest.raises(ValueError, match="at least 16"):
+        Settings(api_key=["x" * 15]).keys
+
+
+def test_keys_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    # Attack: --api-key is visible to every user of the machine in `ps`.
+    file = tmp_path / "keys"
+    file.write_text(f"# comment\n{KEY}\n\nsecond-key-abcdefghijkl\n")
+    monkeypatch.setenv("NBKIT_API_KEY", "env-key-0123456789abcdef")
+    assert read_keys(None, str(file)) == [KEY, "second-key-abcdefghijkl"]
+    assert read_keys(None, None) == ["env-key-0123456789abcdef"]
+    assert read_keys(["given-key-0123456789ab"], None) == ["given-key-0123456789ab"]
+    with pytest.raises(OSError, match="cannot read"):
+        read_keys(None, str(tmp_path / "missing"))
+    from nbkit.cli import main
+
+    monkeypatch.delenv("NBKIT_API_KEY")
+    (tmp_path / "short").write_text("tiny\n")
+    assert main(["serve", "--api-key-file", str(tmp_path / "short")]) == 2  # refused before loading a model
+
+
+def test_failed_key_attempts_are_throttled_per_address():
+    # Attack: unlimited guesses. Behind a local proxy (ngrok) the address is the one the proxy forwards.
+    handle = start_server(tiny_engine(), port=0, api_key=KEY)
+    try:
+        with httpx.Client(base_url=handle.url, timeout=30) as http:
+            bad = {"Authorization": "Bearer wrong-key-0123456789"}
+            attacker = {**bad, "X-Forwarded-For": "203.0.113.7"}
+            codes = [http.get("/info", headers=attacker).status_code for _ in range(12)]
+            assert codes[:10] == [401] * 10 and codes[10:] == [429, 429]
+            r = http.get("/info", headers={**AUTH, "X-Forwarded-For": "203.0.113.7"})
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # even with the key, for a while
+            assert r.json()["error_type"] == "rate_limit"
+            # Another address is not affected, nor is /health.
+            assert http.get("/info", headers={**AUTH, "X-Forwarded-For": "198.51.100.1"}).status_code == 200
+            assert http.get("/health", headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 200
+    finally:
+        handle.stop(grace=0)
