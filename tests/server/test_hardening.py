@@ -57,7 +57,7 @@ def test_short_keys_are_refused():
     with pytest.raises(ValueError, match="at least 16"):
         start_server(tiny_engine(), port=0, api_key="k")
     with pytest.raises(ValueError, match="at least 16"):
-        Settings(api_key=["x" * 15]).keys
+        Settings(api_key=["x" * 15]).keys  # noqa: B018
 
 
 def test_keys_from_a_file_or_the_environment(tmp_path, monkeypatch):
