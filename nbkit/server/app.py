@@ -297,7 +297,7 @@ class Service:
         if fin.finish_reason == "cancelled":
             return APIError(503, "the request was cancelled: the server is stopping", "unavailable")
         if fin.finish_reason == "error":
-            if self.engine is None or not self.engine.alive:
+            if fin.error_type == "unavailable" or self.engine is None or not self.engine.alive:
                 return APIError(503, fin.error or "the engine stopped", "unavailable")
             return APIError(500 if openai else 424, fin.error or "generation failed", "generation")
         return None

@@ -71,7 +71,7 @@ class Guard:
     `keys` is a list, or a callable returning the current list (so that a key can be rotated while serving).
     After `max_failures` wrong or missing keys from one address within `failure_window` seconds, that address
     gets 429 with Retry-After until the window ends (behind a local proxy such as ngrok, the address is the
-    last X-Forwarded-For entry, the one the proxy added).
+    last X-Forwarded-For entry, the one the proxy added; direct local connections are not throttled).
     """
 
     def __init__(self, app, keys, rate_limit: float | None = None, max_failures: int = 10,
@@ -95,14 +95,15 @@ class Guard:
         if not keys:
             return await self.app(scope, receive, send)
         address = _client_address(scope)
-        wait = self._throttled(address)
+        wait = self._throttled(address) if address is not None else 0.0
         if wait > 0:
             err = APIError(429, "too many failed API key attempts from this address: wait", "rate_limit",
                            code="too_many_failed_attempts", headers={"Retry-After": str(max(1, math.ceil(wait)))})
             return await _reject(scope, send, err)
         key = self._match(keys, _header(scope, b"authorization"))
         if key is None:
-            self._failed(address)
+            if address is not None:
+                self._failed(address)
             err = APIError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return await _reject(scope, send, err)
@@ -162,13 +163,16 @@ class Guard:
         return 0.0
 
 
-def _client_address(scope) -> str:
-    """The peer's address; behind a proxy on this machine (ngrok's agent), the address that proxy saw."""
+def _client_address(scope) -> str | None:
+    """The address to throttle: the peer's; behind a proxy on this machine (ngrok's agent, which adds
+    X-Forwarded-For), the address that proxy saw. None for a direct connection from this machine (a local
+    program or test, which can read the notebook anyway), which is not throttled."""
     host = (scope.get("client") or ("?", 0))[0]
     if host in ("127.0.0.1", "::1", "localhost"):
         forwarded = _header(scope, b"x-forwarded-for")
-        if forwarded:
-            return forwarded.decode("latin-1").split(",")[-1].strip() or host
+        if not forwarded:
+            return None
+        return forwarded.decode("latin-1").split(",")[-1].strip() or host
     return host
 
 

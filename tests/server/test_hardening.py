@@ -92,5 +92,6 @@ def test_failed_key_attempts_are_throttled_per_address():
             # Another address is not affected, nor is /health.
             assert http.get("/info", headers={**AUTH, "X-Forwarded-For": "198.51.100.1"}).status_code == 200
             assert http.get("/health", headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 200
+            assert http.get("/info", headers=bad).status_code == 401  # a direct local client: not throttled
     finally:
         handle.stop(grace=0)
