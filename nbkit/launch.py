@@ -211,8 +211,12 @@ def _serve(app, sock: socket.socket, log_level: str, timeout: float):
     import uvicorn
 
     from .server.security import redact_logs
+    from .server.timeouts import head_deadline_protocol
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
+    settings = app.state.service.settings
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off",
+                            http=head_deadline_protocol(settings.head_timeout),
+                            limit_concurrency=settings.limit_concurrency)
     redact_logs(app.state.service.settings.keys)  # after Config: it (re)configures uvicorn's loggers
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="nbkit-server", daemon=True)

@@ -56,6 +56,7 @@ from .schemas import (
 )
 from .security import BodyLimit, Guard
 from .templates import chat_prompt_ids
+from .timeouts import TimedEventSourceResponse
 
 log = logging.getLogger("nbkit.server")
 
@@ -89,6 +90,12 @@ class Settings:
     # as huggingface_hub send "dummy"). True refuses other names with 404, as OpenAI does.
     strict_model_name: bool = False
     max_chat_messages: int = 1024  # messages per chat request, checked before the chat template runs
+    # Slow clients (slow-loris, readers that never read): seconds to send the request head, the body, and
+    # for each SSE event to be taken by the client; then 408 / the stream ends and its slot is freed.
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
+    limit_concurrency: int = 512  # connections + tasks; over it uvicorn answers 503 at once
 
     @property
     def keys(self) -> list[str]:
@@ -400,7 +407,8 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
         handle = svc.submit(ids, params)
         prefix = prompt if tgi is not None and tgi.return_full_text else ""
         seed = tgi.seed if tgi is not None else body.seed
-        return EventSourceResponse(_tgi_events(svc, handle, params.max_tokens, prefix, seed), headers=SSE_HEADERS)
+        return TimedEventSourceResponse(_tgi_events(svc, handle, params.max_tokens, prefix, seed), headers=SSE_HEADERS,
+                                       send_timeout=settings.send_timeout)
 
     # ---- OpenAI ---------------------------------------------------------------------------------
     def openai_sampling(body, n_prompt: int, max_tokens: int | None, name: str) -> SamplingParams:
@@ -436,8 +444,9 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
         rid, model = f"cmpl-{uuid.uuid4().hex}", svc.model_id
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(_openai_chunks(svc, handle, rid, model, chat=False, include_usage=usage),
-                                       headers=SSE_HEADERS)
+            return TimedEventSourceResponse(_openai_chunks(svc, handle, rid, model, chat=False, include_usage=usage),
+                                       headers=SSE_HEADERS,
+                                       send_timeout=settings.send_timeout)
         fin = await svc.result(handle, request)
         if (err := svc.failure(fin, openai=True)) is not None:
             raise err
@@ -462,8 +471,9 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(_openai_chunks(svc, handle, rid, model, chat=True, include_usage=usage),
-                                       headers=SSE_HEADERS)
+            return TimedEventSourceResponse(_openai_chunks(svc, handle, rid, model, chat=True, include_usage=usage),
+                                       headers=SSE_HEADERS,
+                                       send_timeout=settings.send_timeout)
         fin = await svc.result(handle, request)
         if (err := svc.failure(fin, openai=True)) is not None:
             raise err
@@ -511,7 +521,7 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
         return HTMLResponse(chat_page)
 
     metrics.routes.update(r.path for r in app.routes)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     settings.keys  # noqa: B018 -- refuse bad keys now, not on the first request
     app.add_middleware(Guard, keys=lambda: svc.settings.keys, rate_limit=settings.rate_limit)  # rotatable
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts the guards' refusals too

@@ -18,6 +18,7 @@ OPENAI_TYPES = {
     "unavailable": "service_unavailable_error",
     "generation": "server_error",
     "internal": "server_error",
+    "timeout": "timeout_error",
 }
 
 

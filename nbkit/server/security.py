@@ -6,6 +6,7 @@ answer before a body is parsed. Keys are compared in constant time and never log
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -20,8 +21,8 @@ OPEN_PATHS = frozenset({"/health", "/"})  # the chat page itself holds nothing; 
 class BodyLimit:
     """Refuse bodies over `limit` bytes with 413, whether or not Content-Length is declared."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float | None = None):
+        self.app, self.limit, self.timeout = app, limit, timeout  # timeout: seconds to receive the whole body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -34,19 +35,19 @@ class BodyLimit:
                 return await _reject(scope, send, APIError(400, "invalid Content-Length header"))
             if too_big:
                 return await _reject(scope, send, self._error())
-        # Read the body here (counting), then hand it to the app in one piece.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before sending its body
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await _reject(scope, send, self._error())
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        # Read the body here (counting, against the deadline), then hand it to the app in one piece.
+        chunks: list[bytes] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                status = await self._read(receive, chunks)
+        except TimeoutError:
+            return await _reject(scope, send, APIError(408, f"the request body was not received within "
+                                                            f"{self.timeout:g} s", "timeout", code="timeout",
+                                                       headers={"Connection": "close"}))
+        if status == "gone":
+            return  # the client went away before sending its body
+        if status == "too_big":
+            return await _reject(scope, send, self._error())
         replayed = False
 
         async def replay():
@@ -57,6 +58,20 @@ class BodyLimit:
             return await receive()  # afterwards: disconnect notices
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive, chunks: list[bytes]) -> str:
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return "gone"
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return "too_big"
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return "ok"
 
     def _error(self) -> APIError:
         return APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
