@@ -96,6 +96,9 @@ class Settings:
     body_timeout: float = 30.0
     send_timeout: float = 30.0
     limit_concurrency: int = 512  # connections + tasks; over it uvicorn answers 503 at once
+    # Client-chosen trees ("tree": "mc_sim_7b_63" pads every row of the batch to 64 positions): an operator
+    # opt-in. By default the adaptive policy decides; clients may still turn speculation off for themselves.
+    allow_client_trees: bool = False
 
     @property
     def keys(self) -> list[str]:
@@ -232,6 +235,10 @@ class Service:
                                  f"{s.max_stop_chars} are allowed", param="stop")
         if params.get("speculate") is None:
             params["speculate"] = True
+        if params.get("tree") not in (None, "none") and not s.allow_client_trees:
+            raise APIError(None, "this server does not let clients choose the Medusa tree (the operator can allow "
+                                 "it with allow_client_trees); leave 'tree' out, or send speculate: false",
+                           param="tree", code="tree_not_allowed")
         return SamplingParams(max_tokens=max_tokens, stop=stop, **params)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
@@ -381,6 +388,9 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request):
         """Original contract `{"prompt", "max_tokens"}` -> `{"response", ...}`; TGI `{"inputs", "parameters"}`
         -> `{"generated_text", "details"}`."""
+        if body.stream:
+            raise APIError(None, "stream is not supported on /generate: use /generate_stream (or POST /)",
+                           param="stream")
         ids, params, tgi, prompt = await tgi_request(body)
         fin = await svc.result(svc.submit(ids, params), request)
         if (err := svc.failure(fin, openai=False)) is not None:
@@ -490,10 +500,12 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
     @app.get("/health", response_model=Health, responses={503: {"model": Health}}, tags=["operations"])
     async def health():
         """200 `{"status": "ok"}` when requests can be served; 503 while loading, stopping, or if the engine died.
-        Open even when an API key is set."""
+        Open even when an API key is set; then it says no more than the status (no error text)."""
         status, why = svc.status()
         if status == "ok":
             return JSONResponse({"status": "ok"})
+        if settings.keys:  # open to anyone on the public URL: the state, not the engine's error text
+            return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": status, "error": why}, status_code=503)
 
     @app.get("/info", response_model=Info, tags=["operations"])
@@ -519,6 +531,14 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat():
         return HTMLResponse(chat_page)
+
+    @app.post("/", responses=tgi_errors, tags=["original / TGI"])
+    async def tgi_root(body: GenerateRequest, request: Request):
+        """TGI's compatibility route (huggingface_hub's `InferenceClient(model=URL).text_generation` posts here):
+        `stream: true` answers like `/generate_stream`, otherwise like `/generate`."""
+        if body.stream:
+            return await generate_stream(body)
+        return await generate(body.model_copy(update={"stream": False}), request)
 
     metrics.routes.update(r.path for r in app.routes)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout)
@@ -605,11 +625,17 @@ async def _openai_chunks(svc: Service, handle: RequestHandle, rid: str, model: s
             yield chunk(None, OPENAI_FINISH[fin.finish_reason])
             if include_usage:
                 yield _json({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-                             "usage": _usage(fin).model_dump()})
+                             "usage": _usage(fin).model_dump(), "nbkit": _stats(fin)})
     yield "[DONE]"
 
 
 # ---- small helpers --------------------------------------------------------------------------------
+
+def _stats(fin: Finished) -> dict:
+    """What the chat page and panel show under a reply: speed and tokens per decoding step."""
+    return {"steps": fin.steps, "mean_accepted": round(fin.mean_accepted, 4),
+            "tokens_per_s": round(fin.tokens_per_s, 2)}
+
 
 def _usage(fin: Finished) -> Usage:
     return Usage(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens,
@@ -638,6 +664,6 @@ def _describe(errors) -> tuple[str, str | None]:
         if not where and e.get("type") in ("model_attributes_type", "dict_type", "missing"):
             parts.append("the body must be a JSON object (Content-Type: application/json)")
             continue
-        param = param or (loc[0] if loc else None)
+        param = param or (e.get("ctx") or {}).get("param") or (loc[0] if loc else None)  # ctx: unsupported_parameter
         parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
     return "; ".join(parts) or "invalid request", param

@@ -104,8 +104,8 @@ class Guard:
         return [k.encode() for k in self._keys()]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or (scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")):
+            return await self.app(scope, receive, send)  # POST / (TGI's generation route) needs the key
         keys = self.keys
         if not keys:
             return await self.app(scope, receive, send)

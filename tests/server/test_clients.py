@@ -64,14 +64,14 @@ def test_text_generation_stream(server, tgi):
 
 def test_chat_completion_plain_any_model_name(server, chat):
     messages = [{"role": "user", "content": "Hi!"}]
-    out = chat.chat_completion(messages, max_tokens=8)
+    out = chat.chat_completion(messages, max_tokens=8, temperature=0)
     assert out.choices[0].message.content == expected(server, "Hi!", 8, chat=True)
     assert out.model == TINY_MODEL  # the served name, whatever name the client sent ("dummy")
 
 
 def test_chat_completion_stream(server, chat):
     messages = [{"role": "user", "content": "Hi!"}]
-    chunks = list(chat.chat_completion(messages, max_tokens=8, stream=True))
+    chunks = list(chat.chat_completion(messages, max_tokens=8, temperature=0, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected(server, "Hi!", 8, chat=True)
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
@@ -80,9 +80,10 @@ def test_chat_completion_stream(server, chat):
 def test_openai_chat_stream_completions(server, oai):
     messages = [{"role": "user", "content": "Hi!"}]
     want = expected(server, "Hi!", 8, chat=True)
-    reply = oai.chat.completions.create(model="anything", messages=messages, max_tokens=8)
+    reply = oai.chat.completions.create(model="anything", messages=messages, max_tokens=8, temperature=0)
     assert reply.choices[0].message.content == want and reply.model == TINY_MODEL
-    stream = oai.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=8, stream=True)
+    stream = oai.chat.completions.create(model=TINY_MODEL, messages=messages, max_tokens=8, temperature=0,
+                                         stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
-    done = oai.completions.create(model=TINY_MODEL, prompt="abc", max_tokens=6)
+    done = oai.completions.create(model=TINY_MODEL, prompt="abc", max_tokens=6, temperature=0)
     assert done.choices[0].text == expected(server, "abc", 6)

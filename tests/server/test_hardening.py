@@ -10,8 +10,6 @@ import pytest
 from conftest_server import tiny_engine
 
 from nbkit.launch import start_server
-from nbkit.server.app import Settings
-from nbkit.server.cli import read_keys
 
 KEY = "hardening-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -52,46 +50,69 @@ def test_chat_messages_are_capped_before_templating(http):
     assert ok.status_code == 200, ok.text
 
 
-def test_short_keys_are_refused():
-    # Attack: a one-character key was accepted.
-    with pytest.raises(ValueError, match="at least 16"):
-        start_server(tiny_engine(), port=0, api_key="k")
-    with pytest.raises(ValueError, match="at least 16"):
-        Settings(api_key=["x" * 15]).keys  # noqa: B018
+UNSUPPORTED = [
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
+    ("/v1/chat/completions", "logit_bias", {"50256": -100}, {}),
+    ("/v1/chat/completions", "top_logprobs", 3, 0),
+    ("/v1/completions", "logit_bias", {"1": 5}, {}),
+    ("/generate", "grammar", {"type": "json", "value": {}}, None),
+    ("/generate", "repetition_penalty", 1.2, 1.0),
+    ("/generate", "truncate", 100, None),
+    ("/generate", "top_n_tokens", 5, None),
+    ("/generate", "no_such_option", "x", None),
+]
 
 
-def test_keys_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    # Attack: --api-key is visible to every user of the machine in `ps`.
-    file = tmp_path / "keys"
-    file.write_text(f"# comment\n{KEY}\n\nsecond-key-abcdefghijkl\n")
-    monkeypatch.setenv("NBKIT_API_KEY", "env-key-0123456789abcdef")
-    assert read_keys(None, str(file)) == [KEY, "second-key-abcdefghijkl"]
-    assert read_keys(None, None) == ["env-key-0123456789abcdef"]
-    assert read_keys(["given-key-0123456789ab"], None) == ["given-key-0123456789ab"]
-    with pytest.raises(OSError, match="cannot read"):
-        read_keys(None, str(tmp_path / "missing"))
-    from nbkit.cli import main
+@pytest.mark.parametrize("path,name,bad,neutral", UNSUPPORTED, ids=[f"{p}-{n}" for p, n, _, _ in UNSUPPORTED])
+def test_unsupported_parameters_are_refused_by_name(http, path, name, bad, neutral):
+    # Attack: extra="ignore" dropped them silently: a client asking for JSON or tools got plain text.
+    def body(value):
+        if path == "/generate":
+            return {"inputs": "x", "parameters": {"max_new_tokens": 2, name: value}}
+        if path == "/v1/completions":
+            return {"prompt": "x", "max_tokens": 2, name: value}
+        return {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, name: value}
 
-    monkeypatch.delenv("NBKIT_API_KEY")
-    (tmp_path / "short").write_text("tiny\n")
-    assert main(["serve", "--api-key-file", str(tmp_path / "short")]) == 2  # refused before loading a model
+    r = http.post(path, json=body(bad))
+    assert r.status_code in (400, 422), r.text
+    assert name in r.text
+    if path.startswith("/v1"):
+        assert r.json()["error"]["param"] == name
+    r = http.post(path, json=body(neutral))
+    assert r.status_code == 200, r.text
 
 
-def test_failed_key_attempts_are_throttled_per_address():
-    # Attack: unlimited guesses. Behind a local proxy (ngrok) the address is the one the proxy forwards.
-    handle = start_server(tiny_engine(), port=0, api_key=KEY)
-    try:
-        with httpx.Client(base_url=handle.url, timeout=30) as http:
-            bad = {"Authorization": "Bearer wrong-key-0123456789"}
-            attacker = {**bad, "X-Forwarded-For": "203.0.113.7"}
-            codes = [http.get("/info", headers=attacker).status_code for _ in range(12)]
-            assert codes[:10] == [401] * 10 and codes[10:] == [429, 429]
-            r = http.get("/info", headers={**AUTH, "X-Forwarded-For": "203.0.113.7"})
-            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # even with the key, for a while
-            assert r.json()["error_type"] == "rate_limit"
-            # Another address is not affected, nor is /health.
-            assert http.get("/info", headers={**AUTH, "X-Forwarded-For": "198.51.100.1"}).status_code == 200
-            assert http.get("/health", headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 200
-            assert http.get("/info", headers=bad).status_code == 401  # a direct local client: not throttled
-    finally:
-        handle.stop(grace=0)
+def test_tgi_root_route(server, http):
+    plain = http.post("/", json={"inputs": "abc", "parameters": {"max_new_tokens": 5}})
+    assert plain.status_code == 200 and plain.json() == http.post(
+        "/generate", json={"inputs": "abc", "parameters": {"max_new_tokens": 5}}).json()
+    with http.stream("POST", "/", json={"inputs": "abc", "parameters": {"max_new_tokens": 5}, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert plain.json()["generated_text"] in lines[-1]
+    assert http.post("/generate", json={"inputs": "abc", "stream": True}).status_code == 422
+
+
+def test_stream_usage_carries_speed_and_tokens_per_step(http):
+    with http.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        chunks = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+    import json
+
+    last = json.loads(chunks[-2])
+    assert last["usage"]["completion_tokens"] == 6 or last["usage"]["completion_tokens"] <= 6
+    assert last["nbkit"]["steps"] >= 1 and last["nbkit"]["mean_accepted"] >= 1.0 and last["nbkit"]["tokens_per_s"] > 0
+
+
+def test_tree_overrides_are_an_operator_opt_in(http):
+    # Attack: "tree": "mc_sim_7b_63" padded every row of the batch to 64 positions, whatever the policy decided.
+    r = http.post("/generate", json={"prompt": "x", "max_tokens": 2, "tree": "mc_sim_7b_63"})
+    assert r.status_code == 422 and "tree" in r.json()["error"]
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "tree": "chain-3"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tree"
+    r = http.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2, "tree": "mc_sim_7b_63"}})
+    assert r.status_code == 422
+    assert http.post("/generate", json={"prompt": "x", "max_tokens": 2, "speculate": False}).status_code == 200
+    assert http.post("/generate", json={"prompt": "x", "max_tokens": 2, "tree": "none"}).status_code == 200
