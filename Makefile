@@ -6,7 +6,7 @@ export NBKIT_CACHE_DIR ?= $(CURDIR)/.cache
 STAMP := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.llama-cpp
 
-.PHONY: setup test serve demo bench lint clean
+.PHONY: setup test test-fast serve demo bench lint clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 # llama.cpp bindings, CPU build from the pinned sdist: ~4 min once, then the cached wheel in
 # $(NBKIT_CACHE_DIR)/llama-cpp/0.3.36/wheels/ installs in seconds (a fresh machine builds it).
-$(LLAMA_STAMP): $(STAMP) nbkit/notebook/build.py
+$(LLAMA_STAMP): $(STAMP) nbkit/gguf/build.py
 	$(BIN)/python -m nbkit build
 	touch $@
 
@@ -31,6 +31,10 @@ test: setup $(LLAMA_STAMP)
 	# Headless Chromium for the chat page test (Debian packages; needs root, as in CI).
 	bash scripts/install_chromium.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The unit tier while coding: tiny random models, no server, no llama.cpp, no notebooks (under a minute).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit $(PYTEST_ARGS)
 
 serve: setup $(LLAMA_STAMP)
 	$(BIN)/python -m nbkit serve $(ARGS)

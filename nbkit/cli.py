@@ -21,10 +21,10 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
-    from .engine.loader import load_torch_engine
+    from .engine.loader import load_engine
 
     speculation = "off" if args.no_medusa else ("adaptive" if args.tree == "auto" else args.tree)
-    engine = load_torch_engine(args.model, "none" if args.no_medusa else args.heads, args.device,
+    engine = load_engine("torch", args.model, "none" if args.no_medusa else args.heads, args.device,
                                max_batch=1, speculation=speculation)
     out = engine.generate(args.prompt, _sampling(args), chat=not args.raw)
     tree = engine.policy.last_choice.name
@@ -44,13 +44,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .engine.loader import load_torch_engine
+    from .engine.loader import load_engine
     from .engine.request import SamplingParams
 
     prompts = args.prompt or ["Explain why the sky is blue in three sentences.",
                               "Write a short poem about a lighthouse."]
-    plain = load_torch_engine(args.model, "none", args.device, max_batch=1)
-    medusa = load_torch_engine(args.model, args.heads, args.device, max_batch=1, speculation=args.tree)
+    plain = load_engine("torch", args.model, "none", args.device, max_batch=1)
+    medusa = load_engine("torch", args.model, args.heads, args.device, max_batch=1, speculation=args.tree)
     for prompt in prompts:
         print(f"### {prompt}")
         for name, engine in (("plain", plain), (f"medusa ({args.tree})", medusa)):
@@ -113,7 +113,7 @@ def _plugins():
     """Sub-commands that live next to their code (bench, serve, convert, build, train-heads)."""
     import importlib
 
-    for module in ("nbkit.bench", "nbkit.server.cli", "nbkit.notebook.cli", "nbkit.medusa.train"):
+    for module in ("nbkit.bench.closed_loop", "nbkit.server.cli", "nbkit.gguf.cli", "nbkit.medusa.train"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -17,6 +17,12 @@ import torch
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ALIASES = ("embedded", "default", "")  # what --model accepts for the embedded model (or None)
+
+
+def is_embedded(model: str | os.PathLike | None) -> bool:
+    """Whether `model` names the embedded SmolLM2 (None, "embedded", "default" or "")."""
+    return model is None or str(model) in EMBEDDED_ALIASES
 
 
 def cache_dir() -> Path:
@@ -70,7 +76,7 @@ def embedded_hf_dir() -> Path:
 
 def resolve_model_dir(model: str | os.PathLike | None) -> Path | str:
     """'embedded'/None -> cached embedded folder; *.gguf -> converted folder; else a folder or hub id."""
-    if model is None or str(model) in ("embedded", "default", ""):
+    if is_embedded(model):
         return embedded_hf_dir()
     path = Path(model)
     if path.suffix == ".gguf":

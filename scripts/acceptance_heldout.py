@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from nbkit.engine.loader import load_torch_engine
+from nbkit.engine.engine import Engine
+from nbkit.engine.loader import load_engine
 from nbkit.engine.request import SamplingParams
-from nbkit.engine.scheduler import Engine
 from nbkit.medusa.prompts import EXTRA_EVAL_PROMPTS, distill_prompts
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    engine = load_torch_engine(max_batch=args.concurrency, speculation=args.tree, max_queue=1024)
+    engine = load_engine("torch", max_batch=args.concurrency, speculation=args.tree, max_queue=1024)
     plain = Engine(engine.runner.fresh(), engine.tokenizer, None, speculation="off", max_queue=1024)
     _, held_out = distill_prompts()
     ids = [engine.encode(p, chat=True) for p in held_out]

@@ -32,14 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nbkit.engine.llamacpp_runner import embedded_gguf, gguf_tokenizer, load_llamacpp_engine  # noqa: E402
+from nbkit.engine.loader import load_engine  # noqa: E402
 from nbkit.engine.request import SamplingParams  # noqa: E402
-from nbkit.engine.torch_runner import TreeInput  # noqa: E402
+from nbkit.engine.runner import TreeInput  # noqa: E402
+from nbkit.gguf.build import build_tools  # noqa: E402
+from nbkit.gguf.files import embedded_gguf, gguf_tokenizer  # noqa: E402
 from nbkit.medusa.heads import MedusaHeads, embedded_heads_dir  # noqa: E402
 from nbkit.medusa.prompts import distill_prompts  # noqa: E402
 from nbkit.medusa.trees import chain  # noqa: E402
 from nbkit.models import embedded_gguf_path  # noqa: E402
-from nbkit.notebook.build import build_tools  # noqa: E402
 
 
 def heads_arg():
@@ -186,7 +187,7 @@ def interleaved(peers: dict, prompts: list[list[int]], tokens: int, concurrency:
 
 # ---- quality of a requantized copy ---------------------------------------------------------------
 def logits_along(gguf: Path, ids: list[int], threads: int) -> torch.Tensor:
-    from nbkit.engine.llamacpp_runner import LlamaCppRunner
+    from nbkit.engine.llamacpp.runner import LlamaCppRunner
 
     runner = LlamaCppRunner(gguf, max_slots=1, n_threads=threads, hidden=False)
     slot = runner.alloc()
@@ -239,10 +240,10 @@ def main() -> None:
     for fmt in args.formats.split(","):
         gguf = embedded_gguf(fmt)
         print(f"== {fmt}: {gguf}", flush=True)
-        off = load_llamacpp_engine(gguf, heads="none", max_batch=c, speculation="off", n_threads=args.threads)
+        off = load_engine("llamacpp", gguf, heads="none", max_batch=c, speculation="off", n_threads=args.threads)
         # The same engine as `adaptive` with speculation off: heads loaded, hidden states on, probes run.
-        off_h = load_llamacpp_engine(gguf, heads=heads, max_batch=c, speculation="off", n_threads=args.threads)
-        ada = load_llamacpp_engine(gguf, heads=heads, max_batch=c, speculation="adaptive", n_threads=args.threads)
+        off_h = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="off", n_threads=args.threads)
+        ada = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="adaptive", n_threads=args.threads)
         ada.prepare()  # calibration is not part of the timed runs
         engines = {"engine_off": EnginePeer(off, "engine off"), "engine_off_heads": EnginePeer(off_h, "off, heads"),
                    "engine_adaptive": EnginePeer(ada, "engine adaptive")}

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from nbkit.bench import machine_name
-from nbkit.engine.loader import load_torch_engine
+from nbkit.bench.closed_loop import machine_name
+from nbkit.engine.engine import Engine
+from nbkit.engine.loader import load_engine
 from nbkit.engine.request import SamplingParams
-from nbkit.engine.scheduler import Engine
 from nbkit.medusa.prompts import distill_prompts
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
-    proto = load_torch_engine(args.model, args.heads, max_batch=1, speculation="adaptive")
+    proto = load_engine("torch", args.model, args.heads, max_batch=1, speculation="adaptive")
     proto.prepare()
     model, tok = proto.runner.model, proto.tokenizer
     engines = {"plain": Engine(proto.runner.fresh(1), tok, None, speculation="off")}

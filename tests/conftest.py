@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-# Tests import their helpers as a plain module (tests/helpers.py).
+# Tests import their helpers as a plain package (tests/helpers/: tiny models, server set-up).
 sys.path.insert(0, str(Path(__file__).parent))
 # Converted models are cached in the repo's ignored .cache/ unless told otherwise.
 os.environ.setdefault("NBKIT_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"))
@@ -33,7 +33,8 @@ def _threads(request):
     loaded 2-core machine OpenMP barriers between two threads cost more than the ops themselves."""
     import torch
 
-    if "embedded" in request.fixturenames or request.node.get_closest_marker("slow"):
+    real_model = request.node.get_closest_marker("slow") and not request.node.get_closest_marker("tiny")
+    if "embedded" in request.fixturenames or real_model:
         yield
         return
     before = torch.get_num_threads()

@@ -1,4 +1,8 @@
-"""Build a ready engine from names: the model, its Medusa heads, the device."""
+"""Build an Engine from names: `load_engine(kind, model, heads, ...)`, one entry point for both backends.
+
+kind "torch" runs a transformers model (TorchRunner); kind "llamacpp" runs a GGUF file through
+llama.cpp (LlamaCppRunner). The Medusa heads always run in torch, on `device`.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,39 @@ from pathlib import Path
 import torch
 
 from ..medusa.heads import MedusaHeads, embedded_heads_dir, load_heads
-from ..models import default_device, default_dtype, load_model
-from .scheduler import Engine
+from ..models import EMBEDDED_NAME, default_device, default_dtype, is_embedded
+from .engine import Engine
 from .threads import in_fresh_thread
-from .torch_runner import TorchRunner
+
+ENGINES = ("torch", "llamacpp")
+
+
+def load_engine(
+    kind: str = "torch", model: str | os.PathLike | None = None,
+    heads: str | os.PathLike | MedusaHeads | None = None, device: str | None = None, max_batch: int = 16,
+    **kwargs,
+) -> Engine:
+    """An Engine (not started) for `model` (default: the embedded SmolLM2) and its Medusa heads.
+
+    heads: a folder/file of Medusa heads, 'embedded', 'none', a MedusaHeads, or None (the shipped heads
+    with the embedded model, else none). kind="torch" also takes dtype; kind="llamacpp" takes exact,
+    n_ctx, n_threads and n_gpu_layers. Every other keyword goes to Engine.
+    """
+    if kind == "torch":
+        return _torch_engine(model, heads, device, max_batch=max_batch, **kwargs)
+    if kind == "llamacpp":
+        try:
+            from .llamacpp.runner import LlamaCppRunner  # noqa: F401  (the bindings must import)
+        except ImportError as err:
+            raise ValueError(f"the llama.cpp engine is not available ({err}); use --engine torch") from None
+        return _llamacpp_engine(model, heads, device, max_batch=max_batch, **kwargs)
+    raise ValueError(f"unknown engine {kind!r}: choose torch or llamacpp")
 
 
 def resolve_heads(heads: str | os.PathLike | None, model: str | os.PathLike | None) -> Path | None:
     """'embedded' (or None with the embedded model) -> the shipped SmolLM2 heads; 'none' -> no heads."""
     if heads is None:
-        embedded_model = model is None or str(model) in ("embedded", "default", "")
-        return embedded_heads_dir() if embedded_model and embedded_heads_dir().exists() else None
+        return embedded_heads_dir() if is_embedded(model) and embedded_heads_dir().exists() else None
     if str(heads) == "none":
         return None
     if str(heads) == "embedded":
@@ -26,28 +52,51 @@ def resolve_heads(heads: str | os.PathLike | None, model: str | os.PathLike | No
     return Path(heads)
 
 
-def load_torch_engine(
-    model: str | os.PathLike | None = None, heads: str | os.PathLike | MedusaHeads | None = None,
-    device: str | None = None, dtype: torch.dtype | None = None, max_batch: int = 16,
-    **engine_kwargs,
-) -> Engine:
-    """A torch Engine (not started) for `model` (default: the embedded SmolLM2) and its heads.
-
-    Loading runs in a short-lived thread so that the caller's thread never starts an OpenMP pool:
-    the engine thread then has the cores to itself (threads.py explains the measured cost).
-    """
-    return in_fresh_thread(_load, model, heads, device, dtype, max_batch, engine_kwargs)
+def _heads(heads, model, hidden_size: int, device, dtype: torch.dtype) -> MedusaHeads | None:
+    if isinstance(heads, MedusaHeads):
+        return heads.to(device=device, dtype=dtype).eval()
+    path = resolve_heads(heads, model)
+    return None if path is None else load_heads(path, hidden_size, dtype=dtype, device=device)
 
 
-def _load(model, heads, device, dtype, max_batch, engine_kwargs) -> Engine:
+def _torch_engine(model, heads, device, dtype: torch.dtype | None = None, max_batch: int = 16,
+                  **engine_kwargs) -> Engine:
+    """Loading runs in a short-lived thread so that the caller's thread never starts an OpenMP pool:
+    the engine thread then has the cores to itself (threads.py explains why)."""
+    return in_fresh_thread(_load_torch, model, heads, device, dtype, max_batch, engine_kwargs)
+
+
+def _load_torch(model, heads, device, dtype, max_batch, engine_kwargs) -> Engine:
+    from ..models import load_model
+    from .torch_runner import TorchRunner
+
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     base, tokenizer = load_model(model, dtype=dtype, device=device)
-    if not isinstance(heads, MedusaHeads):
-        path = resolve_heads(heads, model)
-        heads = None if path is None else load_heads(path, base.config.hidden_size, dtype=dtype, device=device)
-    else:
-        heads = heads.to(device=device, dtype=dtype).eval()
+    heads = _heads(heads, model, base.config.hidden_size, device, dtype)
     runner = TorchRunner(base, max_slots=max_batch)
-    name = str(model) if model is not None else "SmolLM2-135M-Instruct"
+    name = str(model) if model is not None else EMBEDDED_NAME
     return Engine(runner, tokenizer, heads, model_name=name, **engine_kwargs)
+
+
+def _llamacpp_engine(
+    model, heads, device, max_batch: int = 16, speculation: str = "adaptive", exact: bool = False,
+    n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None, **engine_kwargs,
+) -> Engine:
+    """`model` a GGUF file, an HF folder (converted once), or None for the embedded SmolLM2 (Q8_0 copy)."""
+    from ..gguf.files import gguf_tokenizer, resolve_gguf
+    from .llamacpp.runner import LlamaCppRunner
+
+    gguf_file = resolve_gguf(model)
+    device = device or default_device()
+    dtype = default_dtype(device)
+    has_heads = isinstance(heads, MedusaHeads) or resolve_heads(heads, model) is not None
+    runner = LlamaCppRunner(gguf_file, max_slots=max_batch, n_ctx=n_ctx, exact=exact, n_threads=n_threads,
+                            n_gpu_layers=n_gpu_layers, device=device, dtype=dtype, hidden=has_heads)
+    heads_obj = _heads(heads, model, runner.hidden_size, device, dtype)
+    if heads_obj is None and speculation not in ("adaptive", "off"):
+        raise ValueError(f"speculation {speculation!r} needs Medusa heads")
+    tokenizer = gguf_tokenizer(gguf_file)
+    name = EMBEDDED_NAME if model is None else Path(str(model)).stem
+    return Engine(runner, tokenizer, heads_obj, speculation=speculation, max_batch=max_batch,
+                  model_name=name, **engine_kwargs)

@@ -9,18 +9,25 @@ and q[d][r] is the measured probability that, having accepted up to depth d, the
 the rank-r candidate of head d. The policy picks the tree (none, a chain, or the best sub-tree of
 the published tree with n nodes) that maximizes that ratio; on a GPU, where 64 tokens cost about
 as much as 1, it picks big trees; on a CPU under load it picks small ones or none.
+`calibrate()` measures the cost curve on the runner at start-up.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 
 import torch
 
+from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain, subtree
+from .runner import Runner, TreeInput
+
+log = logging.getLogger("nbkit.engine")
 
 
 class CostModel:
@@ -240,3 +247,72 @@ class SpeculationPolicy:
                     best, best_rate = tree, rate
             self._memo[key] = best
         return self._memo[key]
+
+
+def calibrate(runner: Runner, heads: MedusaHeads | None, max_batch: int, max_tree: int = 64, repeats: int = 5,
+              max_tokens: int | None = None) -> CostModel:
+    """Time real verification passes for 1, 2, 3, 4, 8, ... tokens (rows of up to `max_tree` tokens).
+
+    The sizes are timed in interleaved rounds and each keeps its median, so a burst of load from
+    elsewhere on the machine does not make one size look dear (small sizes decide whether a short
+    chain pays at all). On a CPU the cost is close to linear past a few hundred tokens, so points stop
+    at 256 (the model extrapolates and the engine corrects it online from real steps); on a GPU at 1024.
+    """
+    if max_tokens is None:
+        max_tokens = 1024 if str(runner.device).startswith("cuda") else 256
+    sizes = [1, 2, 3] + [n for n in (2 ** i for i in range(2, 16)) if n <= min(max_batch * max_tree, max_tokens)]
+    slots = []
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    try:
+        shapes = {}
+        for n in sizes:
+            rows = max(1, -(-n // max_tree))
+            while len(slots) < rows:
+                slot = runner.alloc()
+                runner.prefill({slot: [1] * 64})
+                slots.append(slot)
+            shapes[n] = [TreeInput(s, chain(n // rows - 1), [1] * (n // rows)) for s in slots[:rows]]
+        for n in sizes:  # warm-up
+            runner.verify(shapes[n])
+        for _ in range(repeats):
+            for n in sizes:
+                t0 = time.perf_counter()
+                runner.verify(shapes[n])
+                times[n].append(time.perf_counter() - t0)
+        points = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
+        # Full batches of short trees (what the policy weighs under load): 16 rows x 2 tokens costs
+        # more than 1 row x 32, so these shapes are timed as they are.
+        rows_shapes: dict[tuple[int, int], list[float]] = {}
+        if max_batch > 1:
+            while len(slots) < max_batch:
+                slot = runner.alloc()
+                runner.prefill({slot: [1] * 64})
+                slots.append(slot)
+            for per_row in (1, 2, 3, 4):
+                batch = [TreeInput(s, chain(per_row - 1), [1] * per_row) for s in slots[:max_batch]]
+                runner.verify(batch)
+                runs = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    runner.verify(batch)
+                    runs.append(time.perf_counter() - t0)
+                rows_shapes[(max_batch, per_row)] = sorted(runs)[len(runs) // 2]
+        heads_cost: dict[int, float] = {}
+        if heads is not None:
+            for rows in sorted({1, max_batch}):
+                hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
+                runs = []
+                for _ in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    heads.topk(hidden, runner.lm_head, TOPK)
+                    runs.append(time.perf_counter() - t0)
+                heads_cost[rows] = sorted(runs[1:])[len(runs[1:]) // 2]
+    finally:
+        for s in slots:
+            runner.free(s)
+    log.info("cost model: %s, heads %s", {k: round(v, 4) for k, v in points.items()},
+             {k: round(v, 4) for k, v in heads_cost.items()})
+    model = CostModel(points, heads_cost or 0.0)
+    model.measured.update({(1, n): points[n] for n in (1, 2, 3, 4) if n in points})
+    model.measured.update(rows_shapes)
+    return model

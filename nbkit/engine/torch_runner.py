@@ -1,4 +1,4 @@
-"""The PyTorch runner: runs the forward passes the scheduler hands it, over a slot KV cache.
+"""The PyTorch runner: runs the forward passes the engine hands it, over a slot KV cache.
 
 KV layout: one preallocated buffer per layer, [rows, kv_heads, capacity, head_dim]; each slot owns
 one row and a length. A verification step writes every running slot's tree tokens at columns
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..medusa.trees import MedusaTree
+from .runner import TreeInput
 
 
 class SlotLayer(CacheLayerMixin):
@@ -89,17 +89,10 @@ class SlotCache(Cache):
             layer.ctx = ctx
 
 
-@dataclass
-class TreeInput:
-    """One slot's share of a verification step: the tree shape and its T input tokens."""
-
-    slot: int
-    tree: MedusaTree
-    tokens: list[int]
-
-
 class TorchRunner:
-    """Forward passes for a batch of slots on a transformers causal LM (Llama family)."""
+    """Forward passes for a batch of slots on a transformers causal LM (Llama family); see runner.Runner."""
+
+    max_leaves = None  # a tree mask has no limit on leaves
 
     def __init__(self, model, max_slots: int = 16, initial_capacity: int = 256, max_context: int | None = None):
         self.model = model
@@ -123,6 +116,13 @@ class TorchRunner:
         self.row_of: dict[int, int] = {}  # slot -> physical row
         self.slot_at: list[int | None] = [None] * max_slots  # physical row -> slot
         self._free_slots = list(range(max_slots - 1, -1, -1))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {eos} if isinstance(eos, int) else set(eos)
 
     def fresh(self, max_slots: int | None = None) -> TorchRunner:
         """A new runner (own KV cache) over the same model weights."""

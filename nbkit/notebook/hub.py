@@ -207,7 +207,7 @@ class Prepared:
 
 def to_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
     """The GGUF the llama.cpp engine serves: converted once, quantized once, reused on re-runs."""
-    from .convert import convert
+    from ..gguf.convert import convert
 
     q = (quantization or "f16").lower()
     if q in ("none", "auto"):

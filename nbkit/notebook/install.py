@@ -136,7 +136,7 @@ def ensure_engine(plan, env=None):
     if plan.engine != "llamacpp":
         print(f"engine {plan.engine}: nothing to build")
         return None
-    from .build import install_bindings
+    from ..gguf.build import install_bindings
     from .env import detect
 
     gpu = (env or detect()).gpu

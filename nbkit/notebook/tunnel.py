@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..client import auth_headers
 from ..models import cache_dir
 from .env import in_colab, secret
 
 log = logging.getLogger("nbkit.tunnel")
 PROVIDERS = ("ngrok", "colab", "none", "auto")
-SKIP_WARNING = {"ngrok-skip-browser-warning": "1"}  # ngrok's free plan shows browsers a page without it
 NGROK_HELP = (
     "ngrok needs an auth token: add a Colab secret named NGROK_AUTHTOKEN (key icon on the left; the token is "
     "on https://dashboard.ngrok.com/get-started/your-authtoken) or set $NGROK_AUTHTOKEN. Without an ngrok "
@@ -94,10 +94,7 @@ class Tunnel:
 
     @property
     def headers(self) -> dict[str, str]:
-        h = dict(SKIP_WARNING) if self.provider == "ngrok" else {}
-        if self.api_key:
-            h["Authorization"] = f"Bearer {self.api_key}"
-        return h
+        return auth_headers(self.api_key, ngrok=self.provider == "ngrok")
 
     def usage(self, show_key: bool = False) -> str:
         """How to call the API: curl and the openai client. show_key=True prints a key we generated (once, when
@@ -187,7 +184,7 @@ def _server_on(port: int | None):
     """The ServerHandle of this process that serves `port`, if any (launch not imported: none)."""
     import sys
 
-    launch = sys.modules.get("nbkit.launch")
+    launch = sys.modules.get("nbkit.server.launch")
     handle = launch.current_server() if launch is not None else None
     return handle if handle is not None and handle.port == port and handle.running else None
 
@@ -242,9 +239,7 @@ def _requires_key(local_url: str) -> bool:
 
 
 def _model_id(local_url: str, api_key: str | None) -> str | None:
-    request = urllib.request.Request(f"{local_url}/v1/models")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
+    request = urllib.request.Request(f"{local_url}/v1/models", headers=auth_headers(api_key))
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             return json.load(r)["data"][0]["id"]
@@ -335,8 +330,8 @@ def serve(
     """Start (or replace) the server for `prepared` (hub.prepare) with the right API key, then open the tunnel.
 
     A public URL gets a generated key when none is given (the same one on re-runs); the key is printed only
-    if it was generated. `server_kwargs` go to nbkit.launch.start_server (speculation, max_batch, ...)."""
-    from ..launch import start_server
+    if it was generated. `server_kwargs` go to nbkit.server.launch.start_server (speculation, max_batch, ...)."""
+    from ..server.launch import start_server
 
     if _current is not None:  # switching kind, or a re-run: nothing stays published while servers change
         _current.close()

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import httpx
 import ipywidgets as widgets
 
+from ..client import DONE, auth_headers, sse_data
+
 USER_STYLE = "background:#e8f0fe;border-radius:8px;padding:6px 10px;margin:4px 0 4px 15%;white-space:pre-wrap"
 BOT_STYLE = "background:#f1f3f4;border-radius:8px;padding:6px 10px;margin:4px 15% 4px 0;white-space:pre-wrap"
 STATS_STYLE = "color:#5f6368;font-size:85%;margin:0 15% 6px 0"
@@ -100,9 +102,7 @@ class ChatPanel:
         self.model = model
         self.system = system
         self.timeout = timeout
-        self._headers = {"ngrok-skip-browser-warning": "1"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = auth_headers(api_key, ngrok=True)  # the URL may be an ngrok tunnel
         self.messages: list[dict] = []  # the conversation sent to the server
         self.replies: list[Reply] = []
         self._stop_requested = False
@@ -175,16 +175,14 @@ class ChatPanel:
 
     def _feed(self, reply: Reply, bubble: widgets.HTML, line: str) -> bool:
         """Apply one SSE line to the reply and its widgets; True when the stream is over."""
-        line = line.strip()
-        if not line.startswith("data:"):
-            return False  # blank separators, comments (": ping"), event names
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return True
         try:
-            chunk = json.loads(data)
+            chunk = sse_data(line)
         except ValueError:
             return False
+        if chunk is None:
+            return False  # blank separators, comments (": ping"), event names
+        if chunk == DONE:
+            return True
         if "error" in chunk:
             err = chunk["error"]
             reply.error = err.get("message", str(err)) if isinstance(err, dict) else str(err)

@@ -50,8 +50,8 @@ def read_keys(given: list[str] | None, key_file: str | None) -> list[str] | None
 
 
 def cmd_serve(args) -> int:
-    from ..launch import start_server
     from .app import Settings
+    from .launch import start_server
 
     try:
         keys = read_keys(args.api_key, args.api_key_file)

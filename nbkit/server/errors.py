@@ -45,3 +45,20 @@ def error_response(path: str, err: APIError) -> JSONResponse:
     else:
         body = {"error": err.message, "error_type": err.kind}
     return JSONResponse(body, status_code=status, headers=err.headers)
+
+
+def describe_validation(errors) -> tuple[str, str | None]:
+    """A readable message from pydantic's errors, and the first offending field."""
+    parts, param = [], None
+    for e in list(errors)[:3]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            parts.append(f"invalid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+            continue
+        where = ".".join(loc)
+        if not where and e.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            parts.append("the body must be a JSON object (Content-Type: application/json)")
+            continue
+        param = param or (e.get("ctx") or {}).get("param") or (loc[0] if loc else None)  # ctx: unsupported_parameter
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(parts) or "invalid request", param

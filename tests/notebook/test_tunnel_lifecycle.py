@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest_server import tiny_engine
+from helpers.server import tiny_engine
 
-from nbkit import launch
-from nbkit.launch import start_server
 from nbkit.notebook import tunnel as tun
+from nbkit.server import launch
+from nbkit.server.launch import start_server
 
 KEY = "lifecycle-key-0123456789"
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest_server import TINY_MODEL, reference_text, tiny_engine
+from helpers.server import TINY_MODEL, reference_text, tiny_engine
 from huggingface_hub import InferenceClient
 
-from nbkit.launch import start_server
+from nbkit.server.launch import start_server
 
 
 @pytest.fixture(scope="module")

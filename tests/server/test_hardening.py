@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest_server import tiny_engine
+from helpers.server import tiny_engine
 
-from nbkit.launch import start_server
+from nbkit.server.launch import start_server
 
 KEY = "hardening-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

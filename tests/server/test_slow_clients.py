@@ -15,10 +15,10 @@ import time
 
 import httpx
 import pytest
-from conftest_server import tiny_engine, wait_for
+from helpers.server import tiny_engine, wait_for
 
-from nbkit.launch import start_server
 from nbkit.server.app import Settings
+from nbkit.server.launch import start_server
 
 HEAD, BODY, SEND = 2.0, 2.0, 2.0
 LONG_NAME = "m" * 300  # every OpenAI chunk carries the model name: a stream fills socket buffers sooner

@@ -12,10 +12,10 @@ import time
 
 import httpx
 import pytest
-from conftest_server import tiny_engine, wait_for
+from helpers.server import tiny_engine, wait_for
 
 from nbkit.engine.request import SamplingParams
-from nbkit.launch import start_server
+from nbkit.server.launch import start_server
 
 
 class EngineCrash(BaseException):
@@ -23,15 +23,15 @@ class EngineCrash(BaseException):
 
 
 def crash_once(engine):
+    """The next pass kills the engine loop (the restarted engine gets a fresh runner, without the fault)."""
     fired = threading.Event()
 
-    def inject(request):
+    def inject(state):
         if not fired.is_set():
             fired.set()
-            engine.fault_injector = None
             raise EngineCrash("injected: the engine thread dies")
 
-    engine.fault_injector = inject
+    engine.runner.fault = inject
     return fired
 
 
@@ -94,21 +94,20 @@ def test_engine_killed_three_times_under_load_comes_back_and_answers_everyone():
 def test_crash_loop_backs_off():
     engine = tiny_engine(max_batch=2)
 
-    def always(request):
+    def always(state):
         raise EngineCrash("injected: crashes on every request")
 
-    engine.fault_injector = always
     engine.start()
     try:
         delays = []
         for _ in range(3):
             assert wait_for(lambda: engine.alive, 10)
+            engine.runner.fault = always  # a restart brings a fresh runner: break it again (a crash loop)
             handle = engine.submit([5, 6, 7], SamplingParams(max_tokens=4))
             fin = handle.result(timeout=10)
             assert fin.finish_reason == "error" and fin.error_type == "unavailable" and "restarting in" in fin.error
             delays.append(engine.restart_delay)
         assert delays == sorted(delays) and delays[-1] >= 4 * delays[0]  # doubling per crash in the window
-        engine.fault_injector = None
         assert wait_for(lambda: engine.alive, 10)
         assert engine.generate([5, 6, 7], SamplingParams(max_tokens=4)).finish_reason in ("length", "eos_token")
     finally:

@@ -1,0 +1,1 @@
+"""Benchmarks: closed_loop (`python -m nbkit bench`), loadtest (HTTP load), overhead (HTTP vs engine)."""

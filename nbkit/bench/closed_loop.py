@@ -1,0 +1,266 @@
+"""`python -m nbkit bench`: closed-loop load on the engine, side by side, with a JSON and a PNG.
+
+N client threads each send a request, wait for its answer, and send the next, over a fixed prompt
+set, until the configuration has served its requests. Every configuration runs in the same process
+on the same loaded model, one after the other, so their ratios are comparable on a noisy machine.
+
+Configurations: concurrency (1, 4, 16 by default) x speculation (off, fixed full tree, adaptive),
+and a mixed-length workload (max_tokens 16..256) served by continuous and by static batching.
+Static batching is the design this project started from: take what is queued, pad it into one
+batch, compute every row until the longest request is done, only then take new work (a finished
+row stays in the batch as padding; its answer is still returned as soon as it is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..engine.engine import Engine
+from ..engine.request import SamplingParams
+from ..medusa.prompts import distill_prompts
+from .static import StaticBatchingEngine
+
+
+@dataclass
+class RunResult:
+    name: str
+    concurrency: int
+    speculation: str
+    batching: str
+    requests: int
+    output_tokens: int
+    seconds: float
+    tokens_per_s: float
+    ttft_p50: float
+    ttft_p95: float
+    latency_p50: float
+    latency_p95: float
+    mean_accepted: float  # tokens per decoding step, per request, averaged over requests
+    tree_choices: dict = field(default_factory=dict)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def closed_loop(engine: Engine, prompts: list[list[int]], concurrency: int, n_requests: int,
+                max_tokens: list[int]) -> tuple[list, float]:
+    """Run `n_requests` requests with `concurrency` clients; returns (Finished list, wall seconds)."""
+    lock = threading.Lock()
+    next_i = [0]
+    results = []
+
+    def client():
+        while True:
+            with lock:
+                i = next_i[0]
+                if i >= n_requests:
+                    return
+                next_i[0] += 1
+            out = engine.submit(prompts[i % len(prompts)],
+                                SamplingParams(max_tokens=max_tokens[i % len(max_tokens)])).result()
+            with lock:
+                results.append(out)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start
+
+
+def summarize(name, concurrency, speculation, batching, results, seconds, engine) -> RunResult:
+    tokens = sum(r.completion_tokens for r in results)
+    errors = [r for r in results if r.finish_reason in ("error", "cancelled")]
+    if errors:
+        raise RuntimeError(f"{name}: {len(errors)} requests failed: {errors[0].error}")
+    ttft = [r.time_to_first_token for r in results if r.time_to_first_token is not None]
+    lat = [r.latency for r in results]
+    return RunResult(
+        name=name, concurrency=concurrency, speculation=speculation, batching=batching, requests=len(results),
+        output_tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 2),
+        ttft_p50=round(_pct(ttft, 0.5), 4), ttft_p95=round(_pct(ttft, 0.95), 4),
+        latency_p50=round(_pct(lat, 0.5), 4), latency_p95=round(_pct(lat, 0.95), 4),
+        mean_accepted=round(statistics.mean(r.mean_accepted for r in results if r.steps) if results else 0, 3),
+        tree_choices=dict(engine.policy.choices),
+    )
+
+
+def bench_prompts(tokenizer, n: int = 32, chat: bool = True) -> list[list[int]]:
+    """Held-out distillation prompts (never used to train the shipped heads), chat-formatted."""
+    _, held_out = distill_prompts()
+    picked = held_out[:n]
+    if not chat:
+        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in picked]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for p in picked]
+
+
+def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("off", "mc_sim_7b_63", "adaptive"),
+              max_tokens: int = 64, requests_per_client: int = 2, min_requests: int = 8, mixed: bool = True,
+              mixed_requests: int = 32, mixed_concurrency: int = 16, seed: int = 0, log=print) -> dict:
+    """make_engine(speculation=..., static_batching=..., max_batch=...) -> a started Engine."""
+    prompts = bench_prompts(tokenizer)
+    runs: list[RunResult] = []
+    # Warm up once (first-call allocations, oneDNN/CUDA kernels) so the first config is not penalised.
+    warm = make_engine(speculation="off", static_batching=False, max_batch=max(concurrencies))
+    closed_loop(warm, prompts, 2, 2, [8])
+    warm.stop()
+    for c in concurrencies:
+        for spec in speculations:
+            engine = make_engine(speculation=spec, static_batching=False, max_batch=max(c, 1))
+            n = max(min_requests, requests_per_client * c)
+            results, seconds = closed_loop(engine, prompts, c, n, [max_tokens])
+            run = summarize(f"c{c}-{spec}", c, spec, "continuous", results, seconds, engine)
+            engine.stop()
+            runs.append(run)
+            log(f"{run.name:>22}: {run.tokens_per_s:7.1f} tok/s  ttft p50 {run.ttft_p50:.3f}s  "
+                f"latency p50 {run.latency_p50:.2f}s p95 {run.latency_p95:.2f}s  accepted/step {run.mean_accepted:.2f}"
+                f"  trees {run.tree_choices}")
+    if mixed:
+        rng = random.Random(seed)
+        lengths = [rng.choice([16, 32, 64, 128, 256]) for _ in range(mixed_requests)]
+        for batching in ("static", "continuous"):
+            engine = make_engine(speculation="off", static_batching=batching == "static", max_batch=mixed_concurrency)
+            results, seconds = closed_loop(engine, prompts, mixed_concurrency, mixed_requests, lengths)
+            run = summarize(f"mixed-{batching}", mixed_concurrency, "off", batching, results, seconds, engine)
+            engine.stop()
+            runs.append(run)
+            log(f"{run.name:>22}: {run.tokens_per_s:7.1f} tok/s  ttft p50 {run.ttft_p50:.3f}s  "
+                f"latency p50 {run.latency_p50:.2f}s p95 {run.latency_p95:.2f}s")
+    return {"runs": [asdict(r) for r in runs], "ratios": ratios(runs)}
+
+
+def ratios(runs: list[RunResult]) -> dict:
+    by = {r.name: r for r in runs}
+    out = {}
+    cs = sorted({r.concurrency for r in runs if r.batching == "continuous" and not r.name.startswith("mixed")})
+    if "c1-off" in by and cs:
+        top = cs[-1]
+        if f"c{top}-off" in by:
+            out[f"off_c{top}_over_c1"] = round(by[f"c{top}-off"].tokens_per_s / by["c1-off"].tokens_per_s, 3)
+    for c in cs:
+        base = by.get(f"c{c}-off")
+        for name in (f"c{c}-adaptive", f"c{c}-mc_sim_7b_63"):
+            if base and name in by:
+                out[f"{name.split('-', 1)[1]}_over_off_c{c}"] = round(by[name].tokens_per_s / base.tokens_per_s, 3)
+    if "mixed-static" in by and "mixed-continuous" in by:
+        s, c = by["mixed-static"], by["mixed-continuous"]
+        out["continuous_over_static_throughput"] = round(c.tokens_per_s / s.tokens_per_s, 3)
+        out["continuous_over_static_latency_p50"] = round(c.latency_p50 / s.latency_p50, 3)
+    return out
+
+
+def plot(result: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if r["batching"] == "continuous" and not r["name"].startswith("mixed")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    specs = sorted({r["speculation"] for r in runs}, key=["off", "mc_sim_7b_63", "adaptive"].index
+                   if all(s in ("off", "mc_sim_7b_63", "adaptive") for s in {r["speculation"] for r in runs})
+                   else str)
+    for spec in specs:
+        rs = sorted((r for r in runs if r["speculation"] == spec), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in rs]
+        axes[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", label=spec)
+        axes[1].plot(xs, [r["latency_p50"] for r in rs], marker="o", label=spec)
+    for ax, label in zip(axes[:2], ("total output tokens/s", "request latency p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    mixed = [r for r in result["runs"] if r["name"].startswith("mixed")]
+    if mixed:
+        names = [r["batching"] for r in mixed]
+        axes[2].bar([f"{n}\ntok/s" for n in names], [r["tokens_per_s"] for r in mixed], color=["#999", "#2a7"])
+        axes[2].set_title("mixed max_tokens 16-256")
+        ax2 = axes[2].twinx()
+        ax2.plot([f"{n}\ntok/s" for n in names], [r["latency_p50"] for r in mixed], "ko-", label="latency p50 (s)")
+        ax2.set_ylabel("latency p50 (s)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def machine_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    import os
+
+    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("bench", help="closed-loop benchmark: concurrency x speculation, continuous vs static")
+    p.add_argument("--engine", default="torch", choices=["torch", "llamacpp"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--heads", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--speculation", default="off,mc_sim_7b_63,adaptive")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument("--no-mixed", action="store_true")
+    p.add_argument("--mixed-requests", type=int, default=32)
+    p.add_argument("--out", default="bench-out")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from ..engine.loader import load_engine
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    top = max(concurrencies + [16])
+    proto = load_engine(args.engine, args.model, args.heads, args.device, max_batch=top, speculation="adaptive")
+    proto.start().stop()  # one calibration, in an engine thread, shared by every configuration
+
+    def make_engine(speculation, static_batching, max_batch):
+        if proto.heads is None and speculation != "off":
+            speculation = "off"
+        runner = proto.runner.fresh(max_slots=max_batch)
+        engine_class = StaticBatchingEngine if static_batching else Engine
+        return engine_class(runner, proto.tokenizer, proto.heads, speculation=speculation, max_batch=max_batch,
+                            cost_model=proto.cost_model, max_queue=1024,
+                      model_name=proto.model_name).start()
+
+    torch.manual_seed(0)
+    result = run_bench(make_engine, proto.tokenizer, concurrencies, args.speculation.split(","), args.max_tokens,
+                       args.requests_per_client, args.min_requests, not args.no_mixed, args.mixed_requests)
+    result["machine"] = machine_name()
+    result["engine"] = args.engine
+    result["model"] = proto.model_name
+    result["command"] = "python -m nbkit bench " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func", "command") and v not in
+        (None, False))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    png = plot(result, out / "bench.png", f"nbkit {args.engine} engine, {proto.model_name}, {result['machine']}")
+    print(json.dumps(result["ratios"], indent=2))
+    print(f"wrote {out / 'bench.json'} and {png}")
+    return 0

@@ -1,0 +1,518 @@
+"""The engine: decides, every step, which requests run and how much each speculates.
+
+Iteration-level ("continuous") batching: new requests join at the next step, their prompts are
+prefilled in chunks under a per-step token budget, finished or cancelled requests leave at once.
+Each step verifies every running request's Medusa tree in ONE forward pass of the runner, accepts
+per request (greedy, lossless sampling or typical), commits the accepted paths, and streams the
+tokens out. The runner does the tensor work (runner.py is the contract); this module never touches a
+KV cache. The speculation policy (policy.py) picks each step's tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..medusa.acceptance import accept_greedy, accept_sampling, accept_typical, tree_candidates
+from ..medusa.heads import MedusaHeads
+from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
+from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
+from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
+from .runner import Runner, SlotOutput, TreeInput
+
+log = logging.getLogger("nbkit.engine")
+
+PROBE_EVERY = 8  # steps between acceptance probes for requests that are not speculating
+RESTART_DELAY = 0.5  # seconds before the first restart after a crash; doubles per crash within CRASH_WINDOW
+MAX_RESTART_DELAY = 30.0
+CRASH_WINDOW = 60.0
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a server may promise its clients (the server reads these, never the runner or the policy)."""
+
+    max_total_tokens: int  # prompt + max_tokens, after the room kept for the largest tree
+    max_batch: int
+    max_queue: int
+    speculation: str  # "adaptive", "fixed" or "off"
+    heads: int | None  # Medusa heads (None: no heads)
+
+
+class Engine:
+    """Continuous-batching Medusa engine over a runner (torch or llama.cpp)."""
+
+    def __init__(
+        self, runner: Runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
+        speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
+        prefill_budget: int = 256, cost_model: CostModel | None = None,
+        model_name: str = "model", max_restarts: int | None = None,
+    ):
+        self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
+        self.model_name = model_name
+        self.max_batch = min(max_batch or runner.max_slots, runner.max_slots)
+        self.max_queue, self.prefill_budget = max_queue, prefill_budget
+        self.eos_ids = set(runner.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        n_heads = heads.n_heads if heads is not None else 0
+        self.base_tree = get_tree(base_tree, n_heads) if heads is not None else chain(0)
+        self.stats = AcceptanceStats(max(n_heads, 1), measured=getattr(heads, "config", {}).get("acceptance_q"))
+        if speculation not in ("adaptive", "off") and heads is None:
+            raise ValueError(f"speculation {speculation!r} needs Medusa heads")
+        if heads is None:
+            speculation = "off"
+        fixed = None if speculation in ("adaptive", "off") else get_tree(speculation, n_heads)
+        self.cost_model = cost_model
+        self.policy = SpeculationPolicy(
+            self.base_tree, self.stats, cost_model or CostModel({1: 1.0}), mode="fixed" if fixed else speculation,
+            fixed=fixed, max_leaves=runner.max_leaves,
+        )
+        # Every slot keeps room in its context for the largest tree it may verify (+1: the root's next token).
+        self.tree_reserve = max(self.base_tree.size, fixed.size if fixed else 1) + 1
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead: str | None = None  # why the engine thread died (while it waits to restart, too)
+        # The supervisor: a crashed loop fails the requests it held (503), resets the runner and restarts,
+        # waiting RESTART_DELAY doubled per recent crash. None = always restart; 0 = stay dead.
+        self.max_restarts = max_restarts
+        self._crashes: list[float] = []
+        self.restart_delay = 0.0  # the last back-off
+        self.counters = {"steps": 0, "tokens": 0, "finished": 0, "cancelled": 0, "errors": 0, "rejected": 0,
+                         "prefill_tokens": 0, "step_seconds": 0.0, "spec_steps": 0, "spec_tokens": 0,
+                         "restarts": 0, "crashes": 0}
+        self.on_step: Callable[[dict], None] | None = None  # metrics hook, called from the engine thread
+
+    # ---- life cycle -----------------------------------------------------------------------
+    def prepare(self) -> Engine:
+        """Measure the forward cost once (adaptive speculation needs it)."""
+        if self.policy.mode == "adaptive" and self.cost_model is None:
+            self.cost_model = calibrate(self.runner, self.heads, self.max_batch, max_tree=self.base_tree.size)
+            self.policy.cost = self.cost_model
+        return self
+
+    def start(self, timeout: float = 600.0) -> Engine:
+        """Start the engine thread; it calibrates (adaptive speculation) before serving.
+
+        All of the engine's torch work runs in that one thread: with OpenMP, a second thread that runs
+        multi-threaded ops makes both slower (measured ~40% per token on 2 cores), see threads.py.
+        """
+        self._stopping = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nbkit-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self.dead:
+            raise EngineStopped(self.dead)
+        return self
+
+    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
+        """Stop the thread. drain=True lets running requests finish first (up to `timeout`)."""
+        if drain:
+            deadline = time.monotonic() + timeout
+            while (self.active or self.waiting) and time.monotonic() < deadline and self.alive:
+                time.sleep(0.02)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._finish_all("cancelled", "the engine stopped")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request; raises ValueError (bad input), Overloaded (queue full), EngineStopped."""
+        params = params or SamplingParams()
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        reserve = self.tree_reserve
+        if params.tree is not None:
+            tree = get_tree(params.tree, self.heads.n_heads if self.heads else 0)
+            if params.tree != "none" and self.heads is None:
+                raise ValueError("this engine has no Medusa heads: tree must be 'none'")
+            reserve = max(reserve, tree.size + 1)
+        limit = self.runner.max_context - reserve
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context limit of {limit} tokens")
+        if self.dead or (self._thread is not None and not self._thread.is_alive()) or self._stopping:
+            raise EngineStopped(self.dead or "the engine is not running")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._cond:
+            # max_queue counts requests waiting beyond the free slots: a burst that arrives within one
+            # step while slots are free joins at the next step instead of being refused.
+            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - len(self.active)):
+                self.counters["rejected"] += 1
+                raise Overloaded(f"the queue is full ({self.max_queue} waiting)")
+            handle = RequestHandle(next(self._ids), loop)
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator().manual_seed(params.seed if params.seed is not None else
+                                                    int(torch.randint(0, 2**62, (1,))))
+            req = Request(handle.id, list(prompt_ids), params, handle, TextStream(self.tokenizer, params.stop),
+                          generator=gen)
+            self.waiting.append(req)
+            self._cond.notify_all()
+        return handle
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False) -> Finished:
+        """Run one request to the end. Without a started thread the caller's thread drives the steps."""
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
+        if self._thread is None:
+            self.prepare()
+        handle = self.submit(ids, params)
+        if self._thread is None:
+            while handle.finished is None:
+                self.step()
+        return handle.result()
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=True, return_dict=False)
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            self.prepare()
+        except BaseException as err:
+            self.dead = f"engine start-up failed: {type(err).__name__}: {err}"
+            log.exception("engine start-up failed")
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            try:
+                while True:
+                    with self._cond:
+                        while not self._stopping and not self.waiting and not self.active:
+                            self._cond.wait(0.1)
+                        if self._stopping:
+                            return
+                    self.step()
+            except BaseException as err:  # nobody may wait forever: fail what we hold, then restart or stay dead
+                self.dead = f"engine thread died: {type(err).__name__}: {err}"
+                log.exception("engine thread died")
+                self.counters["crashes"] += 1
+                delay = self._backoff()
+                if delay is not None:
+                    self.dead += f" (restarting in {delay:.1f} s)"
+                self._finish_all("error", self.dead, error_type="unavailable")
+                if delay is None or not self._restart_after(delay):
+                    return
+
+    def _backoff(self) -> float | None:
+        """Seconds to wait before restarting after a crash (doubling per crash within CRASH_WINDOW);
+        None = stay dead (out of restarts)."""
+        now = time.monotonic()
+        self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW] + [now]
+        if self.max_restarts is not None and self.counters["restarts"] >= self.max_restarts:
+            return None
+        self.restart_delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(self._crashes) - 1))
+        return self.restart_delay
+
+    def _restart_after(self, delay: float) -> bool:
+        """Reset the runner and wait out the back-off; False = stay dead (stopping, or the reset failed)."""
+        try:
+            fresh = getattr(self.runner, "fresh", None)
+            if fresh is not None:  # a clean KV cache: the crash may have left slots half-written
+                self.runner = fresh()
+        except BaseException:
+            log.exception("the runner could not be reset: the engine stays dead")
+            return False
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopping, timeout=delay)
+            if self._stopping:
+                return False
+            self.counters["restarts"] += 1
+            self.dead = None
+        log.warning("engine restarted (restart %d)", self.counters["restarts"])
+        return True
+
+    def step(self) -> None:
+        """One scheduling iteration: admit, drop cancelled, decode the running, prefill the new."""
+        self._admit()
+        self._drop_cancelled()
+        running = [r for r in self.active if r.pending is not None]
+        if running:
+            self._decode(running)
+        self._prefill()
+
+    def _admits_new_work(self) -> bool:
+        """Continuous batching: a free slot takes new work at every step (bench/static.py overrides it)."""
+        return True
+
+    def _admit(self) -> None:
+        with self._cond:
+            for req in [r for r in self.waiting if r.handle.cancelled]:  # a client that left frees its queue place now
+                self.waiting.remove(req)
+                self._finish(req, "cancelled")
+            if not self._admits_new_work():
+                return
+            while self.waiting and len(self.active) < self.max_batch:
+                req = self.waiting.popleft()
+                if req.handle.cancelled:
+                    self._finish(req, "cancelled")
+                    continue
+                req.slot = self.runner.alloc()
+                self.active.append(req)
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self.active if r.handle.cancelled]:
+            self._finish(req, "cancelled")
+
+    def _decode(self, running: list[Request]) -> None:
+        try:  # everything shared by the batch: a failure fails the batch's requests, not the engine
+            chosen, trees, inputs = self._plan(running)
+            t0 = time.perf_counter()
+            results = self._verify(inputs)
+        except Exception as err:  # a failed forward pass fails the requests in it, not the engine
+            log.exception("verification failed")
+            for r in running:
+                self._finish(r, "error", f"generation failed: {err}")
+            return
+        seconds = time.perf_counter() - t0
+        q = max(t.size for t in trees.values())
+        commits, emitted = {}, {}
+        for r, item in zip(running, inputs):
+            tree = trees[r.id]
+            try:
+                logits, hidden = results[r.slot]
+                emitted[r.id], nodes = self._accept(r, tree, item.tokens, logits)
+            except Exception as err:
+                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+                continue
+            commits[r.slot] = nodes
+            r.hidden = hidden[nodes[-1]]
+            r.steps += 1
+            r.accepted_tokens += len(emitted[r.id])
+            if tree.size > 1:
+                self.stats.proposed += tree.size - 1
+                self.stats.accepted += len(nodes) - 1
+                self.counters["spec_steps"] += 1
+                self.counters["spec_tokens"] += len(emitted[r.id])
+        try:
+            self._commit(commits)
+        except Exception as err:  # the KV rows of this batch are in an unknown state: end its requests
+            log.exception("commit failed")
+            for r in running:
+                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+            return
+        # The policy learns what a step of this shape really costs: the forward pass plus acceptance
+        # and KV compaction (per-request work that grows with trees, ~3% of a 16-row CPU step).
+        seconds = time.perf_counter() - t0
+        if self.cost_model is not None:
+            self.cost_model.observe(len(results) * q, seconds, n_rows=len(results))
+        self.counters["steps"] += 1
+        self.counters["step_seconds"] += seconds
+        for r in running:
+            if r.id in emitted:
+                self._emit_safely(r, emitted[r.id])
+        if self.on_step is not None:
+            try:
+                self.on_step({"batch": len(running), "tree": chosen.name, "tree_size": chosen.size,
+                              "seconds": seconds, "tokens": sum(len(e) for e in emitted.values())})
+            except Exception:  # metrics must never stop the engine
+                log.exception("the on_step hook failed")
+
+    def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput]]:
+        """The policy's tree, each request's tree, and the verification inputs (head top-k included)."""
+        spec = [r for r in running if r.params.speculate and r.params.tree is None and self.heads is not None]
+        chosen = self.policy.choose(len(running), len(spec))
+        trees: dict[int, MedusaTree] = {}
+        for r in running:
+            if r.params.tree is not None:
+                trees[r.id] = get_tree(r.params.tree, self.heads.n_heads if self.heads else 0)
+            else:
+                trees[r.id] = chosen if r in spec else chain(0)
+        need = [r for r in running if trees[r.id].size > 1 or (self._probe_due() and r.params.speculate)]
+        topk = self._head_topk(need)
+        inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
+                  for r in running]
+        return chosen, trees, inputs
+
+    def _emit_safely(self, r: Request, tokens: list[int]) -> None:
+        try:
+            self._emit(r, tokens)
+        except Exception as err:  # detokenizing or streaming one request's tokens fails that request only
+            log.exception("emitting tokens failed")
+            self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+
+    def _verify(self, inputs: list[TreeInput]) -> dict[int, SlotOutput]:
+        return self.runner.verify(inputs)
+
+    def _commit(self, commits: dict[int, list[int]]) -> None:
+        self.runner.commit(commits)
+
+    def _probe_due(self) -> bool:
+        """While no tree runs, the heads still look ahead now and then so the acceptance statistics
+        stay current; probes are spaced so they cost at most ~1% of the decoding time."""
+        if self.heads is None or self.policy.mode != "adaptive":
+            return False
+        every = PROBE_EVERY
+        if self.cost_model is not None and self.cost_model.heads_cost > 0:
+            step = max(self.cost_model(len(self.active)), 1e-6)
+            every = max(PROBE_EVERY, round(100 * self.cost_model.heads(len(self.active)) / step))
+        return self.counters["steps"] % every == 0
+
+    def _head_topk(self, requests: list[Request]) -> dict[int, torch.Tensor]:
+        if not requests or self.heads is None:
+            return {}
+        hidden = torch.stack([r.hidden for r in requests])
+        top = self.heads.topk(hidden, self.runner.lm_head, TOPK).cpu()  # [N, heads, k]
+        for r, t in zip(requests, top):
+            r.probes.append((len(r.output_ids), t))
+        return {r.id: t for r, t in zip(requests, top)}
+
+    def _accept(self, r: Request, tree: MedusaTree, tokens: list[int], logits: torch.Tensor):
+        p = r.params
+        if p.acceptance == "typical" and tree.size > 1:
+            return accept_typical(tree, tokens, logits, p.temperature, p.top_p, p.top_k, r.generator)
+        if p.greedy:
+            return accept_greedy(tree, tokens, logits)
+        return accept_sampling(tree, tokens, logits, p.temperature, p.top_p, p.top_k, r.generator)
+
+    def _prefill(self) -> None:
+        """Prompt chunks of the waiting-to-run requests, FIFO, under the per-step token budget: one pass."""
+        budget, chunks, owners = self.prefill_budget, {}, []
+        for r in [r for r in self.active if r.pending is None]:
+            if budget <= 0:
+                break
+            chunk = r.prompt_ids[r.n_prefilled : r.n_prefilled + budget]
+            chunks[r.slot] = chunk
+            owners.append(r)
+            budget -= len(chunk)
+        if not chunks:
+            return
+        try:
+            results = self.runner.prefill(chunks)
+        except Exception as err:
+            log.exception("prefill failed")
+            for r in owners:
+                self._finish(r, "error", f"prefill failed: {err}")
+            return
+        for r in owners:
+            r.n_prefilled += len(chunks[r.slot])
+            self.counters["prefill_tokens"] += len(chunks[r.slot])
+            if r.n_prefilled < len(r.prompt_ids):
+                continue
+            logits, hidden = results[r.slot]
+            try:
+                first, _ = self._accept(r, chain(0), [0], logits[None])
+            except Exception as err:
+                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+                continue
+            r.hidden = hidden
+            r.pending = first[0]
+            self._emit_safely(r, first)
+
+    def _emit(self, r: Request, tokens: list[int]) -> None:
+        now = time.monotonic()
+        for tok in tokens:
+            if r.first_token_at is None:
+                r.first_token_at = now
+            r.output_ids.append(tok)
+            r.pending = tok
+            self.counters["tokens"] += 1
+            reason = None
+            if tok in self.eos_ids and not r.params.ignore_eos:
+                reason, delta = "eos_token", ""
+            else:
+                delta, stopped = r.text.update(r.output_ids)
+                if stopped:
+                    reason = "stop_sequence"
+                elif len(r.output_ids) >= r.params.max_tokens:
+                    reason = "length"
+            if reason in ("eos_token", "length"):
+                delta += r.text.final()  # text held back in case a stop string was starting
+            r.handle.push(TokenEvent(tok, delta, len(r.output_ids) - 1))
+            if reason is not None:
+                self._finish(r, reason)
+                return
+        self._resolve_probes(r, final=False)
+
+    def _resolve_probes(self, r: Request, final: bool) -> None:
+        n = self.stats.n_heads
+        keep = []
+        for start, top in r.probes:
+            actual = r.output_ids[start:]
+            if len(actual) >= n or final:
+                if actual:
+                    self.stats.observe_probe(top, actual)
+            else:
+                keep.append((start, top))
+        r.probes = keep
+
+    def _finish(self, r: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
+        if r.handle.finished is not None:
+            return
+        self._resolve_probes(r, final=True)
+        if r in self.active:
+            self.active.remove(r)
+        if r.slot is not None:
+            self._release_slot(r, reason)
+            r.slot = None
+        now = time.monotonic()
+        key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
+        self.counters[key] += 1
+        r.handle.push(Finished(
+            text=r.text.text, token_ids=list(r.output_ids), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
+            steps=r.steps, accepted_tokens=r.accepted_tokens,
+            time_to_first_token=None if r.first_token_at is None else r.first_token_at - r.created,
+            latency=now - r.created, error=error,
+            error_type=(error_type or "generation") if reason == "error" else None,
+        ))
+
+    def _release_slot(self, r: Request, reason: str) -> None:
+        self.runner.free(r.slot)
+
+    def _finish_all(self, reason: str, error: str, error_type: str | None = None) -> None:
+        with self._cond:
+            pending = list(self.waiting) + list(self.active)
+            self.waiting.clear()
+        for r in pending:
+            try:
+                self._finish(r, reason, error, error_type)
+            except BaseException:  # the runner may be broken; the caller must still get an answer
+                r.handle.push(Finished(r.text.text, list(r.output_ids), reason, len(r.prompt_ids), r.steps,
+                                       r.accepted_tokens, None, time.monotonic() - r.created, error,
+                                       error_type or "generation"))
+        self.active.clear()
+
+    # ---- introspection --------------------------------------------------------------------
+    def limits(self) -> EngineLimits:
+        return EngineLimits(self.runner.max_context - self.tree_reserve, self.max_batch, self.max_queue,
+                            self.policy.mode, self.heads.n_heads if self.heads is not None else None)
+
+    def snapshot(self) -> dict:
+        """Counters, the speculation choice and acceptance statistics (the server turns these into metrics)."""
+        c = dict(self.counters)
+        return {
+            **c,
+            "running": len(self.active), "waiting": len(self.waiting),
+            "speculation": self.policy.mode, "last_tree": self.policy.last_choice.name,
+            "last_tree_size": self.policy.last_choice.size, "tree_choices": dict(self.policy.choices),
+            "mean_accepted_per_spec_step": c["spec_tokens"] / c["spec_steps"] if c["spec_steps"] else 0.0,
+            **self.stats.snapshot(),
+        }

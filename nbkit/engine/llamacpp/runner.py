@@ -1,0 +1,441 @@
+"""The llama.cpp runner: the same slots, prefill, verify and commit as the torch runner, on a GGUF file.
+
+One llama.cpp context serves every slot. Its KV cache is unified (`kv_unified`): cells belong to
+sequence ids, and a token sees exactly the cells that carry its sequence id. Each slot owns one
+"home" sequence id (= the slot number) holding its accepted tokens. A verification step puts every
+running slot's tree into ONE `llama_decode`:
+
+- the root (the token already chosen, always accepted) goes into the home sequence;
+- the other nodes of a chain go into the home sequence too, at positions n_past + depth;
+- a tree with several leaves borrows one sequence id per leaf: the home prefix is first copied to
+  each leaf id (`seq_cp`, metadata only), and every node carries the ids of all leaves under it (the
+  root all of them). Each leaf id then sees the prefix plus exactly its own root-to-leaf path, which
+  is the Medusa tree mask.
+
+Committing keeps the accepted path in the home sequence and removes every borrowed id, which frees
+the rejected branches' cells. `seq_keep` is never used (it would drop every other slot). The context
+has 256 sequence ids; those that are not homes form the leaf budget (`max_leaves`) the policy respects.
+
+The context runs with embeddings on, so every output row also gives the final-norm hidden state the
+Medusa heads read. Prompts are prefilled with embeddings off (otherwise every prompt token would be
+an output row) and only their last token is decoded with embeddings on.
+
+Exactness, measured on this llama.cpp (CPU). The plain flash-attention kernel computes every query
+row on its own over the cells in cell order, skipping masked ones, so a token's logits are
+bit-identical whatever else is in the batch, as long as (1) the ubatch has < 64 tokens (ggml tiles
+at 64), (2) it is not a single-token ubatch over >= 512 cells (ggml then splits the cells across
+threads), and (3) the sequence's cells lie in position order (the softmax sums in cell order).
+Without flash attention the sums depend on the absolute cell index. A last-bit difference is enough
+to flip the int8 rounding of some activation and move logits by up to ~1, so greedy text diverges.
+`exact=True` therefore runs flash attention on (which reads K/V as f16 even from an f32 cache, so
+the KV cache stays f16), ubatches of <= 63 tokens, pads a
+single-token ubatch with a dummy token on a scratch id, and keeps every sequence's cells in order:
+each batch puts permanent tokens (roots, and the accepted nodes of the previous step, decoded again)
+before all speculative nodes, every speculative cell is dropped after the step, and a finished slot's
+cells are parked on a "retired" id until the context is idle (freeing them would leave holes that
+later tokens of running slots fill out of order). The price: accepted speculative tokens are
+computed twice. `exact=False` (flash attention auto, 512-token ubatches, accepted nodes kept in place)
+is the fast configuration; its divergence rate is measured by scripts/bench_llamacpp.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...medusa.trees import MedusaTree
+from ..runner import TreeInput
+from .bindings import Batch, cpu_threads, llama_cpp_module
+from .lm_head import Int8LmHead, gguf_lm_head
+
+log = logging.getLogger("nbkit.engine")
+
+EXACT_UBATCH = 63  # ggml-cpu switches to tiled flash attention at 64 query rows (GGML_FA_TILE_Q)
+
+
+class LlamaCppRunner:
+    """Forward passes for a batch of slots on a GGUF model through llama.cpp's low-level API (runner.Runner).
+
+    model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); otherwise
+    the fast one. flash_attn: None = on when exact, llama.cpp's auto otherwise; off is the most accurate
+    single-request path (flash attention reads K/V as f16) but not placement-invariant. kv_type: "f16"
+    or "f32" (under flash attention llama.cpp casts K/V to f16 anyway). device/dtype: where the hidden
+    states go (the Medusa heads and `lm_head` run there). hidden=False skips the hidden states (no
+    heads): prompts then need one decode instead of two.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, max_slots: int = 16, n_ctx: int | None = None,
+                 exact: bool = False, n_threads: int | None = None, n_gpu_layers: int | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 hidden: bool = True, n_batch: int | None = None, flash_attn: bool | None = None,
+                 kv_type: str = "f16"):
+        self._settings = dict(n_ctx=n_ctx, exact=exact, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                              device=device, dtype=dtype, hidden=hidden, n_batch=n_batch, flash_attn=flash_attn,
+                              kv_type=kv_type)
+        lib = self.lib = llama_cpp_module()
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {self.model_path}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.exact, self.want_hidden = exact, hidden
+        if exact and flash_attn is False:
+            raise ValueError("the exact configuration needs flash attention (the only placement-invariant path)")
+        if kv_type not in ("f16", "f32"):
+            raise ValueError("kv_type must be 'f16' or 'f32'")
+
+        mparams = lib.llama_model_default_params()
+        if n_gpu_layers is None:
+            n_gpu_layers = 999 if lib.llama_supports_gpu_offload() else 0
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {self.model_path} (not a GGUF model file?)")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.vocab_size = lib.llama_vocab_n_tokens(self._vocab)
+        self.hidden_size = lib.llama_model_n_embd(self._model)
+        n_ctx_train = lib.llama_model_n_ctx_train(self._model)
+
+        # Sequence ids: homes [0, max_slots), leaves after them; exact mode keeps the last two ids for
+        # the padding token (scratch) and the cells of finished slots (retired).
+        self.n_seq_max = min(256, lib.llama_max_parallel_sequences())
+        reserved = 2 if exact else 0
+        if max_slots + reserved >= self.n_seq_max:
+            raise ValueError(f"max_slots must be below {self.n_seq_max - reserved} (llama.cpp's sequence-id limit)")
+        self.scratch, self.retired = (self.n_seq_max - 1, self.n_seq_max - 2) if exact else (None, None)
+        self.max_slots = max_slots
+        self.max_leaves = self.n_seq_max - max_slots - reserved
+        n_ctx = n_ctx or min(n_ctx_train, max(4096, 256 * max_slots))
+        self.n_batch = min(n_batch or max(512, 64 * max_slots), n_ctx - 1)
+        self.n_ubatch = min(self.n_batch, EXACT_UBATCH if exact else 512)
+
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch + 1  # + 1: the padding token
+        cparams.n_ubatch = self.n_ubatch
+        cparams.n_seq_max = self.n_seq_max
+        threads = n_threads or int(os.environ.get("NBKIT_LLAMA_THREADS", "0")) or cpu_threads()
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.embeddings = hidden
+        cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        cparams.kv_unified = True
+        cparams.flash_attn_type = {True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED, False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                                   None: lib.LLAMA_FLASH_ATTN_TYPE_AUTO}[True if exact else flash_attn]
+        cparams.type_k = cparams.type_v = lib.GGML_TYPE_F32 if kv_type == "f32" else lib.GGML_TYPE_F16
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise RuntimeError("llama.cpp could not create a context (out of memory? try a smaller n_ctx)")
+        self.n_ctx = lib.llama_n_ctx(self._ctx)
+        self.max_context = min(n_ctx_train, self.n_ctx)
+        self._mem = lib.llama_get_memory(self._ctx)
+        self._batch = Batch(lib, self.n_batch + 1, self.n_seq_max)
+        self._embeddings_on = hidden
+
+        self.lengths = [0] * max_slots  # tokens committed per slot (in the KV cache or in its carry)
+        self._carry: list[list[int]] = [[] for _ in range(max_slots)]  # exact mode: accepted, to decode again
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+        self._free_leaves = list(range(max_slots + self.max_leaves - 1, max_slots - 1, -1))
+        self._pending: dict[int, _Pending] = {}  # slot -> the tree verified but not yet committed
+        self._lm_head: nn.Module | None = None
+        self.eos_token_ids = {lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)} - {-1}
+
+    def fresh(self, max_slots: int | None = None) -> LlamaCppRunner:
+        """A new runner (own context and KV cache) over the same GGUF file and settings."""
+        runner = LlamaCppRunner(self.model_path, max_slots or self.max_slots, **self._settings)
+        runner._lm_head = self._lm_head  # share the dequantized output weights
+        return runner
+
+    # ---- the base lm_head for shared-format Medusa heads (dequantized on first use) -----------
+    @property
+    def lm_head(self) -> nn.Module:
+        if self._lm_head is None:
+            dense = gguf_lm_head(self.model_path, self.device, self.dtype)
+            self._lm_head = dense if self.device.type == "cuda" else Int8LmHead(dense)
+        return self._lm_head
+
+    @lm_head.setter
+    def lm_head(self, module: nn.Module) -> None:
+        self._lm_head = module
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self.lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            self.lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # interpreter shutdown: the bindings may be gone already
+            self.close()
+
+    # ---- slots --------------------------------------------------------------------------
+    def alloc(self) -> int:
+        if not self._free_slots:
+            raise RuntimeError("no free slot")
+        slot = self._free_slots.pop()
+        self.lengths[slot] = 0
+        self._carry[slot] = []
+        return slot
+
+    def free(self, slot: int) -> None:
+        lib, mem = self.lib, self._mem
+        self._drop_speculative(slot)
+        if self.exact:  # park the cells: a hole below running slots' cells would break their cell order
+            lib.llama_memory_seq_cp(mem, slot, self.retired, -1, -1)
+        lib.llama_memory_seq_rm(mem, slot, -1, -1)
+        self.lengths[slot] = 0
+        self._carry[slot] = []
+        self._free_slots.append(slot)
+        if self.exact and len(self._free_slots) == self.max_slots:
+            lib.llama_memory_seq_rm(mem, self.retired, -1, -1)  # idle: nothing left whose order matters
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def _drop_speculative(self, slot: int) -> None:
+        """Forget a tree verified but never committed: its cells from the root on, and its leaf ids."""
+        pending = self._pending.pop(slot, None)
+        if pending is None:
+            return
+        self.lib.llama_memory_seq_rm(self._mem, slot, pending.root_pos, -1)
+        for leaf in pending.leaves:
+            self.lib.llama_memory_seq_rm(self._mem, leaf, -1, -1)
+            self._free_leaves.append(leaf)
+
+    # ---- forward passes -----------------------------------------------------------------
+    def _set_embeddings(self, on: bool) -> None:
+        if on != self._embeddings_on:
+            self.lib.llama_set_embeddings(self._ctx, on)
+            self._embeddings_on = on
+
+    def _decode(self) -> None:
+        b = self._batch
+        n = b.struct.n_tokens
+        padded = self.exact and n % self.n_ubatch == 1
+        if padded:  # no single-token ubatch: ggml would take its split-KV attention path
+            b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n, 0], b.output[n] = 0, 0, 1, self.scratch, 0
+            b.struct.n_tokens = n + 1
+        try:
+            rc = self.lib.llama_decode(self._ctx, b.struct)
+            if rc == 1 and self.exact and self.lib.llama_memory_seq_pos_max(self._mem, self.retired) >= 0:
+                # Full: give the retired cells back (cell order may break from here on) and try again.
+                log.warning("llama.cpp context full: releasing finished requests' cells (exactness may suffer)")
+                self.lib.llama_memory_seq_rm(self._mem, self.retired, -1, -1)
+                rc = self.lib.llama_decode(self._ctx, b.struct)
+        finally:
+            if padded:
+                self.lib.llama_memory_seq_rm(self._mem, self.scratch, -1, -1)
+                b.struct.n_tokens = n
+        if rc == 1:
+            raise RuntimeError(f"the llama.cpp context is full ({self.n_ctx} cells shared by all requests)")
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _outputs(self, rows: np.ndarray, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [R, V] fp32 (CPU) and hidden [R, H] (runner device/dtype) of output rows `rows` of the last decode."""
+        ptr = self.lib.llama_get_logits(self._ctx)
+        logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n_out, self.vocab_size))[rows])
+        if not self.want_hidden:
+            return logits, torch.empty(len(rows), 0, device=self.device, dtype=self.dtype)
+        eptr = self.lib.llama_get_embeddings(self._ctx)
+        hidden = torch.from_numpy(np.ctypeslib.as_array(eptr, shape=(n_out, self.hidden_size))[rows])
+        return logits, hidden.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def prefill(self, chunks: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Append prompt chunks to their slots, all slots in one decode; {slot: (logits [V], hidden [H])} of
+        each chunk's last token. With hidden states on, the chunks minus their last tokens go first with
+        embeddings off (else every prompt token would be an output row), then the last tokens."""
+        runs = []  # (slot, first position, tokens)
+        for slot, chunk in chunks.items():
+            if not chunk:
+                raise ValueError("empty prefill chunk")
+            if self.lengths[slot] + len(chunk) > self.max_context:
+                raise ValueError(f"context of {self.lengths[slot] + len(chunk)} tokens exceeds the model's "
+                                 f"{self.max_context}")
+            self._drop_speculative(slot)
+            carry = self._carry[slot]
+            runs.append((slot, self.lengths[slot] - len(carry), carry + list(chunk)))
+        try:
+            if self.want_hidden:
+                self._set_embeddings(False)
+                self._decode_runs([(slot, start, toks[:-1]) for slot, start, toks in runs])
+                self._set_embeddings(True)
+                runs_out = [(slot, start + len(toks) - 1, toks[-1:]) for slot, start, toks in runs]
+            else:
+                runs_out = runs
+            logits, hidden = self._decode_runs(runs_out, last_out=True)
+        except Exception:
+            for slot, start, _ in runs:
+                self.lib.llama_memory_seq_rm(self._mem, slot, start, -1)
+            raise
+        for slot, start, toks in runs:
+            self._carry[slot] = []
+            self.lengths[slot] = start + len(toks)
+        return {slot: (logits[i], hidden[i]) for i, (slot, _, _) in enumerate(runs)}
+
+    def _decode_runs(self, runs: list[tuple[int, int, list[int]]], last_out: bool = False):
+        """Decode runs of tokens (slot, first position, tokens) in as few decodes as n_batch allows.
+
+        With last_out, returns (logits [R, V], hidden [R, H]) of each run's last token, in run order."""
+        b, row, outs = self._batch, 0, []
+
+        def flush():
+            b.struct.n_tokens = row
+            self._decode()
+            if last_out:
+                flagged = np.flatnonzero(b.output[:row])
+                # With embeddings on every token is an output row; otherwise only the flagged ones.
+                rows, n_out = (flagged, row) if self._embeddings_on else (np.arange(len(flagged)), len(flagged))
+                outs.append(self._outputs(rows, n_out))
+
+        for slot, start, toks in runs:
+            i = 0
+            while i < len(toks):
+                if row == self.n_batch:
+                    flush()
+                    row = 0
+                k = min(len(toks) - i, self.n_batch - row)
+                b.token[row: row + k] = toks[i: i + k]
+                b.pos[row: row + k] = np.arange(start + i, start + i + k)
+                b.seq_id[row: row + k, 0] = slot
+                b.n_seq_id[row: row + k] = 1
+                b.output[row: row + k] = 0
+                i += k
+                row += k
+                if last_out and i == len(toks):
+                    b.output[row - 1] = 1
+        if row:
+            flush()
+        if last_out:
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return None
+
+    @torch.inference_mode()
+    def verify(self, batch: list[TreeInput]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every slot's tree in ONE llama_decode. Returns {slot: (logits [T, V] fp32, hidden [T, H])}."""
+        lib, mem, b = self.lib, self._mem, self._batch
+        for item in batch:
+            self._drop_speculative(item.slot)
+        total = sum(item.tree.size + len(self._carry[item.slot]) for item in batch)
+        if total > self.n_batch:
+            raise ValueError(f"{total} tree tokens exceed the batch capacity of {self.n_batch}")
+        need = sum(item.tree.n_leaves for item in batch if item.tree.n_leaves > 1)
+        if need > len(self._free_leaves):
+            raise ValueError(f"the trees need {need} sequence ids, {len(self._free_leaves)} are free "
+                             f"(llama.cpp has {self.n_seq_max}); use smaller trees or fewer requests")
+        for item in batch:
+            if self.lengths[item.slot] + item.tree.max_depth + 1 > self.max_context:
+                raise ValueError(f"slot {item.slot} would exceed the context of {self.max_context} tokens")
+        self._set_embeddings(self.want_hidden)
+        # Permanent tokens (carry + root) of every slot first, then all speculative nodes: with that
+        # order a slot's cells stay in position order even after the speculative cells are dropped.
+        node_rows: dict[int, np.ndarray] = {}
+        row = 0
+        for item in batch:
+            slot, tree = item.slot, item.tree
+            carry = self._carry[slot]
+            leaves = [self._free_leaves.pop() for _ in range(tree.n_leaves)] if tree.n_leaves > 1 else []
+            for leaf in leaves:
+                lib.llama_memory_seq_cp(mem, slot, leaf, -1, -1)
+            root_pos = self.lengths[slot]
+            k = len(carry) + 1
+            b.token[row: row + k] = carry + [item.tokens[0]]
+            b.pos[row: row + k] = np.arange(root_pos - len(carry), root_pos + 1)
+            b.seq_id[row: row + k, 0] = slot
+            b.seq_id[row: row + k, 1: 1 + len(leaves)] = leaves
+            b.n_seq_id[row: row + k] = 1 + len(leaves)
+            rows = np.empty(tree.size, dtype=np.int64)
+            rows[0] = row + k - 1
+            node_rows[slot] = rows
+            self._pending[slot] = _Pending(root_pos, tree, leaves, item.tokens)
+            row += k
+        for item in batch:
+            slot, tree, t = item.slot, item.tree, item.tree.size
+            if t == 1:
+                continue
+            pending = self._pending[slot]
+            b.token[row: row + t - 1] = item.tokens[1:]
+            b.pos[row: row + t - 1] = pending.root_pos + tree.depths[1:].numpy()
+            if not pending.leaves:  # a chain: straight into the home sequence
+                b.seq_id[row: row + t - 1, 0] = slot
+                b.n_seq_id[row: row + t - 1] = 1
+            else:
+                b.n_seq_id[row: row + t - 1] = 0
+                for leaf, path in zip(pending.leaves, tree.retrieve.tolist()):
+                    for node in path[1:]:
+                        if node < 0:
+                            break
+                        r = row + node - 1
+                        b.seq_id[r, b.n_seq_id[r]] = leaf
+                        b.n_seq_id[r] += 1
+            node_rows[slot][1:] = np.arange(row, row + t - 1)
+            row += t - 1
+        b.output[:row] = 1
+        b.struct.n_tokens = row
+        try:
+            self._decode()
+        except Exception:
+            for item in batch:
+                self._drop_speculative(item.slot)
+            raise
+        for item in batch:
+            self._carry[item.slot] = []
+        rows = np.concatenate([node_rows[item.slot] for item in batch])
+        logits, hidden = self._outputs(rows, row)
+        out, start = {}, 0
+        for item in batch:
+            t = item.tree.size
+            out[item.slot] = (logits[start: start + t], hidden[start: start + t])
+            start += t
+        return out
+
+    def commit(self, accepted: dict[int, list[int]]) -> None:
+        """Keep each slot's accepted nodes (root first); drop every other cell of its tree."""
+        lib, mem = self.lib, self._mem
+        for slot, nodes in accepted.items():
+            p = self._pending.pop(slot)
+            new_len = p.root_pos + len(nodes)
+            if self.exact:
+                # Drop every speculative cell; the accepted nodes are decoded again, in order, next step.
+                self._carry[slot] = [p.tokens[n] for n in nodes[1:]]
+                lib.llama_memory_seq_rm(mem, slot, p.root_pos + 1, -1)
+            elif not p.leaves:
+                if nodes != list(range(len(nodes))):
+                    raise ValueError(f"accepted nodes {nodes} are not a prefix of the chain")
+                lib.llama_memory_seq_rm(mem, slot, new_len, -1)
+            elif len(nodes) > 1:
+                winner = next(leaf for leaf, path in zip(p.leaves, p.tree.retrieve.tolist()) if nodes[-1] in path)
+                lib.llama_memory_seq_rm(mem, winner, new_len, -1)
+                lib.llama_memory_seq_cp(mem, winner, slot, p.root_pos + 1, new_len)
+            for leaf in p.leaves:
+                lib.llama_memory_seq_rm(mem, leaf, -1, -1)
+            self._free_leaves.extend(p.leaves)
+            self.lengths[slot] = new_len
+
+    # ---- introspection (tests) ----------------------------------------------------------
+    def seq_ranges(self) -> dict[int, tuple[int, int]]:
+        """{sequence id: (pos_min, pos_max)} for every sequence id that holds cells."""
+        out = {}
+        for seq in range(self.n_seq_max):
+            lo = self.lib.llama_memory_seq_pos_min(self._mem, seq)
+            if lo >= 0:
+                out[seq] = (lo, self.lib.llama_memory_seq_pos_max(self._mem, seq))
+        return out
+
+
+@dataclass
+class _Pending:
+    root_pos: int  # position of the tree's root (= the slot's length before the step)
+    tree: MedusaTree
+    leaves: list[int]  # borrowed sequence ids, one per leaf (empty for a chain)
+    tokens: list[int]

@@ -1,0 +1,73 @@
+"""The runner contract: the only thing the engine knows about a backend.
+
+The engine decides WHAT runs each step (which slots, which tree each verifies); a runner does the
+forward pass for the batch it is handed and keeps each slot's KV cache. Runners know nothing of
+requests, sampling or HTTP: token ids in, logits and hidden states out. Two runners implement it:
+`torch_runner.TorchRunner` and `llamacpp.runner.LlamaCppRunner`.
+
+A slot is one request's row of KV cache. Its life: `alloc()`, `prefill()` its prompt in chunks,
+then every step `verify()` a tree rooted at the last chosen token and `commit()` the accepted
+nodes, and `free()` it at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..medusa.trees import MedusaTree
+
+
+@dataclass
+class TreeInput:
+    """One slot's share of a verification step: the tree shape and its T input tokens (root first)."""
+
+    slot: int
+    tree: MedusaTree
+    tokens: list[int]
+
+
+# What prefill and verify return per slot: (logits fp32 on the CPU or the runner's device, hidden
+# states in the runner's dtype). Prefill: [V] and [H] of the chunk's last token; verify: [T, V] and
+# [T, H], one row per tree node.
+SlotOutput = tuple[torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class Runner(Protocol):
+    max_slots: int  # slots that can hold a request at once
+    max_context: int  # tokens a slot may hold (prompt + output + the tree being verified)
+    max_leaves: int | None  # tree leaves one step may verify in all (None: no limit)
+    device: torch.device  # where hidden states live (the Medusa heads run there)
+    dtype: torch.dtype
+    hidden_size: int
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The base model's output projection (shared-lm_head Medusa heads read it)."""
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """End-of-sequence ids the model itself declares (beyond the tokenizer's)."""
+
+    def alloc(self) -> int: ...
+
+    def free(self, slot: int) -> None: ...
+
+    def length(self, slot: int) -> int:
+        """Tokens committed to `slot` so far."""
+
+    def prefill(self, chunks: dict[int, list[int]]) -> dict[int, SlotOutput]:
+        """Append prompt chunks to their slots in one pass."""
+
+    def verify(self, batch: list[TreeInput]) -> dict[int, SlotOutput]:
+        """Every slot's tree in one forward pass (nothing is committed yet)."""
+
+    def commit(self, accepted: dict[int, list[int]]) -> None:
+        """Keep each slot's accepted tree nodes (root first) and drop the rest of its tree."""
+
+    def fresh(self, max_slots: int | None = None) -> Runner:
+        """A new runner with its own cache over the same weights."""

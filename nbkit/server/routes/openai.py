@@ -1,0 +1,114 @@
+"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions` (both also streamed), `/v1/models`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+
+from ...engine.request import SamplingParams
+from ..errors import APIError
+from ..schemas import (
+    ChatChoice,
+    ChatRequest,
+    ChatResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+)
+from ..service import Service, get_service
+from ..streams import OPENAI_FINISH, SSE_HEADERS, openai_chunks, usage
+from ..timeouts import TimedEventSourceResponse
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"],
+                   responses={code: {"model": OpenAIError} for code in (400, 401, 404, 413, 429, 500, 503)})
+
+
+def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, name: str) -> SamplingParams:
+    if body.n != 1:
+        raise APIError(None, "n must be 1: one choice per request", param="n")
+    for field_name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, field_name):
+            raise APIError(None, f"{field_name} is not supported: leave it at 0", param=field_name)
+    if body.logprobs:
+        raise APIError(None, "logprobs are not supported", param="logprobs")
+    return svc.sampling(n_prompt, max_tokens, name=name, stop=body.stop, temperature=body.temperature,
+                        top_p=body.top_p, top_k=body.top_k, seed=body.seed, speculate=body.speculate,
+                        tree=body.tree)
+
+
+async def completion_ids(svc: Service, prompt) -> list[int]:
+    """A completion's prompt: one string, a list of one string, or token ids."""
+    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        svc.check_token_ids(prompt)
+        return list(prompt)
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise APIError(None, "send exactly one prompt per request", param="prompt")
+        prompt = prompt[0]
+    return await svc.encode(prompt)
+
+
+@router.post("/completions", response_model=CompletionResponse)
+async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)):
+    """Text completion (no chat template). `stream: true` answers SSE chunks, then `data: [DONE]`."""
+    svc.check_model(body.model)
+    if body.echo or body.suffix or (body.best_of or 1) != 1:
+        raise APIError(None, "echo, suffix and best_of are not supported", param="echo")
+    ids = await completion_ids(svc, body.prompt)
+    params = openai_sampling(svc, body, len(ids), body.max_tokens, "max_tokens")
+    handle = svc.submit(ids, params)
+    rid, model = f"cmpl-{uuid.uuid4().hex}", svc.model_id
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return TimedEventSourceResponse(openai_chunks(svc, handle, rid, model, chat=False, include_usage=include_usage),
+                                        headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
+    fin = await svc.result(handle, request)
+    if (err := svc.failure(fin, openai=True)) is not None:
+        raise err
+    return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(fin),
+                              choices=[CompletionChoice(text=fin.text,
+                                                        finish_reason=OPENAI_FINISH[fin.finish_reason])])
+
+
+@router.post("/chat/completions", response_model=ChatResponse)
+async def chat_completions(body: ChatRequest, request: Request, svc: Service = Depends(get_service)):
+    """Chat with the model's chat template. `stream: true` answers SSE chunks, then `data: [DONE]`;
+    `stream_options.include_usage` adds a last chunk with the token counts."""
+    svc.check_model(body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+                for m in body.messages]
+    ids = await svc.chat_ids(messages)
+    if body.max_completion_tokens is not None:
+        max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        max_tokens, name = body.max_tokens, "max_tokens"
+    params = openai_sampling(svc, body, len(ids), max_tokens, name)
+    handle = svc.submit(ids, params)
+    rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return TimedEventSourceResponse(openai_chunks(svc, handle, rid, model, chat=True, include_usage=include_usage),
+                                        headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
+    fin = await svc.result(handle, request)
+    if (err := svc.failure(fin, openai=True)) is not None:
+        raise err
+    choice = ChatChoice(message={"role": "assistant", "content": fin.text},
+                        finish_reason=OPENAI_FINISH[fin.finish_reason])
+    return ChatResponse(id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage(fin))
+
+
+@router.get("/models", response_model=ModelList)
+async def models(svc: Service = Depends(get_service)):
+    svc.ready()
+    return ModelList(data=[ModelCard(id=svc.model_id, created=svc.created)])
+
+
+def _text(content) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content)

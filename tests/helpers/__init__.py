@@ -1,0 +1,173 @@
+"""Tiny models and tokenizers for tests that must run in seconds."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nbkit.medusa.heads import MedusaHeads
+
+
+class ToyTokenizer:
+    """One printable character per token id; id 1 is EOS. Enough for the engine's text handling."""
+
+    eos_token_id = 1
+    pad_token_id = 0
+    eos_token = "<eos>"
+    chat_template = None
+
+    def __init__(self, vocab_size: int = 256):
+        self.vocab_size = vocab_size
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(0x41 + (i % 58)) for i in ids if not (skip_special_tokens and i in (0, 1)))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + (ord(c) % 200) for c in text]}
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
+        return [2] + self(messages[-1]["content"])["input_ids"] + [3]
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 256, layers: int = 2, hidden: int = 64, init: float = 0.15,
+               max_positions: int = 1024) -> LlamaForCausalLM:
+    """A random Llama whose logits are spread out enough that greedy ties are practically impossible."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        initializer_range=init, eos_token_id=1, bos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def random_heads(model, n_heads: int = 4, seed: int = 0, scale: float = 0.05) -> MedusaHeads:
+    torch.manual_seed(seed)
+    heads = MedusaHeads(model.config.hidden_size, n_heads)
+    for p in heads.parameters():
+        p.data.normal_(0, scale)
+    return heads.eval().requires_grad_(False)
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=1, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+class OracleHeads(MedusaHeads):
+    """Heads that know the true greedy continuation of registered sequences (found by hidden state).
+
+    They put the right token at varying ranks and sometimes miss, so verification accepts paths of
+    every length: the hardest case for KV compaction and the one random heads never reach.
+    """
+
+    def __init__(self, model, n_heads: int = 4, miss_every: int = 5):
+        super().__init__(model.config.hidden_size, n_heads)
+        self.model, self.miss_every = model, miss_every
+        self.keys: list[torch.Tensor] = []
+        self.futures: list[list[int]] = []
+
+    @torch.inference_mode()
+    def register(self, prompt_ids: list[int], continuation: list[int]) -> None:
+        seq = prompt_ids + continuation
+        hidden = self.model.model(input_ids=torch.tensor([seq])).last_hidden_state[0]
+        for t in range(len(prompt_ids) - 1, len(seq)):
+            self.keys.append(hidden[t])
+            self.futures.append(seq[t + 2 : t + 2 + self.n_heads])
+
+    @torch.inference_mode()
+    def topk(self, hidden, lm_head, k):
+        gen = torch.Generator().manual_seed(int(hidden.abs().sum() * 1000) % 2**31)
+        out = torch.randint(2, self.model.config.vocab_size, (hidden.shape[0], self.n_heads, k), generator=gen)
+        if not self.keys:
+            return out
+        keys = torch.stack(self.keys)
+        for row, h in enumerate(hidden):
+            dist = (keys - h).norm(dim=-1)
+            j = int(dist.argmin())
+            if dist[j] > 1e-3 * (1 + h.norm()):
+                continue
+            for d, token in enumerate(self.futures[j]):
+                if (j + d) % self.miss_every == 0 and d > 0:
+                    continue  # a miss: the walk stops here
+                rank = (j + d) % 3
+                out[row, d][out[row, d] == token] = 0 if token != 0 else 2
+                out[row, d, rank] = token
+        return out
+
+
+class SlotState:
+    """What a fault sees of one slot: the prompt prefilled so far and the tokens emitted before this pass."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.prompt_ids: list[int] = []
+        self.n_output = 0
+
+
+class _Poisoned:
+    """Logits that raise `err` when acceptance reads them: the failure lands inside that one request."""
+
+    def __init__(self, err: Exception):
+        self._err = err
+
+    def __getattr__(self, name):
+        raise self._err
+
+    def __getitem__(self, key):
+        raise self._err
+
+
+class FaultyRunner:
+    """A runner wrapper for fault tests: `fault(state)` runs for every slot of every pass's results.
+
+    It may sleep (slow steps), raise an Exception (that request fails, as a sampling failure would) or
+    raise a BaseException (it escapes the engine's per-request handling and kills the engine thread).
+    Everything else is the wrapped runner's.
+    """
+
+    def __init__(self, runner):
+        self.inner = runner
+        self.fault = None
+        self.states: dict[int, SlotState] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def fresh(self, max_slots=None) -> FaultyRunner:
+        return FaultyRunner(self.inner.fresh(max_slots))
+
+    def alloc(self) -> int:
+        slot = self.inner.alloc()
+        self.states[slot] = SlotState(slot)
+        return slot
+
+    def prefill(self, chunks):
+        for slot, chunk in chunks.items():
+            self.states[slot].prompt_ids += list(chunk)
+        return self._inject(self.inner.prefill(chunks), first=True)
+
+    def verify(self, batch):
+        return self._inject(self.inner.verify(batch))
+
+    def commit(self, accepted) -> None:
+        self.inner.commit(accepted)
+        for slot, nodes in accepted.items():
+            self.states[slot].n_output += len(nodes)  # the accepted nodes are the tokens emitted this step
+
+    def _inject(self, results, first: bool = False):
+        for slot, (_logits, hidden) in list(results.items()):
+            state = self.states[slot]
+            if not first and state.n_output == 0:
+                state.n_output = 1  # the prefill's token
+            if self.fault is None:
+                continue
+            try:
+                self.fault(state)
+            except Exception as err:
+                results[slot] = (_Poisoned(err), hidden)
+        return results

@@ -1,0 +1,233 @@
+"""Load and graceful stop of `python -m nbkit serve` on the embedded SmolLM2 (real weights, CPU).
+
+One server process for the module: 300 mixed requests at concurrency 64 against a queue far smaller
+than the load (every request answered completely or refused with 429, none lost, none 5xx, answers
+equal to Hugging Face greedy `generate` of the same prompt alone, memory back to its level), then
+SIGTERM with requests in flight (each ends with its answer or a clear error, the process exits in
+time). Traffic goes only to the 127.0.0.1 server started here; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from nbkit.bench.loadtest import PROMPTS, Job, make_jobs, markdown, run_load
+
+pytestmark = pytest.mark.slow
+
+KEY = "load-test-key-5f2a9c"
+SECRETS = {"NBKIT_API_KEY": KEY, "HF_TOKEN": "hf_reliabilityFakeToken123456",
+           "NGROK_AUTHTOKEN": "2abcFakeNgrokToken_reliability"}
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BATCH, MAX_QUEUE = 16, 8  # 24 requests at most in the server; the load keeps 64 at once
+REQUESTS, CONCURRENCY = 300, 64
+REQUEST_TIMEOUT = 120.0  # a request with no answer by then counts as lost
+GEN_ROUTES = ("/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions")
+# One torch thread in the server and here: on a shared 2-core machine two spinning threads per process
+# make a step take 0.3 s or 15 s at random; one thread keeps the timings and the bounds meaningful.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+COMMAND = [sys.executable, "-m", "nbkit", "serve", "--port", "0", "--max-batch", str(MAX_BATCH),
+           "--max-queue", str(MAX_QUEUE), "--rate-limit", "0", "--log-level", "info"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(COMMAND, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, **SECRETS, **ONE_THREAD))
+    try:
+        url, deadline = None, time.monotonic() + 240
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            if m := re.search(r"nbkit serve: (http://127\.0\.0\.1:\d+)", log_path.read_text()):
+                url = m.group(1)
+            time.sleep(0.2)
+        assert url, log_path.read_text()
+        yield proc, url, log_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (Prometheus text format)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def route_counts(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", headers=AUTH, timeout=30).text
+    return {status: sum(metric(text, "nbkit_requests_total", route=r, status=status) for r in GEN_ROUTES)
+            for status in ("200", "429", "500", "503")}
+
+
+def expected_texts(embedded, jobs: list[Job]) -> dict[tuple[str, bool], list[int]]:
+    """Hugging Face greedy tokens of each distinct (prompt, chat), generated alone."""
+    model, tok = embedded
+    eos = {tok.eos_token_id}
+    gen_eos = model.generation_config.eos_token_id
+    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    longest: dict[tuple[str, bool], int] = {}
+    for j in jobs:
+        longest[(j.prompt, j.chat)] = max(longest.get((j.prompt, j.chat), 0), j.max_tokens)
+    out = {}
+    for (prompt, chat), n in longest.items():
+        if chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+        else:
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(gen) if t in eos), len(gen))
+        out[(prompt, chat)] = gen[: cut + 1]  # the EOS itself decodes to nothing (skip_special_tokens)
+    return out
+
+
+def test_load_300_requests_at_concurrency_64(server, embedded):
+    proc, url, log_path = server
+    rss = psutil.Process(proc.pid)
+    rss_loaded = rss.memory_info().rss
+    # Warm-up: a full batch including the longest prompt, so the KV cache reaches the size this load
+    # needs (it grows and is kept); memory is measured from here.
+    longest = max(PROMPTS, key=len)
+    warm_jobs = make_jobs(MAX_BATCH, seed=1) + [Job(-1, "chat", longest, 8, True),
+                                                Job(-2, "completions", longest, 8, True)]
+    warm = asyncio.run(run_load(url, warm_jobs, MAX_BATCH, timeout=REQUEST_TIMEOUT, api_key=KEY))
+    assert warm.count("answered") == len(warm_jobs), warm.summary()
+    rss_start = rss.memory_info().rss
+    before = route_counts(url)
+
+    jobs = make_jobs(REQUESTS, seed=0)
+    report = asyncio.run(run_load(url, jobs, CONCURRENCY, timeout=REQUEST_TIMEOUT, deadline=600, api_key=KEY))
+    summary = report.summary()
+    print("\n" + markdown(report, "pytest tests/server/test_reliability_load.py (" + " ".join(COMMAND[1:]) + ")"))
+
+    problems = [f"{o.kind} {o.job} status={o.status}: {o.detail}" for o in report.outcomes
+                if o.kind in ("failed", "lost")]
+    assert not problems, "\n".join(problems[:10])
+    assert summary["sent"] == REQUESTS and summary["answered"] + summary["refused"] == REQUESTS
+    assert summary["server_errors"] == 0
+    assert summary["refused"] > 0, "the load should exceed the queue"
+    assert summary["answered"] >= MAX_BATCH + MAX_QUEUE
+    assert report.max_latency < REQUEST_TIMEOUT
+    assert {o.job.route for o in report.outcomes if o.kind == "answered"} >= {"original", "chat_stream"}
+    # The server counted the same answers: nothing vanished between client and engine.
+    after = route_counts(url)
+    assert after["200"] - before["200"] == summary["answered"]
+    assert after["429"] - before["429"] == summary["refused"]
+    assert after["500"] == before["500"] and after["503"] == before["503"]
+
+    # Completed answers equal the same prompt's greedy answer generated alone.
+    answered = [o for o in report.outcomes if o.kind == "answered"]
+    tok = embedded[1]
+    reference = expected_texts(embedded, [o.job for o in answered])
+    wrong = []
+    for o in answered:
+        ids = reference[(o.job.prompt, o.job.chat)][: o.job.max_tokens]
+        if o.text != tok.decode(ids, skip_special_tokens=True):
+            wrong.append((o.job, o.text, tok.decode(ids, skip_special_tokens=True)))
+    assert not wrong, wrong[:5]
+
+    # Healthy afterwards, nothing left running, memory back near its level before the load.
+    assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
+    metrics = httpx.get(url + "/metrics", headers=AUTH, timeout=10).text
+    assert metric(metrics, "nbkit_batch_size") == 0 and metric(metrics, "nbkit_queue_size") == 0
+    r = httpx.post(url + "/generate", json={"prompt": "The capital of France is", "max_tokens": 4}, headers=AUTH,
+                   timeout=60)
+    assert r.status_code == 200
+    rss_end = rss.memory_info().rss
+    print(f"server RSS: {rss_loaded / 2**20:.0f} MiB loaded, {rss_start / 2**20:.0f} MiB after warm-up, "
+          f"{rss_end / 2**20:.0f} MiB after the load")
+    assert rss_end < rss_start * 1.10 + 64 * 2**20, (rss_start, rss_end)
+
+
+def test_sigterm_finishes_or_cancels_inflight_requests_and_exits(server):
+    proc, url, log_path = server
+    results: dict[str, object] = {}
+
+    def stream(name: str, max_tokens: int) -> None:
+        events, start = [], time.monotonic()
+        try:
+            with httpx.stream("POST", url + "/generate_stream", headers=AUTH, timeout=60,
+                              json={"prompt": "1, 2, 3, 4, 5,", "max_tokens": max_tokens}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(line[5:])
+            results[name] = ("stream", r.status_code, events, time.monotonic() - start)
+        except httpx.HTTPError as err:
+            results[name] = ("stream", None, events + [repr(err)], time.monotonic() - start)
+
+    def plain(name: str, max_tokens: int) -> None:
+        start = time.monotonic()
+        try:
+            r = httpx.post(url + "/generate", headers=AUTH, timeout=60,
+                           json={"prompt": "Count to three:", "max_tokens": max_tokens})
+            results[name] = ("plain", r.status_code, r.json(), time.monotonic() - start)
+        except httpx.HTTPError as err:
+            results[name] = ("plain", None, repr(err), time.monotonic() - start)
+
+    threads = [threading.Thread(target=stream, args=(f"long-stream-{i}", 400)) for i in range(3)]
+    threads += [threading.Thread(target=plain, args=("long-plain", 400)),
+                threading.Thread(target=plain, args=("short-plain", 2))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # all five admitted and generating
+        text = httpx.get(url + "/metrics", headers=AUTH, timeout=10).text
+        if metric(text, "nbkit_batch_size") >= 4 and metric(text, "nbkit_generated_tokens_total") > 0:
+            break
+        time.sleep(0.2)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=40)
+    exit_seconds = time.monotonic() - start
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a client is still waiting after the server exited"
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert exit_seconds < 25, exit_seconds
+    print(f"\nSIGTERM with 5 requests in flight: exited (code 0) after {exit_seconds:.1f} s")
+    for name, (kind, status, body, seconds) in results.items():
+        assert seconds < 60, name
+        if kind == "stream":
+            assert status == 200, (name, body)
+            last = body[-1]
+            # the end of a stream is its final token event or a clear error event, never a silent cut
+            assert '"error_type":"cancelled"' in last or '"finish_reason"' in last, (name, last)
+        else:
+            assert (status == 200 and body["finish_reason"]) or (
+                status == 503 and "stopping" in body["error"]), (name, status, body)
+    assert results["short-plain"][1] == 200  # a short request finishes within the grace period
+    assert any('"error_type":"cancelled"' in r[2][-1] for r in results.values() if r[0] == "stream")
+    log = log_path.read_text()
+    assert "POST /generate" in log  # access logs were on
+    assert all(secret not in log for secret in SECRETS.values())

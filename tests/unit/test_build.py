@@ -1,0 +1,90 @@
+"""Build helpers: idempotent steps, flags per machine, clear errors when a tool is missing (no compiling here)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nbkit.gguf import build
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBKIT_CACHE_DIR", str(tmp_path))
+    ran = []
+    monkeypatch.setattr(build, "_run", lambda cmd, step, env=None, cwd=None: ran.append((step, cmd, env)))
+    return build.root(), ran
+
+
+def test_cpu_flags_name_instruction_sets_instead_of_native():
+    flags = build.cmake_args()
+    assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_AVX2=ON" in flags
+    assert not any("native" in f and "NATIVE" not in f for f in flags)
+
+
+@pytest.mark.parametrize(("cap", "arch"), [("7.5", "75"), ("8.0", "80"), ("9.0", "90")])
+def test_cuda_architecture_comes_from_the_gpu(monkeypatch, cap, arch):
+    monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, f"{cap}\n", ""))
+    assert build.detect_cuda_arch() == arch
+    assert f"-DCMAKE_CUDA_ARCHITECTURES={arch}" in build.cmake_args(cuda=True)
+    assert build.flavour(cuda=True) == f"cuda{arch}"
+
+
+def test_no_gpu_is_a_clear_error(monkeypatch):
+    def no_smi(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(build.subprocess, "run", no_smi)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(build.BuildError, match="75 for T4"):
+        build.detect_cuda_arch()
+
+
+def test_missing_compiler_and_nvcc_are_clear_errors(cache, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CUDACXX", raising=False)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    with pytest.raises(build.BuildError, match="no C/C\\+\\+ compiler"):
+        build.wheel()
+    monkeypatch.setattr(build.shutil, "which", lambda name: None if name == "nvcc" else f"/usr/bin/{name}")
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    with pytest.raises(build.BuildError, match="CUDA toolkit"):
+        build.wheel(cuda=True, cuda_arch="75")
+    assert cache[1] == []  # nothing was started
+
+
+def test_wheel_and_tools_are_built_once(cache):
+    root, ran = cache
+    tag = f"cpu-avx2-py{sys.version_info.major}{sys.version_info.minor}"
+    whl = root / "wheels" / tag / f"llama_cpp_python-{build.VERSION}-py3-none-linux_x86_64.whl"
+    whl.parent.mkdir(parents=True)
+    whl.write_bytes(b"")
+    assert build.wheel() == whl
+    bin_dir = root / "build-cpu-avx2" / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in build.TOOLS:
+        (bin_dir / tool).write_bytes(b"")
+    assert build.build_tools() == bin_dir
+    assert ran == []  # found, not rebuilt
+
+
+def test_install_is_skipped_when_the_right_bindings_are_there(cache, monkeypatch):
+    monkeypatch.setattr(build, "installed_bindings", lambda: (build.VERSION, False))
+    assert build.install_bindings() is None
+    assert cache[1] == []
+    # The CUDA flavour is wanted but the CPU one is installed: that needs a build.
+    monkeypatch.setattr(build, "wheel", lambda cuda=False, cuda_arch=None: cache[0] / "x.whl")
+    assert build.install_bindings(cuda=True, cuda_arch="75") == cache[0] / "x.whl"
+    assert [step for step, _, _ in cache[1]] == ["install", "install-deps"]
+
+
+def test_build_cli_reports_errors(monkeypatch, capsys):
+    from nbkit.cli import main
+
+    def fail(**kw):
+        raise build.BuildError("no C/C++ compiler found")
+
+    monkeypatch.setattr(build, "install_bindings", fail)
+    assert main(["build"]) == 1
+    assert "no C/C++ compiler found" in capsys.readouterr().out

@@ -1,0 +1,99 @@
+"""Lossless Medusa sampling: the output distribution equals plain sampling (exact enumeration + chi-square)."""
+
+import itertools
+
+import pytest
+import torch
+from helpers import ToyTokenizer, random_heads, tiny_llama
+from scipy.stats import chisquare
+
+from nbkit.engine.engine import Engine
+from nbkit.engine.policy import CostModel
+from nbkit.engine.request import SamplingParams
+from nbkit.engine.torch_runner import TorchRunner
+from nbkit.medusa.acceptance import probs_from_logits
+
+VOCAB, PROMPT, N = 16, [3, 5, 7], 2500
+
+
+@pytest.fixture(scope="module")
+def model():
+    # A flat-ish distribution over 16 tokens: random heads' top-10 then cover most of it, so the
+    # walk goes deep and every branch of the acceptance rule is exercised.
+    return tiny_llama(seed=3, vocab_size=VOCAB, hidden=32, init=0.08)
+
+
+def exact_distribution(model, temperature, top_k, top_p, n_tokens=3):
+    """P(x1..xn) by enumeration with the same target-distribution code as the engine."""
+    probs = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(VOCAB), repeat=n_tokens - 1):
+            logits = model(torch.tensor([PROMPT + list(seq)])).logits[0, len(PROMPT) - 1:]
+            p = [probs_from_logits(logits[i], temperature, top_p, top_k) for i in range(n_tokens)]
+            prefix = 1.0
+            for i, x in enumerate(seq):
+                prefix *= float(p[i][x])
+            for x in range(VOCAB):
+                probs[seq + (x,)] = probs.get(seq + (x,), 0.0) + prefix * float(p[-1][x]) / 1.0
+    # every full sequence appears VOCAB^0 times above; normalise defensively
+    total = sum(probs.values())
+    return {k: v / total for k, v in probs.items()}
+
+
+def sample(model, speculation, n, **params):
+    heads = random_heads(model, seed=1, scale=0.3) if speculation != "off" else None
+    engine = Engine(TorchRunner(model, max_slots=64), ToyTokenizer(VOCAB), heads, speculation=speculation,
+                    max_queue=n, cost_model=CostModel.from_function(lambda t: 0.01))
+    engine.eos_ids = set()  # no early stop: every sample has 3 tokens
+    handles = [engine.submit(PROMPT, SamplingParams(max_tokens=3, seed=i, **params)) for i in range(n)]
+    while not all(h.finished for h in handles):
+        engine.step()
+    return [tuple(h.result().token_ids) for h in handles], engine
+
+
+def pooled_chisquare(samples, exact, margin):
+    """Chi-square on the marginal over the first `margin` tokens, pooling cells with < 5 expected."""
+    observed, expected = {}, {}
+    for seq, p in exact.items():
+        expected[seq[:margin]] = expected.get(seq[:margin], 0.0) + p * len(samples)
+    for s in samples:
+        observed[s[:margin]] = observed.get(s[:margin], 0) + 1
+    assert set(observed) <= {k for k, e in expected.items() if e > 0}, "sampled an impossible sequence"
+    big = [k for k, e in expected.items() if e >= 5]
+    obs = [observed.get(k, 0) for k in big]
+    exp = [expected[k] for k in big]
+    rest_exp = len(samples) - sum(exp)
+    if rest_exp >= 1:  # pool the rare cells into one
+        obs.append(len(samples) - sum(obs))
+        exp.append(rest_exp)
+    exp = [e * sum(obs) / sum(exp) for e in exp]  # exact totals despite float rounding
+    return chisquare(obs, exp).pvalue
+
+
+@pytest.mark.slow  # many samples or an epoch of training: out of `make test-fast`
+@pytest.mark.tiny
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=6, top_p=0.9)])
+def test_medusa_sampling_is_lossless(model, params):
+    exact = exact_distribution(model, params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0))
+    medusa, engine = sample(model, "mc_sim_7b_63", N, **params)
+    # the trees did accept speculated tokens, so the rule was really exercised
+    assert engine.stats.accepted > 0.3 * N
+    for margin in (1, 2, 3):
+        assert pooled_chisquare(medusa, exact, margin) > 1e-3
+    # and the test has power: a biased sampler (greedy-ish temperature) is rejected
+    biased, _ = sample(model, "mc_sim_7b_63", 800, **{**params, "temperature": params["temperature"] * 0.6})
+    assert pooled_chisquare(biased, exact, 2) < 1e-3
+
+
+@pytest.mark.slow  # many samples or an epoch of training: out of `make test-fast`
+@pytest.mark.tiny
+def test_plain_sampling_matches_the_same_distribution(model):
+    exact = exact_distribution(model, 1.0, 0, 1.0)
+    plain, _ = sample(model, "off", N, temperature=1.0)
+    assert pooled_chisquare(plain, exact, 3) > 1e-3
+
+
+def test_seed_makes_sampling_reproducible(model):
+    a, _ = sample(model, "mc_sim_7b_63", 20, temperature=1.0)
+    b, _ = sample(model, "mc_sim_7b_63", 20, temperature=1.0)
+    assert a == b and len(set(a)) > 5
