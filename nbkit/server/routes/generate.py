@@ -16,7 +16,7 @@ from ..schemas import (
     TGIToken,
 )
 from ..service import Service, get_service
-from ..streams import SSE_HEADERS, tgi_events
+from ..streams import SSE_HEADERS, STREAMED, tgi_events
 from ..timeouts import TimedEventSourceResponse
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
@@ -87,7 +87,7 @@ async def generate_stream(body: GenerateRequest, svc: Service = Depends(get_serv
                                     send_timeout=svc.settings.send_timeout)
 
 
-@router.post("/")
+@router.post("/", response_model=GenerateResponse | TGIGenerateResponse, responses=STREAMED)
 async def tgi_root(body: GenerateRequest, request: Request, svc: Service = Depends(get_service)):
     """TGI's compatibility route (huggingface_hub's `InferenceClient(model=URL).text_generation` posts here):
     `stream: true` answers like `/generate_stream`, otherwise like `/generate`."""

@@ -21,7 +21,7 @@ from ..schemas import (
     OpenAIError,
 )
 from ..service import Service, get_service
-from ..streams import OPENAI_FINISH, SSE_HEADERS, openai_chunks, usage
+from ..streams import OPENAI_FINISH, SSE_HEADERS, STREAMED, openai_chunks, usage
 from ..timeouts import TimedEventSourceResponse
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"],
@@ -53,7 +53,7 @@ async def completion_ids(svc: Service, prompt) -> list[int]:
     return await svc.encode(prompt)
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)):
     """Text completion (no chat template). `stream: true` answers SSE chunks, then `data: [DONE]`."""
     svc.check_model(body.model)
@@ -75,7 +75,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
                                                         finish_reason=OPENAI_FINISH[fin.finish_reason])])
 
 
-@router.post("/chat/completions", response_model=ChatResponse)
+@router.post("/chat/completions", response_model=ChatResponse, responses=STREAMED)
 async def chat_completions(body: ChatRequest, request: Request, svc: Service = Depends(get_service)):
     """Chat with the model's chat template. `stream: true` answers SSE chunks, then `data: [DONE]`;
     `stream_options.include_usage` adds a last chunk with the token counts."""
