@@ -10,7 +10,9 @@ from .schemas import Usage
 from .service import Service
 
 # OpenAPI: routes that answer JSON, or SSE events when the body says `stream: true`.
-STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+             "required": ["data"]}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                   "description": "JSON, or with `stream: true` Server-Sent Events (`data: {...}` lines)"}}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
