@@ -53,31 +53,40 @@ def chat_prompt_ids(tokenizer, messages: list[dict], allow_special: bool = False
     """
     if not has_chat_template(tokenizer):
         return vicuna_prompt_ids(tokenizer, messages, allow_special)
-    ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                             return_dict=False))
     specials = special_strings(tokenizer)
     if allow_special or not any(s in (m.get("content") or "") for m in messages for s in specials):
-        return ids  # nothing to forge: the template's own tokenization, unchanged
+        # nothing to forge: the template's own tokenization, unchanged
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
     # Render with a unique marker in place of each content, check that the template copies content
     # verbatim, then tokenize the template's text and each content separately.
+    # One pass over the rendered text (a regex split), so the work is linear in the number of messages.
     tag = secrets.token_hex(8)
-    marks = [f"NBKITCONTENT{tag}X{i}X" for i in range(len(messages))]
-    marked = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+    marked = [{**m, "content": f"NBKITCONTENT{tag}X{i}X"} for i, m in enumerate(messages)]
     template_text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
     full_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    rebuilt = template_text
-    for m, mark in zip(messages, marks):
-        if template_text.count(mark) != 1:
-            raise ValueError("this chat template cannot keep special tokens in messages as plain text")
-        rebuilt = rebuilt.replace(mark, m.get("content") or "")
-    if rebuilt != full_text:
+    parts = re.split(f"NBKITCONTENT{tag}X([0-9]+)X", template_text)  # text, index, text, index, ..., text
+    if [int(i) for i in parts[1::2]] != list(range(len(messages))):
+        raise ValueError("this chat template cannot keep special tokens in messages as plain text")
+    contents = [m.get("content") or "" for m in messages]
+    pieces = [parts[0]]
+    for content, after in zip(contents, parts[2::2]):
+        pieces += [content, after]
+    if "".join(pieces) != full_text:
         raise ValueError("this chat template rewrites message content: special tokens in messages are refused")
-    out, rest = [], template_text
-    for m, mark in zip(messages, marks):
-        before, rest = rest.split(mark, 1)
-        out += _encode(tokenizer, before, split_special=False)
-        out += _encode(tokenizer, m.get("content") or "", split_special=True)
-    return out + _encode(tokenizer, rest, split_special=False)
+    # Two batched tokenizer calls (template text; clients' text), not two per message.
+    template_ids = _encode_all(tokenizer, parts[0::2], split_special=False)
+    content_ids = _encode_all(tokenizer, contents, split_special=True)
+    out = list(template_ids[0])
+    for content, after in zip(content_ids, template_ids[1:]):
+        out += content
+        out += after
+    return out
+
+
+def _encode_all(tokenizer, texts: list[str], split_special: bool) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False,
+                                           split_special_tokens=split_special)["input_ids"]]
 
 
 def _encode(tokenizer, text: str, split_special: bool) -> list[int]:

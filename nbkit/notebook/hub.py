@@ -174,6 +174,7 @@ def fetch_heads(heads):
     """A hub id of Medusa heads -> its folder in the cache; anything else unchanged."""
     return str(download_heads(heads)) if is_hub_id(heads) else heads
 
+
 def download_config(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
     """Only config.json of a model repo (kilobytes): enough to plan before downloading gigabytes."""
     m = _mirror(mirror)
