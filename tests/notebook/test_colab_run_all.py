@@ -208,14 +208,15 @@ def check_server(url: str, mirror: Path, ids: list[int], want: list[int]) -> dic
     with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
         assert httpx.get(f"{url}/v1/models").status_code == 401, "the key from the Colab secret is required"
         answers = {}
-        for name, extra in {"default": {}, "plain": {"speculate": False}, "medusa": {"tree": "mc_sim_7b_63"}}.items():
+        # "default": the notebook's SPECULATION (adaptive Medusa); clients may not force a tree on this server.
+        for name, extra in {"default": {}, "plain": {"speculate": False}}.items():
             r = http.post("/generate", json={"prompt": PROMPT, "max_tokens": MAX_TOKENS, **extra})
             assert r.status_code == 200, r.text
             answers[name] = r.json()
         for name, got in answers.items():
             assert got["response"] == expected, f"/generate ({name}) differs from plain greedy of <s> + prompt"
             assert (got["prompt_tokens"], got["completion_tokens"]) == (len(ids), len(want)), name
-        assert answers["medusa"]["steps"] < answers["plain"]["steps"], "the heads' tree was accepted at least once"
+        assert answers["default"]["steps"] < answers["plain"]["steps"], "Medusa's tree was accepted at least once"
 
         # /v1/chat/completions renders FastChat's vicuna_v1.1 conversation: the same greedy answer as a
         # completion of the rendered text, token for token.
