@@ -26,6 +26,7 @@ from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
 from nbkit.notebook import hub
 from nbkit.server.launch import start_server
+from nbkit.server.service import Settings
 
 os.environ.setdefault("NBKIT_LLAMA_THREADS", "1")
 
@@ -52,7 +53,7 @@ def served(request, vicuna_mirror):
         assert prepared.model.endswith(".gguf") and "q8_0" in prepared.model.lower()
     engine = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=4, cost_model=CHEAP, **extra)
     assert engine.heads.n_heads == 5
-    handle = start_server(engine, port=0)
+    handle = start_server(engine, port=0, settings=Settings(allow_client_trees=True))  # tests pick trees
     with httpx.Client(base_url=handle.url, timeout=120) as http:
         yield SimpleNamespace(kind=kind, engine=engine, tok=engine.tokenizer, http=http, prepared=prepared,
                               url=handle.url)
