@@ -55,6 +55,9 @@ def read_status(s: socket.socket) -> int | None:
 def test_slow_loris_and_stalled_readers_do_not_hold_the_server():
     engine = tiny_engine(max_batch=16, max_queue=64, speculation="off")
     engine.eos_ids = set()  # streams run to max_tokens, so that they do fill the socket buffers
+    # Paced steps: on a fast, quiet machine the tiny engine would finish all 300 tokens (into the stream's
+    # queue) before any send timeout fired, and nothing would be left to cancel.
+    engine.runner.fault = lambda state: time.sleep(0.002)
     settings = Settings(model_name=LONG_NAME, head_timeout=HEAD, body_timeout=BODY, send_timeout=SEND)
     handle = start_server(engine, port=0, settings=settings)
     handle._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # accepted sockets inherit it
