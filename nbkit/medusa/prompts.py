@@ -300,3 +300,15 @@ def parse_source_list(spec: str) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown prompt source(s) {unknown or spec!r}; known: {', '.join(SOURCE_NAMES)}")
     return names
+
+
+def training_prompts(names: list[str], exclude: list[str] | None = None) -> list[str]:
+    """Train sides of several sources, deduplicated across them, minus every prompt of `exclude` (held-out
+    sets measured against). A measuring-only source can never be trained on: naming one is an error."""
+    measure_only = [n for n in names if n == "handwritten" or PUBLIC_SOURCES.get(n, None) and
+                    PUBLIC_SOURCES[n].role == "measure"]
+    if measure_only:
+        raise ValueError(f"prompt source(s) {measure_only} are for measuring only, never for training")
+    banned = {normalize(p) for n in exclude or [] for p in held_out_prompts(n)}
+    prompts = [p for n in names for p in source_prompts(n)[0]]
+    return [p for p in dedup(prompts) if normalize(p) not in banned]

@@ -103,3 +103,23 @@ def test_parse_source_list():
         P.parse_source_list("templates,nope")
     with pytest.raises(ValueError):
         P.parse_source_list(" , ")
+
+
+def test_training_prompts_mix_sources_and_never_include_measuring_sets(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBKIT_PROMPTS_DIR", str(tmp_path))
+    template_train = P.source_prompts("templates")[0]
+    rows = [{"instruction": p, "context": ""} for p in template_train[:5]]  # overlaps the templates
+    rows += [{"instruction": f"Human task {i}.", "context": ""} for i in range(100)]
+    rows += [{"instruction": p.upper(), "context": ""} for p in P.EXTRA_EVAL_PROMPTS[:3]]  # a measured set leaks in
+    write_jsonl(tmp_path / "databricks-dolly-15k.jsonl", rows)
+    mixed = P.training_prompts(["templates", "dolly"])
+    assert len(mixed) == len({P.normalize(p) for p in mixed})
+    assert set(template_train) <= set(mixed) and any(p.startswith("Human task") for p in mixed)
+    dolly_held = P.held_out_prompts("dolly")
+    assert dolly_held and not set(dolly_held) & set(mixed)
+    leaked = {P.normalize(p) for p in P.EXTRA_EVAL_PROMPTS}
+    assert {P.normalize(p) for p in P.training_prompts(["dolly"])} & leaked
+    assert not {P.normalize(p) for p in P.training_prompts(["dolly"], exclude=["handwritten"])} & leaked
+    for bad in (["user_oriented"], ["handwritten"], ["templates", "user_oriented"]):
+        with pytest.raises(ValueError, match="measuring only"):
+            P.training_prompts(bad)
