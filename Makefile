@@ -6,7 +6,7 @@ export NBKIT_CACHE_DIR ?= $(CURDIR)/.cache
 STAMP := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.llama-cpp
 
-.PHONY: setup test test-fast test-vllm serve demo bench lint clean
+.PHONY: setup test test-fast test-vllm serve demo bench lint clean notebook colab-compat
 
 setup: $(STAMP)
 
@@ -50,6 +50,30 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m nbkit bench $(ARGS)
+
+# JupyterLab on the notebooks (not part of `make test`). Without a GPU the default parameters (vicuna-7b)
+# fall back to the embedded model with a note; ALLOW_CPU = True in a notebook (or NBKIT_ALLOW_CPU=1) keeps them.
+NOTEBOOK_STAMP := $(VENV)/.notebook
+$(NOTEBOOK_STAMP): $(STAMP) requirements-notebook.txt
+	$(BIN)/pip install -q -r requirements-notebook.txt
+	touch $@
+
+notebook: setup $(LLAMA_STAMP) $(NOTEBOOK_STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(ARGS)
+
+# The chat panel and the server on the versions Colab ships (tests/unit/data/colab_pip_freeze_gpu.txt), which
+# the installer keeps: ipywidgets 7, Colab's fastapi/starlette/uvicorn/pydantic. Needs PyPI; not in `make test`.
+COLAB_FREEZE := tests/unit/data/colab_pip_freeze_gpu.txt
+COMPAT := .cache/colab-compat
+colab-compat: setup
+	rm -rf $(COMPAT)
+	$(BIN)/pip install -q --no-deps --target $(COMPAT)/widgets \
+		$$(grep -E '^(ipywidgets|widgetsnbextension|ipython-genutils)==' $(COLAB_FREEZE))
+	$(BIN)/pip install -q --no-deps --target $(COMPAT)/server \
+		$$(grep -E '^(fastapi|starlette|uvicorn|pydantic|pydantic_core)==' $(COLAB_FREEZE))
+	PYTHONPATH=$(COMPAT)/widgets:$(CURDIR) $(BIN)/python -m pytest -q $(wildcard tests/test_widgets.py tests/*/test_widgets.py)
+	PYTHONPATH=$(COMPAT)/server:$(CURDIR) $(BIN)/python -m pytest -q \
+		$(wildcard tests/test_server_api.py tests/*/test_server_api.py)
 
 lint: setup
 	$(BIN)/ruff check nbkit tests

@@ -192,13 +192,67 @@ def _run(cmd: list[str], step: str, env: dict[str, str] | None = None, cwd: Path
 
 
 # ---- the bindings ----------------------------------------------------------------------------
-def wheel(cuda: bool = False, cuda_arch: str | None = None) -> Path:
-    """A llama-cpp-python wheel for this flavour and Python, built once from the pinned sdist (~4 min on 2 cores)."""
-    tag = f"{flavour(cuda, cuda_arch)}-py{sys.version_info.major}{sys.version_info.minor}"
+def cuda_toolkit_version() -> str | None:
+    """The CUDA toolkit that compiles the wheel ("12.8", from `nvcc --version`): the runtime it links against."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m[1] if m else None
+
+
+def wheel_tag(cuda: bool = False, cuda_arch: str | None = None) -> str:
+    """What a built wheel depends on: flavour (GPU architecture), CUDA toolkit version, Python version.
+
+    e.g. `cuda75-cu12.8-py313` (a T4 on Colab) or `cpu-avx2-py311`; the llama-cpp-python version is the folder
+    above it. A wheel is only reused where all of these match."""
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    if not cuda:
+        return f"{flavour()}-{py}"
+    return f"{flavour(True, cuda_arch)}-cu{cuda_toolkit_version() or 'unknown'}-{py}"
+
+
+def _copy_atomic(src: Path, dest: Path) -> Path:
+    """Copy to a temporary name, then rename: a reader (or a later session) never sees half a wheel."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dest)
+    return dest
+
+
+def cached_wheel(cache: Path, tag: str) -> Path | None:
+    """A wheel saved by an earlier session in `cache/<version>/<tag>/` (e.g. on Google Drive), or None."""
+    found = sorted((cache / VERSION / tag).glob("llama_cpp_python-*.whl"))
+    return found[-1] if found else None
+
+
+def save_to_cache(whl: Path, cache: Path, tag: str) -> Path | None:
+    """Keep a copy of a freshly built wheel for the next session; a full or missing Drive only costs a warning."""
+    try:
+        return _copy_atomic(whl, cache / VERSION / tag / whl.name)
+    except OSError as err:
+        _say(f"could not save the wheel to the cache {cache} ({err}); the next session builds again")
+        return None
+
+
+def wheel(cuda: bool = False, cuda_arch: str | None = None, cache: str | os.PathLike | None = None) -> Path:
+    """A llama-cpp-python wheel for this flavour and Python, built once from the pinned sdist (~4 min on 2 cores).
+
+    `cache`: a folder that outlives the machine (Google Drive in Colab): a wheel there with the same
+    `wheel_tag()` is copied instead of building, and a new build is saved there."""
+    tag = wheel_tag(cuda, cuda_arch)
     out = root() / "wheels" / tag
     found = sorted(out.glob("llama_cpp_python-*.whl"))
     if found:
         return found[-1]
+    if cache is not None and (saved := cached_wheel(Path(cache), tag)) is not None:
+        _say(f"using the cached wheel {saved}")
+        return _copy_atomic(saved, out / saved.name)
     env = _check_toolchain(cuda)
     src = sdist()
     env["CMAKE_ARGS"] = " ".join(cmake_args(cuda, cuda_arch))
@@ -216,6 +270,8 @@ def wheel(cuda: bool = False, cuda_arch: str | None = None) -> Path:
         out.mkdir(exist_ok=True)
         target = out / built[0].name
         built[0].rename(target)
+        if cache is not None:
+            save_to_cache(target, Path(cache), tag)
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -235,16 +291,17 @@ def installed_bindings() -> tuple[str, bool] | None:
     return version, gpu == "1"
 
 
-def install_bindings(cuda: bool = False, cuda_arch: str | None = None, force: bool = False) -> Path | None:
+def install_bindings(cuda: bool = False, cuda_arch: str | None = None, force: bool = False,
+                     cache: str | os.PathLike | None = None) -> Path | None:
     """Make `import llama_cpp` work with the wanted flavour: build the wheel if needed, pip install it.
 
-    Returns the wheel installed, or None when the right bindings were already there.
+    Returns the wheel installed, or None when the right bindings were already there. `cache`: see wheel().
     """
     have = installed_bindings()
     if have == (VERSION, cuda) and not force:
         _say(f"llama-cpp-python {VERSION} ({'CUDA' if cuda else 'CPU'}) already installed")
         return None
-    whl = wheel(cuda, cuda_arch)
+    whl = wheel(cuda, cuda_arch, cache)
     _say(f"installing {whl.name}")
     # --force-reinstall swaps a same-version build of another flavour; the second call adds missing deps only.
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(whl)], "install")

@@ -11,7 +11,7 @@ def cmd_build(args) -> int:
     if args.tools == []:
         args.tools = list(TOOLS)
     try:
-        install_bindings(cuda=args.cuda, cuda_arch=args.cuda_arch, force=args.force)
+        install_bindings(cuda=args.cuda, cuda_arch=args.cuda_arch, force=args.force, cache=args.wheel_cache)
         if args.tools:
             bin_dir = build_tools(tuple(args.tools), cuda=args.cuda, cuda_arch=args.cuda_arch)
             print(f"[nbkit build] tools in {bin_dir}")
@@ -37,6 +37,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--tools", nargs="*", default=None, metavar="TARGET",
                    help="also build CMake tools (default with no names: llama-quantize llama-server)")
     b.add_argument("--force", action="store_true", help="reinstall the bindings even if they are already there")
+    b.add_argument("--wheel-cache", default=None, metavar="DIR",
+                   help="reuse a wheel saved here by an earlier session, and save a new build here (e.g. Google "
+                        "Drive: /content/drive/MyDrive/nbkit/wheels)")
     b.set_defaults(func=cmd_build)
 
     c = sub.add_parser("convert", help="convert a transformers folder to GGUF (and quantize it)")

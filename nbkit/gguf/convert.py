@@ -10,11 +10,14 @@ the same output returns at once. Medusa heads are not converted: they stay in Py
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import os
+import re
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -50,6 +53,27 @@ def _fresh(out: Path, *inputs_mtime: float) -> bool:
     return out.is_file() and out.stat().st_size > 0 and all(out.stat().st_mtime >= m for m in inputs_mtime)
 
 
+def stream(cmd: list[str], tail_lines: int = 25) -> tuple[int, list[str]]:
+    """Run `cmd`, copying its output (stdout and stderr) to ours as it comes, so a notebook cell shows the
+    converter's progress instead of minutes of silence. Returns (exit status, the last lines for errors).
+
+    Raw chunks are passed on, so tqdm's carriage-return updates redraw one line in Jupyter."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tail: deque[str] = deque(maxlen=tail_lines)
+    pending = ""
+    while chunk := proc.stdout.read1(65536):
+        text = decoder.decode(chunk)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        *done, pending = re.split(r"[\r\n]", pending + text)
+        tail.extend(line for line in done if line.strip())
+    if pending.strip():
+        tail.append(pending)
+    return proc.wait(), list(tail)
+
+
 def to_gguf(hf_dir: str | os.PathLike, outfile: str | os.PathLike, outtype: str = "f16") -> Path:
     """Run the vendored convert_hf_to_gguf.py (in a child Python); skipped when `outfile` is newer than the folder."""
     from .build import vendor_dir
@@ -66,12 +90,10 @@ def to_gguf(hf_dir: str | os.PathLike, outfile: str | os.PathLike, outtype: str 
     script = vendor_dir() / "convert_hf_to_gguf.py"
     _say(f"converting {src} -> {out} ({outtype})")
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, str(script), str(src), "--outtype", outtype, "--outfile", str(tmp)],
-                         check=False, capture_output=True, text=True)
-    if res.returncode != 0 or not tmp.is_file():
+    rc, tail = stream([sys.executable, str(script), str(src), "--outtype", outtype, "--outfile", str(tmp)])
+    if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        tail = "\n".join((res.stderr or res.stdout).splitlines()[-25:])
-        raise RuntimeError(f"convert_hf_to_gguf.py failed on {src} (exit {res.returncode}):\n{tail}")
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {src} (exit {rc}):\n" + "\n".join(tail))
     tmp.rename(out)
     _say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.monotonic() - t0:.0f} s")
     return out

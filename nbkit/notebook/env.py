@@ -174,8 +174,13 @@ def detect() -> Environment:
 
 # --- what fits ------------------------------------------------------------------------------------
 # Bytes per parameter of a llama-architecture GGUF (vicuna-7b: F16 12.6 GiB, Q8_0 6.7, Q4_K_M 3.8 for 6.74e9).
-BYTES_PER_PARAM = {"f16": 2.0, "q8_0": 1.0625, "q4_k_m": 0.605}
+BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625, "q4_k_m": 0.605}
 CUDA_OVERHEAD_GIB = 1.0  # CUDA context, allocator slack, activations of a verify pass
+TORCH_DTYPES = ("f16", "bf16", "f32", "none")  # what the torch engine can load ("none": its default dtype)
+
+
+class PlanError(ValueError):
+    """A plan that cannot run on this machine, refused with the reason before anything is downloaded."""
 
 
 @dataclass
@@ -187,6 +192,13 @@ class Plan:
     kv_gib: float
     memory_gib: float | None  # what the plan was made for (None = CPU)
     reason: str
+
+    @property
+    def need_gib(self) -> float:
+        return self.weights_gib + self.heads_gib + self.kv_gib + CUDA_OVERHEAD_GIB
+
+    def fits(self) -> bool:
+        return self.memory_gib is None or self.need_gib <= self.memory_gib
 
     def __repr__(self) -> str:
         return f"Plan(engine={self.engine!r}, quantization={self.quantization!r}): {self.reason}"
@@ -250,19 +262,53 @@ def sizes_from_config(model_dir: str | os.PathLike | None, n_heads: int = 5) -> 
 
 def resolve_plan(
     engine: str = "auto", quantization: str = "auto", model_dir: str | os.PathLike | None = None,
-    env: Environment | None = None,
+    env: Environment | None = None, sizes: dict | None = None,
 ) -> Plan:
     """The plan for this runtime; explicit notebook parameters ("torch", "q8_0", ...) win over "auto".
 
-    With `model_dir` (a downloaded model) the sizes come from its config.json, else vicuna-7b's are used."""
+    The sizes come from `sizes` (choose_plan's keywords: fit.plan_for reads them from a hub repo's
+    config.json alone), else `model_dir`'s config.json, else vicuna-7b's. A plan that cannot fit the GPU
+    raises PlanError, so the notebook stops before it downloads anything."""
     env = env or detect()
-    auto = choose_plan(env.gpu.total_gib if env.gpu else None, **sizes_from_config(model_dir))
+    sizes = sizes if sizes is not None else sizes_from_config(model_dir)
+    gpu_gib = env.gpu.total_gib if env.gpu else None
+    auto = choose_plan(gpu_gib, **sizes)
     if (engine, quantization) == ("auto", "auto"):
-        return auto
-    chosen = Plan(**{**vars(auto), "engine": auto.engine if engine == "auto" else engine,
-                     "quantization": auto.quantization if quantization == "auto" else quantization})
+        return _refuse_if_too_big(auto, env)
+    engine = auto.engine if engine == "auto" else engine
+    if engine == "torch":
+        quantization = _torch_dtype(quantization, gpu_gib is not None)
+    else:
+        quantization = auto.quantization if quantization == "auto" else quantization
+    chosen = Plan(**{**vars(auto), "engine": engine, "quantization": quantization})
+    params_b = sizes.get("params_b", 6.74)
+    bytes_per = BYTES_PER_PARAM.get(quantization.lower(), BYTES_PER_PARAM["f16" if gpu_gib else "f32"])
+    chosen.weights_gib = params_b * 1e9 * bytes_per / GIB  # the weights this engine really loads
     chosen.reason = f"set by the parameters (auto would choose {auto.engine}/{auto.quantization}: {auto.reason})"
-    return chosen
+    return _refuse_if_too_big(chosen, env)
+
+
+def _torch_dtype(quantization: str, gpu: bool) -> str:
+    """The torch engine loads transformers weights as they are (f16 on a GPU): a GGUF quantization is a mistake."""
+    q = quantization.lower()
+    if q == "auto":
+        return "f16" if gpu else "f32"
+    if q not in TORCH_DTYPES:
+        raise PlanError(f"ENGINE='torch' loads {'f16' if gpu else 'f32'} weights with transformers; the quantization "
+                        f"{quantization!r} is for the llama.cpp engine: set ENGINE='llamacpp' (or 'auto').")
+    return q
+
+
+def _refuse_if_too_big(plan: Plan, env: Environment) -> Plan:
+    if plan.fits():
+        return plan
+    gpu = env.gpu
+    raise PlanError(
+        f"{plan.engine}/{plan.quantization} does not fit {gpu.name if gpu else 'this GPU'}: {plan.weights_gib:.1f} GiB "
+        f"weights + {plan.heads_gib:.1f} heads + {plan.kv_gib:.1f} KV + {CUDA_OVERHEAD_GIB:.0f} overhead = "
+        f"{plan.need_gib:.1f} GiB > {plan.memory_gib:.1f} GiB. Nothing was downloaded. Use ENGINE='auto' and "
+        "QUANTIZATION='auto' (the best plan that fits), a smaller quantization with ENGINE='llamacpp', or a GPU "
+        "with more memory (Runtime > Change runtime type).")
 
 
 def summary(env: Environment | None = None) -> str:

@@ -119,6 +119,12 @@ def model_files(available: list[str]) -> list[str]:
     return select_files(available, MODEL_CONFIG_FILES) + weights
 
 
+def download_config(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
+    """Only config.json of a model repo (kilobytes): enough to plan before downloading gigabytes."""
+    m = _mirror(mirror)
+    return _download(repo_id, ["config.json"], local_dir_for(repo_id), revision, m)
+
+
 def download_model(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
     """A transformers model folder for `repo_id`. A local folder is returned as it is (nothing to fetch)."""
     if Path(repo_id).is_dir():
@@ -185,6 +191,13 @@ class Prepared:
     heads: str | None
     engine: str
     heads_info: HeadsInfo | None = None
+    build: object | None = None  # the background llama.cpp build (build_job.BuildJob) that serving waits for
+
+    def wait_for_engine(self) -> None:
+        """Block until the engine's bindings are installed (the llama.cpp build runs in the background)."""
+        from .build_job import wait_for
+
+        wait_for(self.build)
 
     def cli_args(self) -> str:
         """The same choice as `python -m nbkit ...` options (serve, bench)."""
@@ -210,22 +223,34 @@ def to_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
     from ..gguf.convert import convert
 
     q = (quantization or "f16").lower()
-    if q in ("none", "auto"):
-        q = "f16"
-    if q in ("f32", "f16", "bf16", "q8_0"):  # the converter writes these directly (no F16 copy for Q8_0)
-        return convert(model_dir, outtype=q)
+    if (outtype := _gguf_outtype(q)) is not None:  # the converter writes these directly (no F16 copy for Q8_0)
+        return convert(model_dir, outtype=outtype)
     return convert(model_dir, outtype="f16", quantize_to=q.upper())
 
 
-def prepare(model, heads, plan, mirror: str | os.PathLike | None = None) -> Prepared:
-    """Download the model and heads (only what is needed) and convert the model for the plan's engine."""
+def _gguf_outtype(quantization: str | None) -> str | None:
+    """The converter's own --outtype for this quantization, or None when it needs llama_model_quantize."""
+    q = (quantization or "f16").lower()
+    q = "f16" if q in ("none", "auto") else q
+    return q if q in ("f32", "f16", "bf16", "q8_0") else None
+
+
+def prepare(model, heads, plan, mirror: str | os.PathLike | None = None, build=None) -> Prepared:
+    """Download the model and heads (only what is needed) and convert the model for the plan's engine.
+
+    `build`: the background llama.cpp build (ensure_engine); it goes on meanwhile, and only a quantization
+    that needs the bindings (Q4_K_M ...) waits for it here. Serving waits for it in any case."""
     engine = plan.engine
+    if build is not None:
+        build.check()  # a build that already failed stops here, not after the download
     if model in EMBEDDED:
         model_arg = None  # both engines know the embedded SmolLM2 (HF folder or its shipped GGUF)
     elif str(model).endswith(".gguf"):
         model_arg = str(model)
     else:
         model_dir = download_model(str(model), mirror=mirror)
+        if engine == "llamacpp" and build is not None and _gguf_outtype(plan.quantization) is None:
+            build.wait()  # quantizing goes through the bindings
         model_arg = str(to_gguf(model_dir, plan.quantization) if engine == "llamacpp" else model_dir)
     info = None
     if heads in (None, "", "none", "embedded"):
@@ -235,4 +260,6 @@ def prepare(model, heads, plan, mirror: str | os.PathLike | None = None) -> Prep
         model_dir_for_check = model_arg if model_arg and Path(model_arg).is_dir() else None
         info = inspect_heads(heads_dir, model_dir_for_check)
         heads_arg = str(heads_dir)
-    return Prepared(model_arg, heads_arg, engine, info)
+    if build is not None:
+        print(build.status_line())
+    return Prepared(model_arg, heads_arg, engine, info, build)

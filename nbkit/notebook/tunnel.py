@@ -289,6 +289,8 @@ def serve(
     from ..server.launch import start_server
 
     key = api_key_for(provider, api_key, ngrok_authtoken)
+    if hasattr(prepared, "wait_for_engine"):
+        prepared.wait_for_engine()  # the llama.cpp build may still run in the background
     handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,
                           api_key=key, **server_kwargs)
     tunnel = open_tunnel(handle, provider, key, ngrok_authtoken=ngrok_authtoken, ngrok_path=ngrok_path,

@@ -358,6 +358,8 @@ def run_benchmark(prepared=None, args: str = "", out: str = "bench") -> dict:
     import sys
     from pathlib import Path
 
+    if hasattr(prepared, "wait_for_engine"):
+        prepared.wait_for_engine()  # the llama.cpp build may still run in the background
     cmd = [sys.executable, "-m", "nbkit", "bench", *shlex.split(prepared.cli_args() if prepared else ""),
            *shlex.split(args), "--out", str(out)]
     print("$ python -m nbkit bench " + " ".join(shlex.quote(a) for a in cmd[4:]), flush=True)

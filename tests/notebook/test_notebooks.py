@@ -230,3 +230,24 @@ def torch_randn(*shape):
     import torch
 
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3
+
+
+@pytest.mark.slow
+def test_03_without_a_gpu_the_defaults_serve_the_embedded_model(tmp_path, monkeypatch):
+    # vicuna-7b's real config.json (and "weights" that must not be fetched): no GPU here, no ALLOW_CPU.
+    repo = tmp_path / "mirror" / "lmsys" / "vicuna-7b-v1.3"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000}))
+    (repo / "pytorch_model-00001-of-00002.bin").write_bytes(b"w" * 4096)
+    monkeypatch.setenv("NBKIT_HUB_MIRROR", str(tmp_path / "mirror"))
+    monkeypatch.setenv("NBKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NBKIT_GPU", raising=False)
+    nb = run("03_download_and_convert", tmp_path, monkeypatch, model="lmsys/vicuna-7b-v1.3",
+             heads="FasterDecoding/medusa-vicuna-7b-v1.3")
+    note = text_of(cell_with(nb, "fit_model(MODEL"))
+    assert "No GPU here" in note and "instead of lmsys/vicuna-7b-v1.3" in note and "ALLOW_CPU" in note
+    assert "model  : embedded SmolLM2-135M-Instruct" in text_of(cell_with(nb, "prepared = prepare"))
+    fetched = sorted(p.name for p in (tmp_path / "cache" / "hub" / "lmsys--vicuna-7b-v1.3").iterdir())
+    assert fetched == ["config.json"]

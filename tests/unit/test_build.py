@@ -74,7 +74,7 @@ def test_install_is_skipped_when_the_right_bindings_are_there(cache, monkeypatch
     assert build.install_bindings() is None
     assert cache[1] == []
     # The CUDA flavour is wanted but the CPU one is installed: that needs a build.
-    monkeypatch.setattr(build, "wheel", lambda cuda=False, cuda_arch=None: cache[0] / "x.whl")
+    monkeypatch.setattr(build, "wheel", lambda cuda=False, cuda_arch=None, cache_dir=None: cache[0] / "x.whl")
     assert build.install_bindings(cuda=True, cuda_arch="75") == cache[0] / "x.whl"
     assert [step for step, _, _ in cache[1]] == ["install", "install-deps"]
 
