@@ -41,3 +41,13 @@ def _threads(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def vicuna_mirror():
+    """A hub-mirror tree with miniatures of lmsys/vicuna-7b-v1.3 and FasterDecoding/medusa-vicuna-7b-v1.3
+    (tests/vicuna_mini.py; built once per builder version under $NBKIT_CACHE_DIR). Point
+    $NBKIT_HUB_MIRROR at it to load them by their real ids."""
+    from vicuna_mini import cached_mirror
+
+    return cached_mirror()

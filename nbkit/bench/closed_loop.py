@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..chat_format import chat_prompt_ids, prompt_ids
 from ..engine.engine import Engine
 from ..engine.request import SamplingParams
 from ..medusa.prompts import held_out_prompts, parse_source_list
@@ -106,9 +107,8 @@ def bench_prompts(tokenizer, n: int = 32, chat: bool = True, source: str = "temp
     if not picked:
         raise ValueError(f"prompt source {source!r} has no held-out prompts")
     if not chat:
-        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in picked]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for p in picked]
+        return [prompt_ids(tokenizer, p) for p in picked]
+    return [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}], allow_special=True) for p in picked]
 
 
 def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("off", "mc_sim_7b_63", "adaptive"),

@@ -31,6 +31,9 @@ from .runner import Runner, SlotOutput, TreeInput
 log = logging.getLogger("nbkit.engine")
 
 PROBE_EVERY = 8  # steps between acceptance probes for requests that are not speculating
+RESTART_DELAY = 0.5  # seconds before the first restart after a crash; doubles per crash within CRASH_WINDOW
+MAX_RESTART_DELAY = 30.0
+CRASH_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Engine:
         self, runner: Runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
         speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
         prefill_budget: int = 256, cost_model: CostModel | None = None,
-        model_name: str = "model",
+        model_name: str = "model", max_restarts: int | None = None,
     ):
         self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
         self.model_name = model_name
@@ -81,9 +84,15 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.dead: str | None = None  # why the engine thread died
+        self.dead: str | None = None  # why the engine thread died (while it waits to restart, too)
+        # The supervisor: a crashed loop fails the requests it held (503), resets the runner and restarts,
+        # waiting RESTART_DELAY doubled per recent crash. None = always restart; 0 = stay dead.
+        self.max_restarts = max_restarts
+        self._crashes: list[float] = []
+        self.restart_delay = 0.0  # the last back-off
         self.counters = {"steps": 0, "tokens": 0, "finished": 0, "cancelled": 0, "errors": 0, "rejected": 0,
-                         "prefill_tokens": 0, "step_seconds": 0.0, "spec_steps": 0, "spec_tokens": 0}
+                         "prefill_tokens": 0, "step_seconds": 0.0, "spec_steps": 0, "spec_tokens": 0,
+                         "restarts": 0, "crashes": 0}
         self.on_step: Callable[[dict], None] | None = None  # metrics hook, called from the engine thread
 
     # ---- life cycle -----------------------------------------------------------------------
@@ -178,10 +187,13 @@ class Engine:
         return handle.result()
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """A raw prompt as `tokenizer(prompt)` (BOS when the tokenizer adds one), or a one-turn chat (the chat
+        template, or vicuna's conversation without one). The caller wrote it: special tokens are real."""
+        from ..chat_format import chat_prompt_ids, prompt_ids
+
         if chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True, tokenize=True, return_dict=False)
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return chat_prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}], allow_special=True)
+        return prompt_ids(self.tokenizer, prompt)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -193,18 +205,53 @@ class Engine:
             self._ready.set()
             return
         self._ready.set()
+        while True:
+            try:
+                while True:
+                    with self._cond:
+                        while not self._stopping and not self.waiting and not self.active:
+                            self._cond.wait(0.1)
+                        if self._stopping:
+                            return
+                    self.step()
+            except BaseException as err:  # nobody may wait forever: fail what we hold, then restart or stay dead
+                self.dead = f"engine thread died: {type(err).__name__}: {err}"
+                log.exception("engine thread died")
+                self.counters["crashes"] += 1
+                delay = self._backoff()
+                if delay is not None:
+                    self.dead += f" (restarting in {delay:.1f} s)"
+                self._finish_all("error", self.dead, error_type="unavailable")
+                if delay is None or not self._restart_after(delay):
+                    return
+
+    def _backoff(self) -> float | None:
+        """Seconds to wait before restarting after a crash (doubling per crash within CRASH_WINDOW);
+        None = stay dead (out of restarts)."""
+        now = time.monotonic()
+        self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW] + [now]
+        if self.max_restarts is not None and self.counters["restarts"] >= self.max_restarts:
+            return None
+        self.restart_delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(self._crashes) - 1))
+        return self.restart_delay
+
+    def _restart_after(self, delay: float) -> bool:
+        """Reset the runner and wait out the back-off; False = stay dead (stopping, or the reset failed)."""
         try:
-            while True:
-                with self._cond:
-                    while not self._stopping and not self.waiting and not self.active:
-                        self._cond.wait(0.1)
-                    if self._stopping:
-                        return
-                self.step()
-        except BaseException as err:  # the engine is gone: nobody may wait forever
-            self.dead = f"engine thread died: {type(err).__name__}: {err}"
-            log.exception("engine thread died")
-            self._finish_all("error", self.dead)
+            fresh = getattr(self.runner, "fresh", None)
+            if fresh is not None:  # a clean KV cache: the crash may have left slots half-written
+                self.runner = fresh()
+        except BaseException:
+            log.exception("the runner could not be reset: the engine stays dead")
+            return False
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopping, timeout=delay)
+            if self._stopping:
+                return False
+            self.counters["restarts"] += 1
+            self.dead = None
+        log.warning("engine restarted (restart %d)", self.counters["restarts"])
+        return True
 
     def step(self) -> None:
         """One scheduling iteration: admit, drop cancelled, decode the running, prefill the new."""
@@ -239,20 +286,9 @@ class Engine:
             self._finish(req, "cancelled")
 
     def _decode(self, running: list[Request]) -> None:
-        spec = [r for r in running if r.params.speculate and r.params.tree is None and self.heads is not None]
-        chosen = self.policy.choose(len(running), len(spec))
-        trees: dict[int, MedusaTree] = {}
-        for r in running:
-            if r.params.tree is not None:
-                trees[r.id] = get_tree(r.params.tree, self.heads.n_heads if self.heads else 0)
-            else:
-                trees[r.id] = chosen if r in spec else chain(0)
-        need = [r for r in running if trees[r.id].size > 1 or (self._probe_due() and r.params.speculate)]
-        topk = self._head_topk(need)
-        inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
-                  for r in running]
-        t0 = time.perf_counter()
-        try:
+        try:  # everything shared by the batch: a failure fails the batch's requests, not the engine
+            chosen, trees, inputs = self._plan(running)
+            t0 = time.perf_counter()
             results = self._verify(inputs)
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
             log.exception("verification failed")
@@ -279,7 +315,13 @@ class Engine:
                 self.stats.accepted += len(nodes) - 1
                 self.counters["spec_steps"] += 1
                 self.counters["spec_tokens"] += len(emitted[r.id])
-        self._commit(commits)
+        try:
+            self._commit(commits)
+        except Exception as err:  # the KV rows of this batch are in an unknown state: end its requests
+            log.exception("commit failed")
+            for r in running:
+                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+            return
         # The policy learns what a step of this shape really costs: the forward pass plus acceptance
         # and KV compaction (per-request work that grows with trees, ~3% of a 16-row CPU step).
         seconds = time.perf_counter() - t0
@@ -289,10 +331,36 @@ class Engine:
         self.counters["step_seconds"] += seconds
         for r in running:
             if r.id in emitted:
-                self._emit(r, emitted[r.id])
+                self._emit_safely(r, emitted[r.id])
         if self.on_step is not None:
-            self.on_step({"batch": len(running), "tree": chosen.name, "tree_size": chosen.size,
-                          "seconds": seconds, "tokens": sum(len(e) for e in emitted.values())})
+            try:
+                self.on_step({"batch": len(running), "tree": chosen.name, "tree_size": chosen.size,
+                              "seconds": seconds, "tokens": sum(len(e) for e in emitted.values())})
+            except Exception:  # metrics must never stop the engine
+                log.exception("the on_step hook failed")
+
+    def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput]]:
+        """The policy's tree, each request's tree, and the verification inputs (head top-k included)."""
+        spec = [r for r in running if r.params.speculate and r.params.tree is None and self.heads is not None]
+        chosen = self.policy.choose(len(running), len(spec))
+        trees: dict[int, MedusaTree] = {}
+        for r in running:
+            if r.params.tree is not None:
+                trees[r.id] = get_tree(r.params.tree, self.heads.n_heads if self.heads else 0)
+            else:
+                trees[r.id] = chosen if r in spec else chain(0)
+        need = [r for r in running if trees[r.id].size > 1 or (self._probe_due() and r.params.speculate)]
+        topk = self._head_topk(need)
+        inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
+                  for r in running]
+        return chosen, trees, inputs
+
+    def _emit_safely(self, r: Request, tokens: list[int]) -> None:
+        try:
+            self._emit(r, tokens)
+        except Exception as err:  # detokenizing or streaming one request's tokens fails that request only
+            log.exception("emitting tokens failed")
+            self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
 
     def _verify(self, inputs: list[TreeInput]) -> dict[int, SlotOutput]:
         return self.runner.verify(inputs)
@@ -360,7 +428,7 @@ class Engine:
                 continue
             r.hidden = hidden
             r.pending = first[0]
-            self._emit(r, first)
+            self._emit_safely(r, first)
 
     def _emit(self, r: Request, tokens: list[int]) -> None:
         now = time.monotonic()
@@ -399,7 +467,7 @@ class Engine:
                 keep.append((start, top))
         r.probes = keep
 
-    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
         if r.handle.finished is not None:
             return
         self._resolve_probes(r, final=True)
@@ -415,22 +483,25 @@ class Engine:
             text=r.text.text, token_ids=list(r.output_ids), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
             steps=r.steps, accepted_tokens=r.accepted_tokens,
             time_to_first_token=None if r.first_token_at is None else r.first_token_at - r.created,
-            latency=now - r.created, error=error, error_type="generation" if reason == "error" else None,
+            latency=now - r.created, error=error,
+            error_type=(error_type or "generation") if reason == "error" else None,
         ))
 
     def _release_slot(self, r: Request, reason: str) -> None:
         self.runner.free(r.slot)
 
-    def _finish_all(self, reason: str, error: str) -> None:
+    def _finish_all(self, reason: str, error: str, error_type: str | None = None) -> None:
         with self._cond:
             pending = list(self.waiting) + list(self.active)
             self.waiting.clear()
         for r in pending:
             try:
-                self._finish(r, reason, error)
-            except Exception:  # the runner may be broken; the caller must still get an answer
+                self._finish(r, reason, error, error_type)
+            except BaseException:  # the runner may be broken; the caller must still get an answer
                 r.handle.push(Finished(r.text.text, list(r.output_ids), reason, len(r.prompt_ids), r.steps,
-                                       r.accepted_tokens, None, time.monotonic() - r.created, error, "generation"))
+                                       r.accepted_tokens, None, time.monotonic() - r.created, error,
+                                       error_type or "generation"))
+        self.active.clear()
 
     # ---- introspection --------------------------------------------------------------------
     def limits(self) -> EngineLimits:

@@ -29,7 +29,16 @@ def load_engine(
     heads: a folder/file of Medusa heads, 'embedded', 'none', a MedusaHeads, or None (the shipped heads
     with the embedded model, else none). kind="torch" also takes dtype; kind="llamacpp" takes exact,
     n_ctx, n_threads and n_gpu_layers. Every other keyword goes to Engine.
+
+    A hub id as model or heads (`lmsys/vicuna-7b-v1.3`) is fetched first, once, into the cache (from
+    $NBKIT_HUB_MIRROR when set), and the engine is named by that id, which is what clients send.
     """
+    from ..notebook.hub import fetch_heads, fetch_model
+
+    fetched = fetch_model(model)
+    if fetched != model:
+        kwargs.setdefault("model_name", model)
+    model, heads = fetched, fetch_heads(heads)
     if kind == "torch":
         return _torch_engine(model, heads, device, max_batch=max_batch, **kwargs)
     if kind == "llamacpp":
@@ -75,7 +84,7 @@ def _load_torch(model, heads, device, dtype, max_batch, engine_kwargs) -> Engine
     base, tokenizer = load_model(model, dtype=dtype, device=device)
     heads = _heads(heads, model, base.config.hidden_size, device, dtype)
     runner = TorchRunner(base, max_slots=max_batch)
-    name = str(model) if model is not None else EMBEDDED_NAME
+    name = engine_kwargs.pop("model_name", None) or (str(model) if model is not None else EMBEDDED_NAME)
     return Engine(runner, tokenizer, heads, model_name=name, **engine_kwargs)
 
 
@@ -97,6 +106,6 @@ def _llamacpp_engine(
     if heads_obj is None and speculation not in ("adaptive", "off"):
         raise ValueError(f"speculation {speculation!r} needs Medusa heads")
     tokenizer = gguf_tokenizer(gguf_file)
-    name = EMBEDDED_NAME if model is None else Path(str(model)).stem
+    name = engine_kwargs.pop("model_name", None) or (EMBEDDED_NAME if model is None else Path(str(model)).stem)
     return Engine(runner, tokenizer, heads_obj, speculation=speculation, max_batch=max_batch,
                   model_name=name, **engine_kwargs)

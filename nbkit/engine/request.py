@@ -173,42 +173,81 @@ class RequestHandle:
 
 
 class TextStream:
-    """Incremental detokenization with stop strings: releases text only when it is final."""
+    """Incremental detokenization with stop strings: releases text only when it is final.
+
+    Work per token is bounded, whatever the output's length: only the tokens since the last complete
+    character are decoded again (with one token before them, so that a tokenizer's leading-space rules
+    see their context, as TGI and vLLM do), and stop strings are looked for only in the new characters
+    plus the `len(stop) - 1` before them.
+    """
+
+    MAX_PENDING = 8  # tokens that may wait for an incomplete UTF-8 character before it is given out as is
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.released = 0  # characters of the text already given out
         self.text = ""
+        self._prefix = 0  # token index where the decode window starts (context for the tokens after `_read`)
+        self._read = 0  # tokens whose text is in self.text
+        self._ids: list[int] = []
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _advance(self, token_ids: list[int], force: bool = False) -> int:
+        """Append the text of the new tokens; returns the length of the text before them."""
+        self._ids = token_ids
+        before = len(self.text)
+        if self._read >= len(token_ids):
+            return before
+        known = self._decode(token_ids[self._prefix:self._read])
+        window = self._decode(token_ids[self._prefix:])
+        waiting = len(token_ids) - self._read
+        complete = len(window) > len(known) and not window.endswith("\ufffd")
+        if complete or force or waiting >= self.MAX_PENDING:  # bounded: the window never exceeds MAX_PENDING
+            self.text += window[len(known):]
+            self._prefix, self._read = self._read, len(token_ids)
+        return before
 
     def update(self, token_ids: list[int]) -> tuple[str, bool]:
         """Text newly released by the tokens so far, and whether a stop string was hit (text cut there)."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        before = self._advance(token_ids)
+        text = self.text
+        hit = -1
         for s in self.stop:
-            at = text.find(s, max(0, self.released - len(s)))
-            if at != -1:
-                self.text = text[:at]
-                delta = self.text[self.released:]
-                self.released = len(self.text)
-                return delta, True
-        self.text = text
-        # Hold back an incomplete UTF-8 character and any suffix that may start a stop string.
-        end = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
-        hold = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, end), 0, -1):
-                if text[end - k : end] == s[:k]:
-                    hold = max(hold, k)
-                    break
-        end -= hold
+            at = text.find(s, max(0, before - len(s) + 1))
+            if at != -1 and (hit == -1 or at < hit):
+                hit = at
+        if hit != -1:
+            self.text = text[:hit]
+            delta = self.text[self.released:]
+            self.released = len(self.text)
+            return delta, True
+        # Hold back any suffix that may start a stop string (incomplete characters are not in self.text yet).
+        end = len(text) - max((_partial_stop(text, s) for s in self.stop), default=0)
         delta = text[self.released:end] if end > self.released else ""
         self.released = max(self.released, end)
         return delta, False
 
     def final(self) -> str:
-        """Everything not yet released (at the end of the request)."""
+        """Everything not yet released (at the end of the request), an incomplete character included."""
+        self._advance(self._ids, force=True)
         delta = self.text[self.released:]
         self.released = len(self.text)
         return delta
+
+
+def _partial_stop(text: str, stop: str) -> int:
+    """The length of the longest suffix of `text` that is a proper prefix of `stop` (0 if none).
+
+    Only the last len(stop) - 1 characters are examined, and only where stop's first character occurs."""
+    tail = text[max(0, len(text) - (len(stop) - 1)):] if len(stop) > 1 else ""
+    i = tail.find(stop[0]) if tail else -1
+    while i != -1:
+        if stop.startswith(tail[i:]):
+            return len(tail) - i
+        i = tail.find(stop[0], i + 1)
+    return 0
 
 
 @dataclass

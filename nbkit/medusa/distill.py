@@ -16,10 +16,10 @@ import torch
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a one-turn chat with the generation prompt appended."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    """Token ids of a one-turn chat with the generation prompt appended, as the server builds them."""
+    from ..chat_format import chat_prompt_ids as ids
+
+    return ids(tokenizer, [{"role": "user", "content": prompt}], allow_special=True)
 
 
 @torch.inference_mode()

@@ -85,12 +85,12 @@ def export_for_vllm(heads: str | Path = "embedded", out_dir: str | Path = "vllm-
                     dtype: str = "auto", tensor_parallel: int = 1, speculative_tokens: int | None = None) -> Path:
     """Export heads for vLLM. The base model (default: the embedded one for the embedded heads) gives the
     vocabulary check and, for heads that share it, the lm_head."""
-    from .heads import _infer_layout, read_state_dict
+    from .heads import infer_layout, read_state_dict
 
     path = resolve_heads_path(heads)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    _, _, own = _infer_layout(read_state_dict(path))
+    _, _, own = infer_layout(read_state_dict(path))
     if model is None and str(heads) in ("embedded", "default", ""):
         model = "embedded"
     if model is not None:

@@ -110,7 +110,7 @@ class HeadsFormatError(ValueError):
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
-def _infer_layout(state: dict[str, torch.Tensor]) -> tuple[int, int, bool]:
+def infer_layout(state: dict[str, torch.Tensor]) -> tuple[int, int, bool]:
     """(n_heads, n_layers, own_lm_head) from upstream key names; unknown keys are an error."""
     heads: dict[int, set[tuple[int, str]]] = {}
     for key in state:
@@ -131,13 +131,19 @@ def _infer_layout(state: dict[str, torch.Tensor]) -> tuple[int, int, bool]:
 
 
 def heads_from_state_dict(
-    state: dict[str, torch.Tensor], hidden_size: int, vocab_size: int | None = None
+    state: dict[str, torch.Tensor], hidden_size: int, vocab_size: int | None = None,
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
 ) -> MedusaHeads:
-    """Build heads whose layout is read from the keys, then load strictly (clear error per key)."""
-    n_heads, n_layers, own = _infer_layout(state)
+    """Build heads whose layout is read from the keys, then load strictly (clear error per key).
+
+    The heads are built on the meta device and each checkpoint tensor is converted once, straight to
+    `dtype` on `device`: FasterDecoding's vicuna-7b heads are 0.74 B parameters, so an fp32 copy on the way
+    (then a cast to fp16) would need several GB more than serving them."""
+    n_heads, n_layers, own = infer_layout(state)
     if own and vocab_size is None:
         vocab_size = state[f"0.{n_layers}.weight"].shape[0]
-    heads = MedusaHeads(hidden_size, n_heads, n_layers, vocab_size if own else None)
+    with torch.device("meta"):
+        heads = MedusaHeads(hidden_size, n_heads, n_layers, vocab_size if own else None)
     expected = heads.heads.state_dict()
     for key, ref in expected.items():
         if key not in state:
@@ -150,7 +156,8 @@ def heads_from_state_dict(
     for key in state:
         if key not in expected:
             raise HeadsFormatError(f"unexpected key {key!r} in Medusa checkpoint")
-    heads.heads.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    converted = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
+    heads.heads.load_state_dict(converted, strict=True, assign=True)
     return heads
 
 
@@ -164,14 +171,18 @@ def _find_file(path: Path) -> Path:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a Medusa checkpoint (.pt pickle with weights_only=True, or .safetensors)."""
+    """Tensors of a Medusa checkpoint (.pt pickle with weights_only=True, or .safetensors), memory-mapped
+    where the format allows: reading keys and shapes costs no RAM, and loading copies each tensor once."""
     file = _find_file(Path(path))
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(file))
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a pre-1.6 (non-zip) pickle cannot be mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupted or truncated files raise many different types
         raise HeadsFormatError(f"cannot read Medusa checkpoint {file}: {err}") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -185,13 +196,13 @@ def load_heads(
 ) -> MedusaHeads:
     """Load either published format. The head count comes from the weights, never from config.json
     (FasterDecoding/medusa-vicuna-7b-v1.3 says 2 heads and holds 5)."""
-    heads = heads_from_state_dict(read_state_dict(path), hidden_size, vocab_size)
+    heads = heads_from_state_dict(read_state_dict(path), hidden_size, vocab_size, dtype=dtype, device=device)
     config_file = (Path(path) if Path(path).is_dir() else Path(path).parent) / "config.json"
     heads.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     proposal_file = config_file.parent / PROPOSAL_FILE
     if heads.shared_lm_head and proposal_file.is_file():
         heads.proposal_vocab = read_proposal_vocab(proposal_file)
-    return heads.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return heads.eval().requires_grad_(False)
 
 
 def read_proposal_vocab(path: Path) -> torch.Tensor:

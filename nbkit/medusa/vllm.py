@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .heads import PROPOSAL_FILE, HeadsFormatError, MedusaHeads, _infer_layout, read_proposal_vocab, read_state_dict
+from .heads import PROPOSAL_FILE, HeadsFormatError, MedusaHeads, infer_layout, read_proposal_vocab, read_state_dict
 
 VLLM_VERSION = "0.32.0"
 CONFIG_FILE, WEIGHTS_FILE, README_FILE = "config.json", "model.safetensors", "README.md"
@@ -55,7 +55,7 @@ def vllm_state_dict(state: dict[str, torch.Tensor], base: BaseLMHead | None, pro
                     dtype: torch.dtype | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """nbkit/FasterDecoding head tensors -> (vLLM config dict, vLLM tensors). Raises HeadsFormatError
     for what vLLM cannot express."""
-    n_heads, n_layers, own = _infer_layout(state)
+    n_heads, n_layers, own = infer_layout(state)
     hidden = state["0.0.linear.weight"].shape[1]
 
     def cast(t: torch.Tensor) -> torch.Tensor:

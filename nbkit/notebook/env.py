@@ -3,6 +3,11 @@
 `detect()` gathers the facts, `summary()` puts them on one screen, `choose_plan()` turns GPU memory
 into a quantization and an engine, and `param()` lets a notebook's parameters cell be overridden
 from the environment (papermill overrides the same variables by injecting a cell after it).
+
+`$NBKIT_GPU` replaces the GPU probe with an answer in nvidia-smi's CSV form ("name, total MiB, free MiB,
+compute capability"; `;` between GPUs), e.g. `NBKIT_GPU="Tesla T4, 15360, 15095, 7.5"`. The plan is then
+made for that GPU while everything runs on this machine as it is (engines build and load for the CPU):
+CI uses it to run a T4's or an A100's Run all on a CPU.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ class Gpu:
     total_gib: float
     free_gib: float
     capability: tuple[int, int]  # CUDA compute capability, e.g. (7, 5) on a T4
+    simulated: bool = False  # described by $NBKIT_GPU, not present: nothing may run on it
 
     @property
     def arch(self) -> str:
@@ -159,9 +165,22 @@ def _ram_gib() -> float | None:
         return None
 
 
+def simulated_gpus(spec: str | None = None) -> list[Gpu]:
+    """The GPUs that $NBKIT_GPU (or `spec`) describes, in nvidia-smi's CSV form; [] when it is not set."""
+    spec = os.environ.get("NBKIT_GPU", "") if spec is None else spec
+    gpus = parse_nvidia_smi(spec.replace(";", "\n"))
+    if spec.strip() and not gpus:
+        raise ValueError(f"NBKIT_GPU={spec!r} is not 'name, total MiB, free MiB, compute capability' "
+                         "(e.g. 'Tesla T4, 15360, 15095, 7.5')")
+    for gpu in gpus:
+        gpu.simulated = True
+    return gpus
+
+
 def detect() -> Environment:
     """The facts that decide what this runtime can serve."""
     gpus, torch_version, cuda = _gpus_from_torch()
+    gpus = simulated_gpus() or gpus
     if not gpus:
         gpus = _gpus_from_nvidia_smi()
     from ..models import cache_dir
@@ -325,7 +344,9 @@ def summary(env: Environment | None = None) -> str:
                      "(Runtime > Change runtime type > T4 GPU)")
     for i, gpu in enumerate(env.gpus):
         lines.append(f"GPU {i}   : {gpu.name}, {gpu.total_gib:.1f} GiB ({gpu.free_gib:.1f} free), "
-                     f"compute {gpu.capability[0]}.{gpu.capability[1]} -> CMAKE_CUDA_ARCHITECTURES={gpu.arch}")
+                     f"compute {gpu.capability[0]}.{gpu.capability[1]} -> CMAKE_CUDA_ARCHITECTURES={gpu.arch}"
+                     + ("  [simulated by $NBKIT_GPU: the plan is made for it, everything runs on the CPU]"
+                        if gpu.simulated else ""))
     return "\n".join(lines)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import cache_dir
-from .env import in_colab
+from .env import colab_secret, in_colab
 
 # A transformers model: config, tokenizer, weights (safetensors when the repo has them, else .bin).
 MODEL_CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
@@ -24,6 +25,7 @@ SAFETENSORS_FILES = ["*.safetensors", "model.safetensors.index.json"]
 BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 # Medusa heads: FasterDecoding publishes medusa_lm_head.pt; our own trained heads are safetensors.
 HEADS_FILES = ["config.json", "medusa_lm_head.pt", "medusa_lm_head.safetensors", "proposal_vocab.json"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # --- the token ---------------------------------------------------------------------------------------
@@ -37,8 +39,9 @@ class Login:
     def __repr__(self) -> str:
         if self.logged_in:
             return f"Hugging Face: token found ({self.source}); it is not shown."
-        return ("Hugging Face: no token. Public models download without one; for gated ones add a Colab secret "
-                "HF_TOKEN (key icon on the left), or set $HF_TOKEN, or run huggingface_hub.notebook_login().")
+        return ("Hugging Face: no token, going on: public models download without one. If a repository is gated "
+                "or private, the download asks for a token then (or add a Colab secret HF_TOKEN: key icon on the "
+                "left, or set $HF_TOKEN).")
 
 
 def token_source() -> str | None:
@@ -56,17 +59,52 @@ def token_source() -> str | None:
     return "Colab secret HF_TOKEN" if in_colab() else "huggingface_hub"
 
 
-def login(interactive: bool = True) -> Login:
-    """Find a token (Colab secret HF_TOKEN, $HF_TOKEN, a saved login) or, in Colab, ask with notebook_login().
+_may_ask = True  # login(interactive=False) turns the later notebook_login() prompt off
 
-    huggingface_hub then uses the token by itself; we never print it or return it."""
+
+def login(interactive: bool = True) -> Login:
+    """Find a token (Colab secret HF_TOKEN, $HF_TOKEN, a saved login); without one, go on: it never blocks.
+
+    Public models (vicuna-7b) need no token. Only when the hub answers 401 or "gated" for a repository being
+    downloaded does `prepare` ask, with notebook_login() (see `_as_user`), if `interactive`. The token is
+    never printed."""
+    global _may_ask
+    _may_ask = interactive
     source = token_source()
-    if source is None and interactive and in_colab():
+    if source is None and (value := colab_secret("HF_TOKEN")):
+        # huggingface_hub reads Colab secrets only under Colab's own shell class; hand it the secret in-process.
+        os.environ["HF_TOKEN"] = value
+        source = "Colab secret HF_TOKEN"
+    return Login(source is not None, source or "none")
+
+
+def _needs_login(err: Exception) -> str | None:
+    """'gated' or '401' when the hub refused a download for want of a (better) token, else None."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    if isinstance(err, GatedRepoError):
+        return "gated"
+    status = getattr(getattr(err, "response", None), "status_code", None) if isinstance(err, HfHubHTTPError) else None
+    return "401" if status == 401 else None
+
+
+def _as_user(repo_id: str, call):
+    """Run a hub call; on 401/gated, in Colab, ask for a token once (notebook_login) and try again."""
+    try:
+        return call()
+    except Exception as err:  # noqa: BLE001 -- only 401/gated are handled; everything else is raised as it is
+        why = _needs_login(err)
+        if why is None:
+            raise
+        message = (f"The Hugging Face hub answered {why} for {repo_id}: it needs a token of an account that "
+                   "has access (accept the model's terms on its page if it is gated).")
+        if not (in_colab() and _may_ask):
+            raise PermissionError(f"{message} Set $HF_TOKEN or run `hf auth login`, then run again.") from err
         from huggingface_hub import notebook_login
 
-        notebook_login()  # a password widget: the token is typed, never echoed into the saved output
-        source = token_source()
-    return Login(source is not None, source or "none")
+        print(f"{message} Log in below; the token is not shown or saved in this notebook.", flush=True)
+        notebook_login(skip_if_logged_in=False)
+        return call()
 
 
 # --- the two hub calls -------------------------------------------------------------------------------
@@ -119,6 +157,24 @@ def model_files(available: list[str]) -> list[str]:
     return select_files(available, MODEL_CONFIG_FILES) + weights
 
 
+def is_hub_id(name) -> bool:
+    """'owner/name' that is not a local path nor a .gguf file: something to fetch from the hub."""
+    return (isinstance(name, str) and bool(HUB_ID.match(name)) and not name.endswith(".gguf")
+            and not Path(name).exists())
+
+
+def fetch_model(model):
+    """A hub id -> its folder in nbkit's cache (only the files needed, fetched once, through $NBKIT_HUB_MIRROR
+    when set): `python -m nbkit serve --model lmsys/vicuna-7b-v1.3` loads what the notebooks load.
+    Anything else (None, a folder, a .gguf file) is returned unchanged."""
+    return str(download_model(model)) if is_hub_id(model) else model
+
+
+def fetch_heads(heads):
+    """A hub id of Medusa heads -> its folder in the cache; anything else unchanged."""
+    return str(download_heads(heads)) if is_hub_id(heads) else heads
+
+
 def download_config(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
     """Only config.json of a model repo (kilobytes): enough to plan before downloading gigabytes."""
     m = _mirror(mirror)
@@ -130,8 +186,8 @@ def download_model(repo_id: str, revision: str | None = None, mirror: str | os.P
     if Path(repo_id).is_dir():
         return Path(repo_id)
     m = _mirror(mirror)
-    files = model_files(_list_files(repo_id, revision, m))
-    return _download(repo_id, files, local_dir_for(repo_id), revision, m)
+    files = _as_user(repo_id, lambda: model_files(_list_files(repo_id, revision, m)))
+    return _as_user(repo_id, lambda: _download(repo_id, files, local_dir_for(repo_id), revision, m))
 
 
 def download_heads(repo_id: str, revision: str | None = None, mirror: str | os.PathLike | None = None) -> Path:
@@ -139,10 +195,10 @@ def download_heads(repo_id: str, revision: str | None = None, mirror: str | os.P
     if Path(repo_id).exists():
         return Path(repo_id)
     m = _mirror(mirror)
-    files = select_files(_list_files(repo_id, revision, m), HEADS_FILES)
+    files = select_files(_as_user(repo_id, lambda: _list_files(repo_id, revision, m)), HEADS_FILES)
     if not any(f.startswith("medusa_lm_head") for f in files):
         raise FileNotFoundError(f"{repo_id} holds no medusa_lm_head.pt or medusa_lm_head.safetensors")
-    return _download(repo_id, files, local_dir_for(repo_id), revision, m)
+    return _as_user(repo_id, lambda: _download(repo_id, files, local_dir_for(repo_id), revision, m))
 
 
 @dataclass
@@ -162,21 +218,28 @@ class HeadsInfo:
 
 
 def inspect_heads(heads_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> HeadsInfo:
-    """Load the heads with nbkit's loader (which counts them in the weights) and check they fit the model."""
+    """Count the heads in the weights and check they fit the model, reading only keys and shapes (the
+    checkpoint is memory-mapped): the engine loads the heads once, later, straight into its dtype."""
     import json
 
-    from ..medusa.heads import load_heads, read_state_dict
+    from ..medusa.heads import HeadsFormatError, infer_layout, read_state_dict
 
     heads_dir = Path(heads_dir)
-    hidden = None
+    state = read_state_dict(heads_dir)
+    n_heads, n_layers, own = infer_layout(state)
+    hidden = state["0.0.linear.weight"].shape[0]
     if model_dir is not None and (Path(model_dir) / "config.json").is_file():
-        hidden = json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"]
-    if hidden is None:  # the ResBlock's square weight tells the hidden size
-        hidden = read_state_dict(heads_dir)["0.0.linear.weight"].shape[0]
-    heads = load_heads(heads_dir, hidden)
-    claimed = heads.config.get("medusa_num_heads")
-    return HeadsInfo(heads_dir, heads.n_heads, heads.n_layers, not heads.shared_lm_head,
-                     int(claimed) if claimed is not None else None)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        if config.get("hidden_size") not in (None, hidden):
+            raise HeadsFormatError(f"the heads in {heads_dir} have hidden size {hidden}; the model has "
+                                   f"{config['hidden_size']}: they belong to another base model")
+        vocab = config.get("vocab_size")
+        if own and vocab is not None and state[f"0.{n_layers}.weight"].shape[0] != vocab:
+            raise HeadsFormatError(f"the heads in {heads_dir} predict {state[f'0.{n_layers}.weight'].shape[0]} "
+                                   f"tokens; the model's vocabulary has {vocab}")
+    config_file = heads_dir / "config.json" if heads_dir.is_dir() else heads_dir.parent / "config.json"
+    claimed = json.loads(config_file.read_text()).get("medusa_num_heads") if config_file.is_file() else None
+    return HeadsInfo(heads_dir, n_heads, n_layers, own, int(claimed) if claimed is not None else None)
 
 
 # --- everything a server needs, from the notebook's parameters ------------------------------------

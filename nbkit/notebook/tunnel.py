@@ -5,13 +5,17 @@
   NGROK_AUTHTOKEN or $NGROK_AUTHTOKEN, and is never printed (ngrok echoes bad tokens in its errors,
   so its log lines are silenced and our messages are scrubbed).
 - "colab": `google.colab.kernel.proxyPort`, a URL that works only for you, in your browser, while the
-  notebook is open. No account needed.
+  notebook is open. No account needed. The chat page is shown in the notebook (an iframe), and no curl or
+  openai example is printed: nothing outside your browser can use that URL.
 - "none": the local URL.
 - "auto": ngrok when a token is there, else Colab's proxy in Colab, else none.
 
-A public URL is served only with an API key: without one, `api_key_for()` makes one (kept in the cache
-so re-runs reuse it), and `open_tunnel` refuses to publish a server that answers without it.
-Re-opening replaces the previous tunnel instead of adding a second one.
+A public URL is served only with an API key: the one given, else the Colab secret (or $) NBKIT_API_KEY,
+else `api_key_for()` makes one (kept in the cache so re-runs reuse it; `Tunnel.rotate_key()` replaces it),
+and `open_tunnel` refuses to publish a server that answers without it. A generated key is printed once,
+when the tunnel opens; the tunnel's repr masks it. A tunnel belongs to its server: stopping the server
+closes it, a server without a key started on its port closes it first, and re-opening (or switching kind)
+closes the previous tunnel before anything else.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ NGROK_HELP = (
     "on https://dashboard.ngrok.com/get-started/your-authtoken) or set $NGROK_AUTHTOKEN. Without an ngrok "
     "account use provider='colab' (a URL only you can open) or provider='none'."
 )
+
+
+EVAL_JS_TIMEOUT_S = 30  # Colab's eval_js waits for the browser; a closed tab would hang the cell forever
 
 
 class TunnelError(RuntimeError):
@@ -63,16 +70,25 @@ class Tunnel:
         request = urllib.request.Request(
             f"{base}/generate", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **self.headers}, method="POST")
-        with urllib.request.urlopen(request, timeout=600) as r:
-            answer = json.load(r)
+        try:
+            with urllib.request.urlopen(request, timeout=600) as r:
+                answer = json.load(r)
+        except urllib.error.HTTPError as err:  # the server's own words, not urllib's traceback
+            raise RuntimeError(f"POST /generate answered {err.code}: {err.read().decode(errors='replace')}") from None
         extra = {k: v for k, v in answer.items() if k != "response"}
         print(answer["response"].strip())
         if extra:
             print("  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
         return answer
 
+    @property
+    def port(self) -> int | None:
+        return urlparse(self.local_url).port
+
     def close(self) -> None:
         global _current
+        if self.server is not None and getattr(self.server, "tunnel", None) is self:
+            self.server.tunnel = None
         if self.provider == "ngrok":
             from pyngrok import ngrok
             from pyngrok.exception import PyngrokError
@@ -88,16 +104,23 @@ class Tunnel:
     def headers(self) -> dict[str, str]:
         return auth_headers(self.api_key, ngrok=self.provider == "ngrok")
 
-    def usage(self) -> str:
-        """How to call the API: curl and the openai client. Shows a key only if we generated it."""
+    def usage(self, show_key: bool = False) -> str:
+        """How to call the API: curl and the openai client. show_key=True prints a key we generated (once, when
+        the tunnel opens); otherwise it is masked."""
         key_ref = "$NBKIT_API_KEY"
-        lines = [f"{'Public' if self.public else 'Local'} URL ({self.provider}): {self.url}"]
+        kind = "Public" if self.public else "Private" if self.provider == "colab" else "Local"
+        lines = [f"{kind} URL ({self.provider}): {self.url}"]
         if self.provider == "colab":
-            lines.append("  This URL works only in your browser while this notebook is open; for a public API "
-                         "use provider='ngrok' with the NGROK_AUTHTOKEN secret.")
-        if self.api_key and self.key_generated:
+            lines.append("  This URL works only in your browser while this notebook is open (the chat page is "
+                         "shown below). curl, openai and other machines cannot use it: for a public API use "
+                         "tunnel='ngrok' with the NGROK_AUTHTOKEN secret.")
+            return "\n".join(lines)
+        if self.api_key and self.key_generated and show_key:
             lines.append(f"API key, generated for this public URL (every route but /health requires it; clear "
                          f"this output before sharing the notebook): export NBKIT_API_KEY={self.api_key}")
+        elif self.api_key and self.key_generated:
+            lines.append(f"API key: generated, shown once when the tunnel opened ({_mask(self.api_key)}); it is in "
+                         f"{_key_file()}. tunnel.rotate_key() makes a new one.")
         elif self.api_key:
             lines.append("API key: the one you gave (not shown); export it as NBKIT_API_KEY.")
         auth = f' -H "Authorization: Bearer {key_ref}"' if self.api_key else ""
@@ -121,8 +144,21 @@ class Tunnel:
         ]
         return "\n".join(lines)
 
-    def __repr__(self) -> str:  # shown when a cell ends with the tunnel
-        return self.usage()
+    def rotate_key(self, show: bool = True) -> None:
+        """Replace the API key with a new generated one: the server requires it at once, the old key stops
+        working, and the new one is printed once (show=False: read it from `tunnel.api_key`)."""
+        server = self.server or _server_on(self.port)
+        if server is None:
+            raise TunnelError("this tunnel's server is not running in this notebook: restart it with a new key")
+        key = _new_key()
+        server.set_api_key(key)
+        self.api_key, self.key_generated, self.server = key, True, server
+        if show:
+            print(f"New API key (the old one no longer works; clear this output before sharing the notebook): "
+                  f"export NBKIT_API_KEY={key}")
+
+    def __repr__(self) -> str:  # shown when a cell ends with the tunnel: never the key
+        return self.usage(show_key=False)
 
 
 _current: Tunnel | None = None
@@ -141,6 +177,27 @@ def _port_of(target) -> int:
 
 def _key_file() -> Path:
     return cache_dir() / "api_key"
+
+
+def _mask(key: str) -> str:
+    return key[:4] + "..." if len(key) > 12 else "***"
+
+
+def _new_key() -> str:
+    key = "nbk-" + secrets.token_urlsafe(24)
+    _key_file().parent.mkdir(parents=True, exist_ok=True)
+    _key_file().touch(mode=0o600)
+    _key_file().write_text(key)
+    return key
+
+
+def _server_on(port: int | None):
+    """The ServerHandle of this process that serves `port`, if any (launch not imported: none)."""
+    import sys
+
+    launch = sys.modules.get("nbkit.server.launch")
+    handle = launch.current_server() if launch is not None else None
+    return handle if handle is not None and handle.port == port and handle.running else None
 
 
 def _generated_key() -> str | None:
@@ -173,17 +230,14 @@ def resolve_provider(provider: str, token: str | None = None) -> str:
 
 
 def api_key_for(provider: str = "auto", api_key: str | None = None, ngrok_authtoken: str | None = None) -> str | None:
-    """The key the server must require: the one given, or for a public URL a generated one (reused on re-runs)."""
+    """The key the server must require: the one given, the Colab secret (or $) NBKIT_API_KEY, or for a public
+    URL a generated one (reused on re-runs)."""
+    api_key = api_key or secret("NBKIT_API_KEY")[0]
     if api_key:
         return api_key
     if resolve_provider(provider, ngrok_authtoken) != "ngrok":
         return None
-    key = _generated_key()
-    if key is None:
-        key = "nbk-" + secrets.token_urlsafe(24)
-        _key_file().touch(mode=0o600)
-        _key_file().write_text(key)
-    return key
+    return _generated_key() or _new_key()
 
 
 def _requires_key(local_url: str) -> bool:
@@ -240,7 +294,19 @@ def _open_colab(port: int) -> str:
         raise TunnelError("provider='colab' works only inside Google Colab; use 'ngrok' or 'none' here.")
     from google.colab.output import eval_js  # type: ignore[import-not-found]
 
-    return str(eval_js(f"google.colab.kernel.proxyPort({port})")).rstrip("/")
+    try:
+        url = eval_js(f"google.colab.kernel.proxyPort({port})", timeout_sec=EVAL_JS_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 -- Colab raises its own TimeoutException when the browser does not answer
+        raise TunnelError(f"Colab's proxy did not answer within {EVAL_JS_TIMEOUT_S} s ({type(err).__name__}): is "
+                          "this notebook open in a browser tab? Or use tunnel='ngrok' or 'none'.") from None
+    return str(url).rstrip("/")
+
+
+def show_colab_page(port: int, path: str = "/", height: int = 560) -> None:
+    """Show the server's page (the chat page at /) inside the notebook, through Colab's proxy."""
+    from google.colab.output import serve_kernel_port_as_iframe  # type: ignore[import-not-found]
+
+    serve_kernel_port_as_iframe(port, path=path, height=height)
 
 
 def open_tunnel(
@@ -271,9 +337,15 @@ def open_tunnel(
         url = local_url
     tunnel = Tunnel(chosen, url, local_url, public=chosen == "ngrok", api_key=api_key,
                     key_generated=bool(api_key) and api_key == _generated_key(), model=_model_id(local_url, api_key))
+    server = target if hasattr(target, "app") and hasattr(target, "stop") else _server_on(port)
+    if server is not None:
+        tunnel.server = server
+        server.tunnel = tunnel  # stopping the server closes the tunnel
     _current = tunnel
     if show:
-        print(tunnel.usage())
+        print(tunnel.usage(show_key=True))
+        if chosen == "colab":
+            show_colab_page(port)
     return tunnel
 
 
@@ -285,18 +357,18 @@ def serve(
     """Start (or replace) the server for `prepared` (hub.prepare) with the right API key, then open the tunnel.
 
     A public URL gets a generated key when none is given (the same one on re-runs); the key is printed only
-    if it was generated. `server_kwargs` go to nbkit.launch.start_server (speculation, max_batch, ...)."""
+    if it was generated. `server_kwargs` go to nbkit.server.launch.start_server (speculation, max_batch, ...)."""
     from ..server.launch import start_server
 
+    if _current is not None:  # switching kind, or a re-run: nothing stays published while servers change
+        _current.close()
     key = api_key_for(provider, api_key, ngrok_authtoken)
     if hasattr(prepared, "wait_for_engine"):
         prepared.wait_for_engine()  # the llama.cpp build may still run in the background
     handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,
                           api_key=key, **server_kwargs)
-    tunnel = open_tunnel(handle, provider, key, ngrok_authtoken=ngrok_authtoken, ngrok_path=ngrok_path,
-                         ngrok_config=ngrok_config, show=show)
-    tunnel.server = handle
-    return tunnel
+    return open_tunnel(handle, provider, key, ngrok_authtoken=ngrok_authtoken, ngrok_path=ngrok_path,
+                       ngrok_config=ngrok_config, show=show)
 
 
 def connect(url: str, api_key: str | None = None) -> Tunnel:

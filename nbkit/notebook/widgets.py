@@ -349,6 +349,21 @@ def show_images(folder) -> list:
     return files
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment, with the folder that holds the imported nbkit first on PYTHONPATH.
+
+    In Colab nbkit is on the kernel's sys.path only (the clone cell puts the checkout there): a child
+    `python -m nbkit` would not find it otherwise."""
+    import os
+    from pathlib import Path
+
+    import nbkit
+
+    root = str(Path(nbkit.__file__).resolve().parents[1])
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, *rest])}
+
+
 def run_benchmark(prepared=None, args: str = "", out: str = "bench") -> dict:
     """Run `python -m nbkit bench` (its output streams here), then show its plots; returns bench.json.
 
@@ -363,7 +378,8 @@ def run_benchmark(prepared=None, args: str = "", out: str = "bench") -> dict:
     cmd = [sys.executable, "-m", "nbkit", "bench", *shlex.split(prepared.cli_args() if prepared else ""),
            *shlex.split(args), "--out", str(out)]
     print("$ python -m nbkit bench " + " ".join(shlex.quote(a) for a in cmd[4:]), flush=True)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=child_env()) as proc:
         for line in proc.stdout:
             print(line, end="", flush=True)
     if proc.returncode != 0:

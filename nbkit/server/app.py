@@ -49,8 +49,10 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     _add_error_handlers(app)
     metrics.routes.update(r.path for r in iter_route_contexts(app.routes))
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(Guard, keys=settings.keys, rate_limit=settings.rate_limit)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout)
+    settings.keys  # noqa: B018 -- refuse bad keys now, not on the first request
+    svc = app.state.service
+    app.add_middleware(Guard, keys=lambda: svc.settings.keys, rate_limit=settings.rate_limit)  # rotatable
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts the guards' refusals too
     return app
 

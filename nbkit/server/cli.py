@@ -19,7 +19,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (set an API key)")
     p.add_argument("--port", type=int, default=8000, help="0 = a free port")
     p.add_argument("--api-key", action="append", default=None,
-                   help="require this Bearer key (repeatable; default: $NBKIT_API_KEY, if set)")
+                   help="require this Bearer key (repeatable; visible to other users in `ps`: prefer "
+                        "--api-key-file or $NBKIT_API_KEY)")
+    p.add_argument("--api-key-file", default=None,
+                   help="require the keys in this file (one per line); default: $NBKIT_API_KEY, if set")
     p.add_argument("--rate-limit", type=float, default=600.0,
                    help="generation requests per minute per key (0 = no limit)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
@@ -30,12 +33,33 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def read_keys(given: list[str] | None, key_file: str | None) -> list[str] | None:
+    """The keys from --api-key, --api-key-file (one per line, # comments) and $NBKIT_API_KEY, in that order."""
+    keys = list(given or [])
+    if key_file:
+        try:
+            lines = open(key_file, encoding="utf-8").read().splitlines()
+        except OSError as err:
+            raise OSError(f"cannot read the API key file {key_file}: {err.strerror}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise ValueError(f"the API key file {key_file} holds no key")
+    if not keys and os.environ.get("NBKIT_API_KEY"):
+        keys = [os.environ["NBKIT_API_KEY"]]
+    return keys or None
+
+
 def cmd_serve(args) -> int:
     from .app import Settings
     from .launch import start_server
 
-    keys = args.api_key or ([os.environ["NBKIT_API_KEY"]] if os.environ.get("NBKIT_API_KEY") else None)
-    settings = Settings(rate_limit=args.rate_limit or None, max_new_tokens=args.max_new_tokens)
+    try:
+        keys = read_keys(args.api_key, args.api_key_file)
+        settings = Settings(api_key=keys, rate_limit=args.rate_limit or None, max_new_tokens=args.max_new_tokens)
+        settings.keys  # noqa: B018 -- a short key is refused before the model loads
+    except (OSError, ValueError) as err:
+        print(f"nbkit serve: {err}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -18,6 +18,7 @@ OPENAI_TYPES = {
     "unavailable": "service_unavailable_error",
     "generation": "server_error",
     "internal": "server_error",
+    "timeout": "timeout_error",
 }
 
 
@@ -58,6 +59,6 @@ def describe_validation(errors) -> tuple[str, str | None]:
         if not where and e.get("type") in ("model_attributes_type", "dict_type", "missing"):
             parts.append("the body must be a JSON object (Content-Type: application/json)")
             continue
-        param = param or (loc[0] if loc else None)
+        param = param or (e.get("ctx") or {}).get("param") or (loc[0] if loc else None)  # ctx: unsupported_parameter
         parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
     return "; ".join(parts) or "invalid request", param

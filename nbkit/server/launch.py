@@ -27,7 +27,7 @@ _current: ServerHandle | None = None
 _lock = threading.Lock()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it refers to its tunnel, which refers back
 class ServerHandle:
     url: str
     host: str
@@ -38,15 +38,33 @@ class ServerHandle:
     _server: object = field(repr=False)
     _thread: threading.Thread = field(repr=False)
     _sock: socket.socket = field(repr=False)
+    tunnel: object = field(default=None, repr=False)  # the tunnel that publishes this server: closed with it
 
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def set_api_key(self, key: str | list[str]) -> None:
+        """Require `key` (or keys) from now on instead of the current ones (rotation); the old ones stop working."""
+        from .security import redact_logs
+
+        settings = self.app.state.service.settings
+        old = settings.api_key
+        settings.api_key = key
+        try:
+            keys = settings.keys
+        except ValueError:
+            settings.api_key = old
+            raise
+        redact_logs(keys)
+
     def stop(self, grace: float = 5.0, timeout: float = 10.0) -> None:
         """Stop serving: refuse new requests, let in-flight ones finish for up to `grace` seconds, cancel
         the rest, then stop uvicorn and (if the launcher created or started it) the engine."""
         global _current
+        if self.tunnel is not None:  # first: nothing public may point at this port once it stops serving
+            self.tunnel.close()
+            self.tunnel = None
         svc = self.app.state.service
         svc.stopping = True
         deadline = time.monotonic() + grace
@@ -96,6 +114,7 @@ def start_server(
         settings.engine_name = engine
     settings.keys  # noqa: B018 -- validate the keys before anything starts
 
+    _close_unkeyed_tunnel(port, settings.keys)
     with _lock:
         previous = _current
     owns = engine_or_none is None
@@ -134,6 +153,17 @@ def start_server(
     return handle
 
 
+def _close_unkeyed_tunnel(port: int, keys: list[str]) -> None:
+    """A public tunnel to `port` stays only in front of a server that requires a key: else it closes first."""
+    tunnels = sys.modules.get("nbkit.notebook.tunnel")  # not imported: no tunnel was opened
+    tunnel = tunnels.current_tunnel() if tunnels is not None else None
+    if tunnel is None or not tunnel.public or keys:
+        return
+    if tunnel.port == port or (_current is not None and tunnel is _current.tunnel):
+        log.warning("closing the public tunnel %s: the new server on port %s has no API key", tunnel.url, port)
+        tunnel.close()
+
+
 def current_server() -> ServerHandle | None:
     """The server started by the last start_server call, if it is still running."""
     return _current
@@ -167,8 +197,12 @@ def _serve(app, sock: socket.socket, log_level: str, timeout: float):
     import uvicorn
 
     from .security import redact_logs
+    from .timeouts import head_deadline_protocol
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
+    settings = app.state.service.settings
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off",
+                            http=head_deadline_protocol(settings.head_timeout),
+                            limit_concurrency=settings.limit_concurrency)
     redact_logs(app.state.service.settings.keys)  # after Config: it (re)configures uvicorn's loggers
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="nbkit-server", daemon=True)

@@ -87,6 +87,8 @@ class _EngineCollector:
         yield _gauge("nbkit_queue_size", "Requests waiting for a slot", s["waiting"])
         yield _gauge("nbkit_batch_size", "Requests running now (holding a slot)", s["running"])
         yield _gauge("nbkit_engine_alive", "1 while the engine thread runs", 1 if engine.alive else 0)
+        yield _counter("nbkit_engine_restarts", "Times the supervisor restarted the engine after a crash",
+                       s.get("restarts", 0))
         yield _counter("nbkit_generated_tokens", "Tokens generated", s["tokens"])
         yield _counter("nbkit_prefill_tokens", "Prompt tokens prefilled", s["prefill_tokens"])
         yield _counter("nbkit_steps", "Decoding steps", s["steps"])

@@ -1,15 +1,18 @@
 """Request and response bodies. Typed so that the OpenAPI schema (/docs) is the documentation.
 
-Requests are strict: "50" is not an int and 1.5 is not a max_tokens. Unknown fields are ignored
-(clients send many optional OpenAI fields); fields we do not implement are refused when set to
-anything but their neutral value, so nobody gets a silently different answer.
+Requests are strict: "50" is not an int and 1.5 is not a max_tokens. Fields we do not implement, known
+(`tools`, `logit_bias`, `response_format`, `grammar`, `repetition_penalty`, ...) or not, are refused with
+an error naming them when set to anything but a neutral value (null, false, 0, "", {}, [], or the field's
+own default such as `repetition_penalty: 1`), so nobody gets a silently different answer; clients that
+send every optional field with its default (huggingface_hub does) are served.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 SEED_MAX = 2**63 - 1
 
@@ -26,8 +29,35 @@ def _unicode_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode_text)]  # every string a client sends
 
 
+# Unsupported fields whose neutral value is not null/false/0/empty: the value that changes nothing.
+NEUTRAL = {
+    "repetition_penalty": (1, 1.0), "typical_p": (1, 1.0), "best_of": (1,), "n": (1,), "top_logprobs": (0,),
+    "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True,),
+    "service_tier": ("auto", "default"), "modalities": (["text"],),
+}
+# Informational fields that change no output: accepted whatever their value.
+INFORMATIONAL = frozenset({"metadata", "store", "user", "service_tier", "prompt_cache_key", "safety_identifier",
+                           "refusal", "annotations", "audio", "tool_calls", "tool_call_id", "function_call"})
+
+
+def _neutral(name: str, value) -> bool:
+    if value is None or value is False or (type(value) in (int, float) and value == 0):
+        return True
+    if value in ("", {}, []) or name in INFORMATIONAL:
+        return True
+    return any(type(value) is type(n) and value == n for n in NEUTRAL.get(name, ()))
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if not _neutral(name, value):
+                raise PydanticCustomError("unsupported_parameter", "the parameter '{param}' is not supported by "
+                                          "this server: leave it out (or at its neutral value)", {"param": name})
+        return self
 
 
 class SpeculationOptions(Strict):
@@ -66,6 +96,7 @@ class GenerateRequest(SpeculationOptions):
     chat: bool = Field(False, description="apply the model's chat template to the prompt")
     inputs: Text | None = Field(None, description="TGI: the prompt")
     parameters: TGIParameters | None = Field(None, description="TGI: generation parameters")
+    stream: bool = Field(False, description="TGI's POST /: true answers like /generate_stream")
 
 
 class GenerateResponse(BaseModel):

@@ -6,6 +6,7 @@ answer before a body is parsed. Keys are compared in constant time and never log
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -20,8 +21,8 @@ OPEN_PATHS = frozenset({"/health", "/"})  # the chat page itself holds nothing; 
 class BodyLimit:
     """Refuse bodies over `limit` bytes with 413, whether or not Content-Length is declared."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float | None = None):
+        self.app, self.limit, self.timeout = app, limit, timeout  # timeout: seconds to receive the whole body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -34,19 +35,19 @@ class BodyLimit:
                 return await _reject(scope, send, APIError(400, "invalid Content-Length header"))
             if too_big:
                 return await _reject(scope, send, self._error())
-        # Read the body here (counting), then hand it to the app in one piece.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before sending its body
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await _reject(scope, send, self._error())
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        # Read the body here (counting, against the deadline), then hand it to the app in one piece.
+        chunks: list[bytes] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                status = await self._read(receive, chunks)
+        except TimeoutError:
+            return await _reject(scope, send, APIError(408, f"the request body was not received within "
+                                                            f"{self.timeout:g} s", "timeout", code="timeout",
+                                                       headers={"Connection": "close"}))
+        if status == "gone":
+            return  # the client went away before sending its body
+        if status == "too_big":
+            return await _reject(scope, send, self._error())
         replayed = False
 
         async def replay():
@@ -58,34 +59,71 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
+    async def _read(self, receive, chunks: list[bytes]) -> str:
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return "gone"
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return "too_big"
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return "ok"
+
     def _error(self) -> APIError:
         return APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
 
 
 class Guard:
-    """API keys (Bearer) on every route but OPEN_PATHS, and a token-bucket rate limit per key on POSTs.
+    """API keys (Bearer) on every route but OPEN_PATHS, a token-bucket rate limit per key on POSTs, and a
+    throttle on failed key attempts per client address.
 
     `rate_limit` is requests per minute per key (bursts up to the same number); None or 0 turns it
     off. Without keys there is nothing to limit by: behind a tunnel every client has the same address.
+    `keys` is a list, or a callable returning the current list (so that a key can be rotated while serving).
+    After `max_failures` wrong or missing keys from one address within `failure_window` seconds, that address
+    gets 429 with Retry-After until the window ends (behind a local proxy such as ngrok, the address is the
+    last X-Forwarded-For entry, the one the proxy added; direct local connections are not throttled).
     """
 
-    def __init__(self, app, keys: list[str], rate_limit: float | None = None):
+    def __init__(self, app, keys, rate_limit: float | None = None, max_failures: int = 10,
+                 failure_window: float = 60.0, max_addresses: int = 10_000):
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        self._keys = keys if callable(keys) else (lambda fixed=list(keys): fixed)
         self.rate = (rate_limit or 0) / 60.0
         self.burst = float(rate_limit or 0)
-        self.buckets: dict[int, tuple[float, float]] = {}  # key index -> (tokens, last update)
+        self.buckets: dict[bytes, tuple[float, float]] = {}  # key -> (tokens, last update)
+        self.max_failures, self.failure_window, self.max_addresses = max_failures, failure_window, max_addresses
+        self.failures: dict[str, tuple[int, float]] = {}  # address -> (failures, window start)
+
+    @property
+    def keys(self) -> list[bytes]:
+        return [k.encode() for k in self._keys()]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or not self.keys:
+        if scope["type"] != "http" or (scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")):
+            return await self.app(scope, receive, send)  # POST / (TGI's generation route) needs the key
+        keys = self.keys
+        if not keys:
             return await self.app(scope, receive, send)
-        index = self._key_index(_header(scope, b"authorization"))
-        if index is None:
+        address = _client_address(scope)
+        wait = self._throttled(address) if address is not None else 0.0
+        if wait > 0:
+            err = APIError(429, "too many failed API key attempts from this address: wait", "rate_limit",
+                           code="too_many_failed_attempts", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            return await _reject(scope, send, err)
+        key = self._match(keys, _header(scope, b"authorization"))
+        if key is None:
+            if address is not None:
+                self._failed(address)
             err = APIError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return await _reject(scope, send, err)
         if self.rate > 0 and scope["method"] == "POST":
-            wait = self._take(index)
+            wait = self._take(key)
             if wait > 0:
                 err = APIError(429, "rate limit exceeded: slow down", "rate_limit", code="rate_limit_exceeded",
                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
@@ -93,16 +131,42 @@ class Guard:
         await self.app(scope, receive, send)
 
     def _key_index(self, header: bytes | None) -> int | None:
+        keys = self.keys
+        key = self._match(keys, header)
+        return None if key is None else keys.index(key)
+
+    @staticmethod
+    def _match(keys: list[bytes], header: bytes | None) -> bytes | None:
         if header is None or header[:7].lower() != b"bearer ":
             return None
         given = header[7:].strip()
         found = None
-        for i, key in enumerate(self.keys):  # compare with every key: the time does not say which one matched
+        for key in keys:  # compare with every key: the time does not say which one matched
             if hmac.compare_digest(given, key) and found is None:
-                found = i
+                found = key
         return found
 
-    def _take(self, key: int) -> float:
+    def _throttled(self, address: str) -> float:
+        count, start = self.failures.get(address, (0, 0.0))
+        left = start + self.failure_window - time.monotonic()
+        if left <= 0:
+            self.failures.pop(address, None)
+            return 0.0
+        return left if count >= self.max_failures else 0.0
+
+    def _failed(self, address: str) -> None:
+        now = time.monotonic()
+        count, start = self.failures.get(address, (0, now))
+        if now - start >= self.failure_window:
+            count, start = 0, now
+        if address not in self.failures and len(self.failures) >= self.max_addresses:
+            # bounded memory: forget windows that ended, else the oldest address
+            self.failures = {a: v for a, v in self.failures.items() if now - v[1] < self.failure_window}
+            if len(self.failures) >= self.max_addresses:
+                self.failures.pop(next(iter(self.failures)))
+        self.failures[address] = (count + 1, start)
+
+    def _take(self, key: bytes) -> float:
         """Take one token; 0 if allowed, else the seconds until one is available."""
         now = time.monotonic()
         tokens, last = self.buckets.get(key, (self.burst, now))
@@ -112,6 +176,19 @@ class Guard:
             return (1.0 - tokens) / self.rate
         self.buckets[key] = (tokens - 1.0, now)
         return 0.0
+
+
+def _client_address(scope) -> str | None:
+    """The address to throttle: the peer's; behind a proxy on this machine (ngrok's agent, which adds
+    X-Forwarded-For), the address that proxy saw. None for a direct connection from this machine (a local
+    program or test, which can read the notebook anyway), which is not throttled."""
+    host = (scope.get("client") or ("?", 0))[0]
+    if host in ("127.0.0.1", "::1", "localhost"):
+        forwarded = _header(scope, b"x-forwarded-for")
+        if not forwarded:
+            return None
+        return forwarded.decode("latin-1").split(",")[-1].strip() or host
+    return host
 
 
 # Tokens a notebook server may hold in its environment (hub downloads, tunnels) besides its API keys.
@@ -153,8 +230,10 @@ _redactor = RedactSecrets()
 
 def redact_logs(keys: list[str]) -> None:
     """Keep `keys` and the tokens in the environment out of the server's logs (from now on)."""
-    secrets = set(keys) | {os.environ[name] for name in SECRET_ENV if os.environ.get(name)}
-    _redactor.secrets |= {s for s in secrets if len(s) >= 6}  # not a short word that would blank out logs
+    env = {os.environ[name] for name in SECRET_ENV if os.environ.get(name)}
+    # Every key, whatever its length; tokens from the environment unless they are a short word that would
+    # blank out the logs.
+    _redactor.secrets |= set(keys) | {s for s in env if len(s) >= 6}
     for name in SERVER_LOGGERS:
         logger = logging.getLogger(name)
         if _redactor not in logger.filters:

@@ -15,12 +15,13 @@ from fastapi import Request
 from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
+from ..chat_format import chat_prompt_ids
 from ..engine.request import EngineStopped, Finished, Overloaded, RequestHandle, SamplingParams
 from .errors import APIError
 from .metrics import Metrics
-from .templates import chat_prompt_ids
 
 WATCH_EVERY = 0.25  # seconds between checks for a gone client or a dead engine while waiting for tokens
+MIN_KEY_LENGTH = 16
 
 
 @dataclass
@@ -39,6 +40,20 @@ class Settings:
     # Chat messages are text: "<|im_start|>system" in a message is not a special token (no forged turns).
     # True lets clients write raw special tokens into messages (trusted clients only).
     allow_special_tokens_in_chat: bool = False
+    max_stop_chars: int = 256  # characters per stop sequence: the engine matches them on every token
+    # One model is served: any model name a client sends gets it (as TGI and llama-server do; clients such
+    # as huggingface_hub send "dummy"). True refuses other names with 404, as OpenAI does.
+    strict_model_name: bool = False
+    max_chat_messages: int = 1024  # messages per chat request, checked before the chat template runs
+    # Slow clients (slow-loris, readers that never read): seconds to send the request head, the body, and
+    # for each SSE event to be taken by the client; then 408 / the stream ends and its slot is freed.
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
+    limit_concurrency: int = 512  # connections + tasks; over it uvicorn answers 503 at once
+    # Client-chosen trees ("tree": "mc_sim_7b_63" pads every row of the batch to 64 positions): an operator
+    # opt-in. By default the adaptive policy decides; clients may still turn speculation off for themselves.
+    allow_client_trees: bool = False
 
     @property
     def keys(self) -> list[str]:
@@ -47,6 +62,9 @@ class Settings:
         keys = [self.api_key] if isinstance(self.api_key, str) else list(self.api_key)
         if any(not isinstance(k, str) or not k.strip() for k in keys):
             raise ValueError("API keys must be non-empty strings")
+        if any(len(k) < MIN_KEY_LENGTH for k in keys):
+            raise ValueError(f"API keys must have at least {MIN_KEY_LENGTH} characters: a short key is guessed "
+                             "quickly (make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')")
         return keys
 
 
@@ -103,7 +121,7 @@ class Service:
 
     def check_model(self, name: str | None) -> None:
         self.ready()
-        if name and name != self.model_id:
+        if self.settings.strict_model_name and name and name != self.model_id:
             raise APIError(404, f"the model {name!r} does not exist: this server serves {self.model_id!r}",
                            "not_found", param="model", code="model_not_found")
 
@@ -113,8 +131,23 @@ class Service:
         engine = self.ready()
         return await run_in_threadpool(engine.encode, prompt)
 
+    def check_messages(self, messages: list[dict]) -> None:
+        """Refuse chats that cannot fit before the template runs: it costs time per message and character.
+
+        Every message adds at least one token and a token is rarely more than 16 characters, so more messages
+        than input tokens, or 16 characters per input token, can never fit the context."""
+        max_input, _ = self.limits()
+        max_messages = min(self.settings.max_chat_messages, max_input or self.settings.max_chat_messages)
+        if len(messages) > max_messages:
+            raise APIError(None, f"{len(messages)} messages; at most {max_messages} are allowed", param="messages")
+        chars = sum(len(m.get("content") or "") for m in messages)
+        if max_input and chars > 16 * max_input:
+            raise APIError(None, f"the messages have {chars} characters: far more than the {max_input} input "
+                                 "tokens allowed", param="messages", code="context_length_exceeded")
+
     async def chat_ids(self, messages: list[dict]) -> list[int]:
         tokenizer = self.ready().tokenizer
+        self.check_messages(messages)
         allow = self.settings.allow_special_tokens_in_chat
         try:
             return await run_in_threadpool(chat_prompt_ids, tokenizer, messages, allow)
@@ -152,8 +185,15 @@ class Service:
                                  f"limit of {total} tokens", param=name, code="context_length_exceeded")
         if len(stop) > s.max_stop:
             raise APIError(None, f"{len(stop)} stop sequences; at most {s.max_stop} are allowed", param="stop")
+        if any(len(x) > s.max_stop_chars for x in stop):
+            raise APIError(None, f"a stop sequence has {max(len(x) for x in stop)} characters; at most "
+                                 f"{s.max_stop_chars} are allowed", param="stop")
         if params.get("speculate") is None:
             params["speculate"] = True
+        if params.get("tree") not in (None, "none") and not s.allow_client_trees:
+            raise APIError(None, "this server does not let clients choose the Medusa tree (the operator can allow "
+                                 "it with allow_client_trees); leave 'tree' out, or send speculate: false",
+                           param="tree", code="tree_not_allowed")
         return SamplingParams(max_tokens=max_tokens, stop=stop, **params)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
@@ -226,7 +266,7 @@ class Service:
         if fin.finish_reason == "cancelled":
             return APIError(503, "the request was cancelled: the server is stopping", "unavailable")
         if fin.finish_reason == "error":
-            if self.engine is None or not self.engine.alive:
+            if fin.error_type == "unavailable" or self.engine is None or not self.engine.alive:
                 return APIError(503, fin.error or "the engine stopped", "unavailable")
             return APIError(500 if openai else 424, fin.error or "generation failed", "generation")
         return None

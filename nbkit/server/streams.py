@@ -9,6 +9,11 @@ from ..engine.request import Finished, RequestHandle, TokenEvent
 from .schemas import Usage
 from .service import Service
 
+# OpenAPI: routes that answer JSON, or SSE events when the body says `stream: true`.
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+             "required": ["data"]}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+                  "description": "JSON, or with `stream: true` Server-Sent Events (`data: {...}` lines)"}}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
@@ -88,8 +93,14 @@ async def openai_chunks(svc: Service, handle: RequestHandle, rid: str, model: st
             yield chunk(None, OPENAI_FINISH[fin.finish_reason])
             if include_usage:
                 yield sse_json({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-                             "usage": usage(fin).model_dump()})
+                             "usage": usage(fin).model_dump(), "nbkit": stats(fin)})
     yield "[DONE]"
+
+
+def stats(fin: Finished) -> dict:
+    """What the chat page and panel show under a reply: speed and tokens per decoding step."""
+    return {"steps": fin.steps, "mean_accepted": round(fin.mean_accepted, 4),
+            "tokens_per_s": round(fin.tokens_per_s, 2)}
 
 
 def usage(fin: Finished) -> Usage:

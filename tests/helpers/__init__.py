@@ -14,7 +14,7 @@ class ToyTokenizer:
     eos_token_id = 1
     pad_token_id = 0
     eos_token = "<eos>"
-    chat_template = None
+    chat_template = "toy"  # a tokenizer with a template: apply_chat_template below is what it renders
 
     def __init__(self, vocab_size: int = 256):
         self.vocab_size = vocab_size

@@ -54,8 +54,16 @@ def test_committed_shape(name):
             compile(TransformerManager().transform_cell(cell.source), f"{name}:{cell.id}", "exec",
                     flags=0x2000)  # PyCF_ALLOW_TOP_LEVEL_AWAIT
     # Thin cells: apart from the Colab bootstrap and the parameters, each is a call or two.
-    body = [c for c in nb.cells if c.cell_type == "code" and c is not tagged[0] and "git clone" not in c.source]
+    body = [c for c in nb.cells if c.cell_type == "code" and c is not tagged[0] and "NBKIT_GIT" not in c.source]
     assert all(len(c.source.strip().splitlines()) <= 5 for c in body)
+    # Markdown renders: section cells are headings ("## ..."), not text that starts with "md ".
+    for cell in nb.cells[1:]:
+        if cell.cell_type == "markdown":
+            assert cell.source.startswith("## "), f"{name}: a markdown cell is not a heading: {cell.source[:40]!r}"
+    # The Colab bootstrap: the repository is a form field, and $NBKIT_GIT overrides it.
+    boot = [c for c in nb.cells if c.cell_type == "code" and "NBKIT_GIT" in c.source]
+    assert len(boot) == 1 and nb.cells.index(boot[0]) == 1
+    assert re.search(r'^NBKIT_GIT = "https://[^"]+"  #@param \{type:"string"\}$', boot[0].source, re.MULTILINE)
 
 
 # --- executed -----------------------------------------------------------------------------------------

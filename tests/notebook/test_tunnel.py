@@ -213,16 +213,21 @@ def test_colab_proxy(monkeypatch, capsys):
     colab = types.ModuleType("google.colab")
     output = types.ModuleType("google.colab.output")
     asked = []
-    output.eval_js = lambda js: asked.append(js) or "https://abc-8000-colab.googleusercontent.com/"
+    output.eval_js = lambda js, timeout_sec=None: asked.append(js) or "https://abc-8000-colab.googleusercontent.com/"
+    output.serve_kernel_port_as_iframe = lambda port, path="/", height=400: asked.append(("iframe", port, path))
     colab.output = output
     google.colab = colab
     monkeypatch.setitem(sys.modules, "google", google)
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     monkeypatch.setitem(sys.modules, "google.colab.output", output)
     t = tun.open_tunnel("http://127.0.0.1:8000", provider="auto")  # no ngrok token in Colab -> its proxy
-    assert asked == ["google.colab.kernel.proxyPort(8000)"]
+    assert asked[0] == "google.colab.kernel.proxyPort(8000)"
     assert t.provider == "colab" and t.url == "https://abc-8000-colab.googleusercontent.com" and not t.public
-    assert "only in your browser" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "only in your browser" in out
+    # The chat page is shown inline; no curl/openai example for a URL that only this browser can open.
+    assert asked[1:] == [("iframe", 8000, "/")]
+    assert "curl http" not in out and "OpenAI(" not in out
 
 
 def test_colab_outside_colab_is_a_clear_error():

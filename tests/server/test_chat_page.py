@@ -16,7 +16,7 @@ from helpers.server import TINY_MODEL, reference_text, tiny_engine
 
 from nbkit.server.launch import start_server
 
-KEY = "page-key-5f1c2b"
+KEY = "page-key-5f1c2b-0a9e"
 INSTALL = Path(__file__).resolve().parents[2] / "scripts" / "install_chromium.sh"
 
 
@@ -92,6 +92,8 @@ def test_chat_page_asks_for_key_and_streams_a_reply(browser):
         partial = [t for t in seen if t and t != final]
         assert partial and all(final.startswith(t) for t in partial), "the reply did not stream"
         assert el(".msg.user .text").text == "Hello page"
+        stats = reply().find_element(By.CSS_SELECTOR, ".stats").text  # as the notebook panel shows them
+        assert "tokens" in stats and "tok/s" in stats and "tokens/step" in stats, stats
 
         # Stop mid-reply: the browser aborts the fetch, the server cancels the request and frees the slot.
         cancelled = engine.snapshot()["cancelled"]

@@ -14,12 +14,14 @@ import openai
 import pytest
 from helpers.server import TINY_MODEL, reference_text, sse_data, tiny_engine
 
+from nbkit.server.app import Settings
 from nbkit.server.launch import start_server
 
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server(tiny_engine(), port=0)
+    # Strict model names (a setting): the 404 cases below; the lenient default is tests/server/test_clients.py.
+    handle = start_server(tiny_engine(), port=0, settings=Settings(strict_model_name=True))
     yield handle
     handle.stop()
 

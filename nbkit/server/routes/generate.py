@@ -16,7 +16,8 @@ from ..schemas import (
     TGIToken,
 )
 from ..service import Service, get_service
-from ..streams import SSE_HEADERS, tgi_events
+from ..streams import SSE_HEADERS, STREAMED, tgi_events
+from ..timeouts import TimedEventSourceResponse
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
 
@@ -53,6 +54,9 @@ async def tgi_request(svc: Service, body: GenerateRequest):
 async def generate(body: GenerateRequest, request: Request, svc: Service = Depends(get_service)):
     """Original contract `{"prompt", "max_tokens"}` -> `{"response", ...}`; TGI `{"inputs", "parameters"}`
     -> `{"generated_text", "details"}`."""
+    if body.stream:
+        raise APIError(None, "stream is not supported on /generate: use /generate_stream (or POST /)",
+                       param="stream")
     ids, params, tgi, prompt = await tgi_request(svc, body)
     fin = await svc.result(svc.submit(ids, params), request)
     if (err := svc.failure(fin, openai=False)) is not None:
@@ -79,4 +83,14 @@ async def generate_stream(body: GenerateRequest, svc: Service = Depends(get_serv
     handle = svc.submit(ids, params)
     prefix = prompt if tgi is not None and tgi.return_full_text else ""
     seed = tgi.seed if tgi is not None else body.seed
-    return EventSourceResponse(tgi_events(svc, handle, params.max_tokens, prefix, seed), headers=SSE_HEADERS)
+    return TimedEventSourceResponse(tgi_events(svc, handle, params.max_tokens, prefix, seed), headers=SSE_HEADERS,
+                                    send_timeout=svc.settings.send_timeout)
+
+
+@router.post("/", response_model=GenerateResponse | TGIGenerateResponse, responses=STREAMED)
+async def tgi_root(body: GenerateRequest, request: Request, svc: Service = Depends(get_service)):
+    """TGI's compatibility route (huggingface_hub's `InferenceClient(model=URL).text_generation` posts here):
+    `stream: true` answers like `/generate_stream`, otherwise like `/generate`."""
+    if body.stream:
+        return await generate_stream(body, svc)
+    return await generate(body, request, svc)

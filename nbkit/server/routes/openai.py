@@ -6,7 +6,6 @@ import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
-from sse_starlette.sse import EventSourceResponse
 
 from ...engine.request import SamplingParams
 from ..errors import APIError
@@ -22,7 +21,8 @@ from ..schemas import (
     OpenAIError,
 )
 from ..service import Service, get_service
-from ..streams import OPENAI_FINISH, SSE_HEADERS, openai_chunks, usage
+from ..streams import OPENAI_FINISH, SSE_HEADERS, STREAMED, openai_chunks, usage
+from ..timeouts import TimedEventSourceResponse
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"],
                    responses={code: {"model": OpenAIError} for code in (400, 401, 404, 413, 429, 500, 503)})
@@ -53,7 +53,7 @@ async def completion_ids(svc: Service, prompt) -> list[int]:
     return await svc.encode(prompt)
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)):
     """Text completion (no chat template). `stream: true` answers SSE chunks, then `data: [DONE]`."""
     svc.check_model(body.model)
@@ -65,8 +65,8 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
     rid, model = f"cmpl-{uuid.uuid4().hex}", svc.model_id
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventSourceResponse(openai_chunks(svc, handle, rid, model, chat=False, include_usage=include_usage),
-                                   headers=SSE_HEADERS)
+        return TimedEventSourceResponse(openai_chunks(svc, handle, rid, model, chat=False, include_usage=include_usage),
+                                        headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
     fin = await svc.result(handle, request)
     if (err := svc.failure(fin, openai=True)) is not None:
         raise err
@@ -75,7 +75,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
                                                         finish_reason=OPENAI_FINISH[fin.finish_reason])])
 
 
-@router.post("/chat/completions", response_model=ChatResponse)
+@router.post("/chat/completions", response_model=ChatResponse, responses=STREAMED)
 async def chat_completions(body: ChatRequest, request: Request, svc: Service = Depends(get_service)):
     """Chat with the model's chat template. `stream: true` answers SSE chunks, then `data: [DONE]`;
     `stream_options.include_usage` adds a last chunk with the token counts."""
@@ -92,8 +92,8 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
     rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventSourceResponse(openai_chunks(svc, handle, rid, model, chat=True, include_usage=include_usage),
-                                   headers=SSE_HEADERS)
+        return TimedEventSourceResponse(openai_chunks(svc, handle, rid, model, chat=True, include_usage=include_usage),
+                                        headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
     fin = await svc.result(handle, request)
     if (err := svc.failure(fin, openai=True)) is not None:
         raise err

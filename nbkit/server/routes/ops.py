@@ -26,10 +26,12 @@ def chat_page() -> str:
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 async def health(svc: Service = Depends(get_service)):
     """200 `{"status": "ok"}` when requests can be served; 503 while loading, stopping, or if the engine died.
-    Open even when an API key is set."""
+    Open even when an API key is set; then it says no more than the status (no error text)."""
     status, why = svc.status()
     if status == "ok":
         return JSONResponse({"status": "ok"})
+    if svc.settings.keys:  # open to anyone on the public URL: the state, not the engine's error text
+        return JSONResponse({"status": status}, status_code=503)
     return JSONResponse({"status": status, "error": why}, status_code=503)
 
 

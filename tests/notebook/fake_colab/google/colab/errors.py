@@ -1,0 +1,2 @@
+class Error(Exception):
+    """Base of Colab's errors (huggingface_hub catches it around userdata.get)."""
