@@ -1,23 +1,29 @@
-"""Mean accepted tokens per step on ALL held-out prompts, by real greedy decoding with one tree.
+"""Per prompt source: mean accepted tokens per step (real greedy decoding with one tree) and head top-1/top-10.
 
-    python scripts/acceptance_heldout.py [--tree mc_sim_7b_63] [--max-tokens 128] [--concurrency 16]
+    python scripts/acceptance_heldout.py [--prompts templates,handwritten,user_oriented] [--n-prompts N]
+        [--tree mc_sim_7b_63] [--max-tokens 128] [--concurrency 16] [--out FILE]
 
 Tokens per step counts the bonus token (plain decoding = 1.0): decoded tokens / verification steps,
 over every step of every request (the first token, which comes from the prefill, is not counted).
-Acceptance does not depend on batching, so the prompts run 16 at a time. Reported for the 120
-held-out template prompts, the 8 hand-written ones (no template overlap), and all 128. Every output
-is checked against plain greedy decoding in the same batch run.
+Acceptance does not depend on batching, so the prompts run `--concurrency` at a time. Every output is
+checked against plain greedy decoding in the same run. Head top-1/top-10 are measured on the plain greedy
+answers (the tokens greedy verification compares against), as `train-heads` measures them on its eval set.
+Sources are those of nbkit.medusa.prompts; the public ones are read from $NBKIT_PROMPTS_DIR
+(docs/bench/sources.md), and only their held-out side is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 
 from nbkit.engine.engine import Engine
 from nbkit.engine.loader import load_engine
 from nbkit.engine.request import SamplingParams
-from nbkit.medusa.prompts import EXTRA_EVAL_PROMPTS, distill_prompts
+from nbkit.medusa.prompts import held_out_prompts, parse_source_list
+from nbkit.medusa.train import acceptance_table, compute_features
 
 
 def run(engine: Engine, ids: list[list[int]], max_tokens: int) -> list:
@@ -29,29 +35,42 @@ def run(engine: Engine, ids: list[list[int]], max_tokens: int) -> list:
         engine.stop()
 
 
+def measure(engine: Engine, plain: Engine, model, ids: list[list[int]], max_tokens: int) -> dict:
+    """Acceptance of `engine` (with a tree) and head accuracy on `ids`; `plain` (speculation off) is the reference."""
+    medusa = run(engine, ids, max_tokens)
+    reference = run(plain, ids, max_tokens)
+    steps = sum(m.steps for m in medusa)
+    tokens = sum(m.accepted_tokens for m in medusa)
+    answers = [(x, r.token_ids) for x, r in zip(ids, reference) if len(r.token_ids) > 1]
+    with contextlib.redirect_stdout(sys.stderr):  # compute_features reports progress
+        table = acceptance_table(compute_features(model, answers), engine.heads, model.get_output_embeddings())
+    return {"prompts": len(ids), "steps": steps, "tokens": tokens,
+            "accepted_per_step": round(tokens / max(steps, 1), 3),
+            "outputs_differing_from_plain": sum(m.token_ids != r.token_ids for m, r in zip(medusa, reference)),
+            "head_top1": table["top1_accuracy"], "head_top10": table["top10_accuracy"], "positions": table["positions"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", default="templates,handwritten", help="prompt sources, comma-separated, or 'all'")
+    ap.add_argument("--n-prompts", type=int, default=None, help="held-out prompts per source (default: all)")
     ap.add_argument("--tree", default="mc_sim_7b_63")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    try:
+        sources = {s: held_out_prompts(s, args.n_prompts) for s in parse_source_list(args.prompts)}
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        sys.exit(f"acceptance_heldout: {err}")
     engine = load_engine("torch", max_batch=args.concurrency, speculation=args.tree, max_queue=1024)
     plain = Engine(engine.runner.fresh(), engine.tokenizer, None, speculation="off", max_queue=1024)
-    _, held_out = distill_prompts()
-    ids = [engine.encode(p, chat=True) for p in held_out]
-    medusa = run(engine, ids, args.max_tokens)
-    reference = run(plain, ids, args.max_tokens)
-    groups = {"template": [i for i, p in enumerate(held_out) if p not in EXTRA_EVAL_PROMPTS],
-              "hand-written": [i for i, p in enumerate(held_out) if p in EXTRA_EVAL_PROMPTS],
-              "all": list(range(len(held_out)))}
     result = {"tree": args.tree, "max_tokens": args.max_tokens, "heads": engine.heads.config.get("trained_by"),
-              "outputs_differing_from_plain": sum(m.token_ids != r.token_ids for m, r in zip(medusa, reference))}
-    for name, idx in groups.items():
-        steps = sum(medusa[i].steps for i in idx)
-        tokens = sum(medusa[i].accepted_tokens for i in idx)
-        result[name] = {"prompts": len(idx), "steps": steps, "tokens": tokens,
-                        "accepted_per_step": round(tokens / max(steps, 1), 3)}
+              "command": "python scripts/acceptance_heldout.py " + " ".join(sys.argv[1:]), "sources": {}}
+    for name, prompts in sources.items():
+        ids = [engine.encode(p, chat=True) for p in prompts]
+        result["sources"][name] = measure(engine, plain, engine.runner.model, ids, args.max_tokens)
+        print(name, json.dumps(result["sources"][name]), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -6,6 +6,8 @@ on the same loaded model, one after the other, so their ratios are comparable on
 
 Configurations: concurrency (1, 4, 16 by default) x speculation (off, fixed full tree, adaptive),
 and a mixed-length workload (max_tokens 16..256) served by continuous and by static batching.
+`--prompts` picks the prompt source(s) (nbkit.medusa.prompts: templates, handwritten, the public
+held-out sets); each source gets its own concurrency x speculation grid and adaptive/off ratios.
 Static batching is the design this project started from: take what is queued, pad it into one
 batch, compute every row until the longest request is done, only then take new work (a finished
 row stays in the batch as padding; its answer is still returned as soon as it is complete).
@@ -25,7 +27,7 @@ from pathlib import Path
 from ..chat_format import chat_prompt_ids, prompt_ids
 from ..engine.engine import Engine
 from ..engine.request import SamplingParams
-from ..medusa.prompts import distill_prompts
+from ..medusa.prompts import held_out_prompts, parse_source_list
 from .static import StaticBatchingEngine
 
 
@@ -99,10 +101,11 @@ def summarize(name, concurrency, speculation, batching, results, seconds, engine
     )
 
 
-def bench_prompts(tokenizer, n: int = 32, chat: bool = True) -> list[list[int]]:
-    """Held-out distillation prompts (never used to train the shipped heads), chat-formatted."""
-    _, held_out = distill_prompts()
-    picked = held_out[:n]
+def bench_prompts(tokenizer, n: int = 32, chat: bool = True, source: str = "templates") -> list[list[int]]:
+    """`n` held-out prompts of a prompt source (never used to train the shipped heads), chat-formatted."""
+    picked = held_out_prompts(source, n)
+    if not picked:
+        raise ValueError(f"prompt source {source!r} has no held-out prompts")
     if not chat:
         return [prompt_ids(tokenizer, p) for p in picked]
     return [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}], allow_special=True) for p in picked]
@@ -110,14 +113,15 @@ def bench_prompts(tokenizer, n: int = 32, chat: bool = True) -> list[list[int]]:
 
 def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("off", "mc_sim_7b_63", "adaptive"),
               max_tokens: int = 64, requests_per_client: int = 2, min_requests: int = 8, mixed: bool = True,
-              mixed_requests: int = 32, mixed_concurrency: int = 16, seed: int = 0, log=print) -> dict:
+              mixed_requests: int = 32, mixed_concurrency: int = 16, seed: int = 0, log=print,
+              source: str = "templates", n_prompts: int = 32, warm_up: bool = True) -> dict:
     """make_engine(speculation=..., static_batching=..., max_batch=...) -> a started Engine."""
-    prompts = bench_prompts(tokenizer)
+    prompts = bench_prompts(tokenizer, n_prompts, source=source)
     runs: list[RunResult] = []
-    # Warm up once (first-call allocations, oneDNN/CUDA kernels) so the first config is not penalised.
-    warm = make_engine(speculation="off", static_batching=False, max_batch=max(concurrencies))
-    closed_loop(warm, prompts, 2, 2, [8])
-    warm.stop()
+    if warm_up:  # first-call allocations, oneDNN/CUDA kernels: so the first config is not penalised
+        warm = make_engine(speculation="off", static_batching=False, max_batch=max(concurrencies))
+        closed_loop(warm, prompts, 2, 2, [8])
+        warm.stop()
     for c in concurrencies:
         for spec in speculations:
             engine = make_engine(speculation=spec, static_batching=False, max_batch=max(c, 1))
@@ -126,7 +130,7 @@ def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("o
             run = summarize(f"c{c}-{spec}", c, spec, "continuous", results, seconds, engine)
             engine.stop()
             runs.append(run)
-            log(f"{run.name:>22}: {run.tokens_per_s:7.1f} tok/s  ttft p50 {run.ttft_p50:.3f}s  "
+            log(f"{source:>12} {run.name:>16}: {run.tokens_per_s:7.1f} tok/s  ttft p50 {run.ttft_p50:.3f}s  "
                 f"latency p50 {run.latency_p50:.2f}s p95 {run.latency_p95:.2f}s  accepted/step {run.mean_accepted:.2f}"
                 f"  trees {run.tree_choices}")
     if mixed:
@@ -140,7 +144,26 @@ def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("o
             runs.append(run)
             log(f"{run.name:>22}: {run.tokens_per_s:7.1f} tok/s  ttft p50 {run.ttft_p50:.3f}s  "
                 f"latency p50 {run.latency_p50:.2f}s p95 {run.latency_p95:.2f}s")
-    return {"runs": [asdict(r) for r in runs], "ratios": ratios(runs)}
+    return {"prompts": source, "runs": [asdict(r) for r in runs], "ratios": ratios(runs)}
+
+
+def run_sources(make_engine, tokenizer, sources: list[str], log=print, **kwargs) -> dict:
+    """run_bench once per prompt source, side by side on the same engine factory.
+
+    The first source's result stays at the top level (runs, ratios: what bench.json always held); every
+    source's is under by_source, and per_source sums up speculation/off per concurrency for each source.
+    The mixed-length workload (speculation off) runs once, with the first source.
+    """
+    by_source = {}
+    for i, source in enumerate(sources):
+        first = i == 0
+        by_source[source] = run_bench(make_engine, tokenizer, log=log, source=source, warm_up=first,
+                                      **{**kwargs, "mixed": kwargs.get("mixed", True) and first})
+    result = dict(by_source[sources[0]])
+    result["by_source"] = by_source
+    result["per_source"] = {s: {k: v for k, v in r["ratios"].items() if "_over_off_c" in k}
+                            for s, r in by_source.items()}
+    return result
 
 
 def ratios(runs: list[RunResult]) -> dict:
@@ -226,6 +249,10 @@ def register_cli(sub) -> None:
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--no-mixed", action="store_true")
     p.add_argument("--mixed-requests", type=int, default=32)
+    p.add_argument("--prompts", default="templates",
+                   help="prompt source(s), comma-separated, or 'all': templates, handwritten, selfinstruct_seed, "
+                        "user_oriented, dolly (public ones are read from $NBKIT_PROMPTS_DIR: docs/bench/sources.md)")
+    p.add_argument("--n-prompts", type=int, default=32, help="held-out prompts per source")
     p.add_argument("--out", default="bench-out")
     p.set_defaults(func=_cmd_bench)
 
@@ -234,6 +261,13 @@ def _cmd_bench(args) -> int:
     import torch
 
     from ..engine.loader import load_engine
+    try:
+        sources = parse_source_list(args.prompts)
+        for source in sources:  # fail before loading the model when a source's file is missing
+            held_out_prompts(source, 1)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        print(f"nbkit bench: {err}")
+        return 2
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     top = max(concurrencies + [16])
     proto = load_engine(args.engine, args.model, args.heads, args.device, max_batch=top, speculation="adaptive")
@@ -249,8 +283,10 @@ def _cmd_bench(args) -> int:
                       model_name=proto.model_name).start()
 
     torch.manual_seed(0)
-    result = run_bench(make_engine, proto.tokenizer, concurrencies, args.speculation.split(","), args.max_tokens,
-                       args.requests_per_client, args.min_requests, not args.no_mixed, args.mixed_requests)
+    result = run_sources(make_engine, proto.tokenizer, sources, concurrencies=concurrencies,
+                         speculations=args.speculation.split(","), max_tokens=args.max_tokens,
+                         requests_per_client=args.requests_per_client, min_requests=args.min_requests,
+                         mixed=not args.no_mixed, mixed_requests=args.mixed_requests, n_prompts=args.n_prompts)
     result["machine"] = machine_name()
     result["engine"] = args.engine
     result["model"] = proto.model_name
@@ -260,7 +296,10 @@ def _cmd_bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    png = plot(result, out / "bench.png", f"nbkit {args.engine} engine, {proto.model_name}, {result['machine']}")
-    print(json.dumps(result["ratios"], indent=2))
+    title = f"nbkit {args.engine} engine, {proto.model_name}, {result['machine']}"
+    png = plot(result, out / "bench.png", f"{title}, prompts: {sources[0]}")
+    for source in sources[1:]:
+        plot(result["by_source"][source], out / f"bench-{source}.png", f"{title}, prompts: {source}")
+    print(json.dumps(result["ratios"] if len(sources) == 1 else result["per_source"], indent=2))
     print(f"wrote {out / 'bench.json'} and {png}")
     return 0

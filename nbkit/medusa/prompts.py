@@ -1,14 +1,27 @@
-"""Instruction prompts written by the project for self-distilling Medusa heads.
+"""Prompt sources for self-distilling and measuring Medusa heads.
 
-The base model answers these; the heads learn to predict its own continuations. Prompts are
-built from task templates x subjects with a fixed seed, so the set is reproducible; a held-out
-split (by index after shuffling, plus hand-written prompts no template produces) measures the
-heads on text they were not trained on.
+The base model answers these; the heads learn to predict its own continuations. Sources:
+- `templates`: task templates x subjects written by the project (what the shipped heads were trained on);
+- `handwritten`: a few prompts no template produces (always held out);
+- public human-written sets (`PUBLIC_SOURCES`), read from a local file whose origin and license are
+  recorded here. Their data is never committed: put the file in the prompts folder ($NBKIT_PROMPTS_DIR,
+  default <cache>/prompts) or pass a path. docs/bench/sources.md says how each file was obtained.
+
+Every source is deduplicated on normalised text, and `split` assigns train/held-out by a hash of that
+text, so a prompt lands on the same side whatever the order or the other prompts of the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 SUBJECTS = [
     "photosynthesis", "black holes", "the French Revolution", "machine learning", "climate change",
@@ -134,3 +147,168 @@ def distill_prompts(n_eval: int = 120, seed: int = 0) -> tuple[list[str], list[s
     random.Random(seed).shuffle(prompts)
     held_out = prompts[:n_eval] + EXTRA_EVAL_PROMPTS
     return prompts[n_eval:], held_out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named sources, dedup and a deterministic split.
+
+
+def normalize(text: str) -> str:
+    """Case, accents, punctuation and whitespace folded away: two prompts that differ only there are one prompt."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().casefold()
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
+
+
+def dedup(prompts: list[str]) -> list[str]:
+    """First occurrence of each normalised prompt, in order; empty prompts dropped."""
+    seen: set[str] = set()
+    out = []
+    for p in prompts:
+        key = normalize(p)
+        if key and key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def is_held_out(prompt: str, fraction: float, salt: str = "nbkit") -> bool:
+    """Stable per-prompt coin: sha256(salt + normalised text) below `fraction` of the hash range."""
+    digest = hashlib.sha256(f"{salt}\0{normalize(prompt)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def split(prompts: list[str], held_out_fraction: float, salt: str = "nbkit") -> tuple[list[str], list[str]]:
+    """(train, held_out) after dedup; each prompt's side depends only on its own text and the salt."""
+    unique = dedup(prompts)
+    held = [p for p in unique if is_held_out(p, held_out_fraction, salt)]
+    held_keys = {normalize(p) for p in held}
+    return [p for p in unique if normalize(p) not in held_keys], held
+
+
+def _instruction_and_input(instruction: str, extra: str) -> str:
+    """One user turn: the instruction, then its input/context (if any) after a blank line."""
+    instruction, extra = instruction.strip(), (extra or "").strip()
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
+def parse_self_instruct(lines: list[str]) -> list[str]:
+    """Self-instruct format (seed_tasks.jsonl, user_oriented_instructions.jsonl): instruction + first input."""
+    out = []
+    for line in lines:
+        if line.strip():
+            row = json.loads(line)
+            instances = row.get("instances") or [{}]
+            out.append(_instruction_and_input(row["instruction"], instances[0].get("input", "")))
+    return out
+
+
+def parse_dolly(lines: list[str]) -> list[str]:
+    """databricks-dolly-15k format: {"instruction", "context", "response", "category"} per line."""
+    return [_instruction_and_input(r["instruction"], r.get("context", ""))
+            for r in (json.loads(line) for line in lines if line.strip())]
+
+
+@dataclass(frozen=True)
+class PublicSource:
+    name: str
+    file: str  # file name inside the prompts folder
+    parse: Callable[[list[str]], list[str]]
+    role: str  # "train" (may be distilled from) or "measure" (held out only: never train or tune on it)
+    origin: str
+    license: str
+    sha256: str = ""  # of the file as recorded in docs/bench/sources.md; checked when set
+
+
+PUBLIC_SOURCES = {
+    s.name: s for s in (
+        PublicSource(
+            "selfinstruct_seed", "seed_tasks.jsonl", parse_self_instruct, "train",
+            "175 human-written seed tasks of Self-Instruct (Wang et al. 2023), github yizhongw/self-instruct "
+            "data/seed_tasks.jsonl at commit 0b26ccaa415992100fa32df62d41b994cf928e23",
+            "Apache-2.0 (repository license)",
+            "7779004fa198fdf27cf70a159363879d8a26c53329e11b436af17b3941875f48"),
+        PublicSource(
+            "user_oriented", "user_oriented_instructions.jsonl", parse_self_instruct, "measure",
+            "252 expert-written user-oriented instructions (Self-Instruct human evaluation set), github "
+            "yizhongw/self-instruct human_eval/user_oriented_instructions.jsonl at commit "
+            "0b26ccaa415992100fa32df62d41b994cf928e23; its authors ask that it never be used for training",
+            "Apache-2.0 (repository license)",
+            "81d60a117db495cecedecd9193504fd07c5b5a42f6699ef6b0f9da10fc22f42e"),
+        PublicSource(
+            "dolly", "databricks-dolly-15k.jsonl", parse_dolly, "train",
+            "databricks-dolly-15k (Databricks employees, 2023), the file databricks-dolly-15k.jsonl as "
+            "published by Databricks; not obtainable on the build machines (only Git LFS pointers there)",
+            "CC-BY-SA-3.0"),
+    )
+}
+SOURCE_NAMES = ("templates", "handwritten", *PUBLIC_SOURCES)
+
+
+def prompts_dir() -> Path:
+    """$NBKIT_PROMPTS_DIR, else <nbkit cache>/prompts."""
+    if os.environ.get("NBKIT_PROMPTS_DIR"):
+        return Path(os.environ["NBKIT_PROMPTS_DIR"])
+    from ..models import cache_dir
+
+    return cache_dir() / "prompts"
+
+
+def load_public(name: str, path: str | Path | None = None) -> list[str]:
+    """A public source's prompts, deduplicated, from `path` or the prompts folder; a clear error if absent."""
+    source = PUBLIC_SOURCES[name]
+    file = Path(path) if path else prompts_dir() / source.file
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt source {name!r} needs {file} ({source.origin}); see docs/bench/sources.md")
+    data = file.read_bytes()
+    if source.sha256 and not path and hashlib.sha256(data).hexdigest() != source.sha256:
+        raise ValueError(f"{file} is not the recorded version of {name!r} (sha256 differs); see docs/bench/sources.md")
+    return dedup(source.parse(data.decode().splitlines()))
+
+
+def source_prompts(name: str, path: str | Path | None = None) -> tuple[list[str], list[str]]:
+    """(train, held_out) of one named source.
+
+    templates: the split the shipped heads were trained with; handwritten: all held out;
+    a "measure" source: all held out; a "train" source: a 10% hash split (held-out side for checks only).
+    """
+    if name == "templates":
+        train, held = distill_prompts(n_eval=120)
+        return train, [p for p in held if p not in EXTRA_EVAL_PROMPTS]
+    if name == "handwritten":
+        return [], list(EXTRA_EVAL_PROMPTS)
+    if name not in PUBLIC_SOURCES:
+        raise KeyError(f"unknown prompt source {name!r}; known: {', '.join(SOURCE_NAMES)}")
+    prompts = load_public(name, path)
+    if PUBLIC_SOURCES[name].role == "measure":
+        return [], prompts
+    return split(prompts, 0.1, salt=name)
+
+
+def held_out_prompts(name: str, n: int | None = None, path: str | Path | None = None) -> list[str]:
+    """`n` held-out prompts of a source (all when n is None) in a fixed order that mixes the file's groups
+    (public files list related tasks together, so their first lines are not a sample)."""
+    held = source_prompts(name, path)[1]
+    if name in PUBLIC_SOURCES:
+        held = sorted(held, key=lambda p: hashlib.sha256(normalize(p).encode()).digest())
+    return held if n is None else held[:n]
+
+
+def parse_source_list(spec: str) -> list[str]:
+    """"templates,user_oriented" or "all" -> validated source names."""
+    names = list(SOURCE_NAMES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SOURCE_NAMES]
+    if unknown or not names:
+        raise ValueError(f"unknown prompt source(s) {unknown or spec!r}; known: {', '.join(SOURCE_NAMES)}")
+    return names
+
+
+def training_prompts(names: list[str], exclude: list[str] | None = None) -> list[str]:
+    """Train sides of several sources, deduplicated across them, minus every prompt of `exclude` (held-out
+    sets measured against). A measuring-only source can never be trained on: naming one is an error."""
+    measure_only = [n for n in names if n == "handwritten" or PUBLIC_SOURCES.get(n, None) and
+                    PUBLIC_SOURCES[n].role == "measure"]
+    if measure_only:
+        raise ValueError(f"prompt source(s) {measure_only} are for measuring only, never for training")
+    banned = {normalize(p) for n in exclude or [] for p in held_out_prompts(n)}
+    prompts = [p for n in names for p in source_prompts(n)[0]]
+    return [p for p in dedup(prompts) if normalize(p) not in banned]

@@ -53,6 +53,19 @@ async def completion_ids(svc: Service, prompt) -> list[int]:
     return await svc.encode(prompt)
 
 
+async def run(svc: Service, body, request: Request, ids: list[int], params: SamplingParams, rid: str, chat: bool):
+    """Submit; then either the SSE response (`stream: true`) or the finished request, failures raised as 4xx/5xx."""
+    handle = svc.submit(ids, params)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = openai_chunks(svc, handle, rid, svc.model_id, chat=chat, include_usage=include_usage)
+        return TimedEventSourceResponse(chunks, headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
+    fin = await svc.result(handle, request)
+    if (err := svc.failure(fin, openai=True)) is not None:
+        raise err
+    return fin
+
+
 @router.post("/completions", response_model=CompletionResponse, responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)):
     """Text completion (no chat template). `stream: true` answers SSE chunks, then `data: [DONE]`."""
@@ -61,15 +74,10 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
         raise APIError(None, "echo, suffix and best_of are not supported", param="echo")
     ids = await completion_ids(svc, body.prompt)
     params = openai_sampling(svc, body, len(ids), body.max_tokens, "max_tokens")
-    handle = svc.submit(ids, params)
     rid, model = f"cmpl-{uuid.uuid4().hex}", svc.model_id
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return TimedEventSourceResponse(openai_chunks(svc, handle, rid, model, chat=False, include_usage=include_usage),
-                                        headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
-    fin = await svc.result(handle, request)
-    if (err := svc.failure(fin, openai=True)) is not None:
-        raise err
+    fin = await run(svc, body, request, ids, params, rid, chat=False)
+    if isinstance(fin, TimedEventSourceResponse):
+        return fin
     return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(fin),
                               choices=[CompletionChoice(text=fin.text,
                                                         finish_reason=OPENAI_FINISH[fin.finish_reason])])
@@ -88,15 +96,10 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
     else:
         max_tokens, name = body.max_tokens, "max_tokens"
     params = openai_sampling(svc, body, len(ids), max_tokens, name)
-    handle = svc.submit(ids, params)
     rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return TimedEventSourceResponse(openai_chunks(svc, handle, rid, model, chat=True, include_usage=include_usage),
-                                        headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
-    fin = await svc.result(handle, request)
-    if (err := svc.failure(fin, openai=True)) is not None:
-        raise err
+    fin = await run(svc, body, request, ids, params, rid, chat=True)
+    if isinstance(fin, TimedEventSourceResponse):
+        return fin
     choice = ChatChoice(message={"role": "assistant", "content": fin.text},
                         finish_reason=OPENAI_FINISH[fin.finish_reason])
     return ChatResponse(id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage(fin))

@@ -1,0 +1,40 @@
+"""scripts/acceptance_heldout.py: per-source acceptance and head accuracy, on a tiny model and random heads."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from helpers import ToyTokenizer, random_heads, tiny_llama
+
+from nbkit.engine.engine import Engine
+from nbkit.engine.policy import CostModel
+from nbkit.engine.torch_runner import TorchRunner
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "acceptance_heldout.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("acceptance_heldout", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_reports_acceptance_and_head_accuracy_per_source(script):
+    model = tiny_llama()
+    cost = CostModel.from_function(lambda n: 0.01 + 0.001 * n)
+    engine = Engine(TorchRunner(model, max_slots=4), ToyTokenizer(), random_heads(model), speculation="mc_sim_7b_63",
+                    max_batch=4, max_queue=64, cost_model=cost)
+    plain = Engine(engine.runner.fresh(), engine.tokenizer, None, speculation="off", max_queue=64, cost_model=cost)
+    for prompts in (["hello there", "write a poem"], ["another source", "b", "c"]):  # engines restart per source
+        ids = [engine.encode(p, chat=True) for p in prompts]
+        out = script.measure(engine, plain, model, ids, max_tokens=12)
+        assert out["prompts"] == len(prompts)
+        assert out["outputs_differing_from_plain"] == 0  # greedy Medusa is lossless
+        assert out["steps"] > 0 and out["tokens"] >= out["steps"] and out["accepted_per_step"] >= 1.0
+        assert len(out["head_top1"]) == 4 and len(out["head_top10"]) == 4
+        assert all(0.0 <= t1 <= t10 <= 1.0 for t1, t10 in zip(out["head_top1"], out["head_top10"]))
+        assert out["positions"] > 0

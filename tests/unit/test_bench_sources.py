@@ -1,0 +1,62 @@
+"""`python -m nbkit bench --prompts`: one concurrency x speculation grid per prompt source (tiny engines)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import ToyTokenizer, random_heads, tiny_llama
+
+from nbkit.bench.closed_loop import bench_prompts, run_sources
+from nbkit.cli import main
+from nbkit.engine.engine import Engine
+from nbkit.engine.policy import CostModel
+from nbkit.engine.torch_runner import TorchRunner
+from nbkit.medusa.prompts import EXTRA_EVAL_PROMPTS, held_out_prompts
+
+
+@pytest.fixture(scope="module")
+def make_engine():
+    model = tiny_llama()
+    heads = random_heads(model)
+    engines = []
+
+    def make(speculation, static_batching, max_batch):
+        assert not static_batching  # the mixed workload is off in these tests
+        engine = Engine(TorchRunner(model, max_slots=max_batch), ToyTokenizer(), heads, speculation=speculation,
+                        max_batch=max_batch, max_queue=64, cost_model=CostModel.from_function(lambda n: 0.01 + 0.001 * n))
+        engines.append(engine)
+        return engine.start()
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def test_bench_prompts_come_from_the_named_source():
+    tok = ToyTokenizer()
+    hand = bench_prompts(tok, 3, source="handwritten")
+    assert hand == [tok.apply_chat_template([{"role": "user", "content": p}]) for p in EXTRA_EVAL_PROMPTS[:3]]
+    assert bench_prompts(tok, 3, source="templates") != hand
+    assert held_out_prompts("templates", 3) == held_out_prompts("templates", 3)
+
+
+def test_run_sources_reports_each_source_side_by_side(make_engine):
+    seen = []
+    result = run_sources(make_engine, ToyTokenizer(), ["templates", "handwritten"], log=seen.append,
+                         concurrencies=(1, 2), speculations=("off", "adaptive"), max_tokens=4,
+                         requests_per_client=1, min_requests=2, mixed=False, n_prompts=4)
+    assert set(result["by_source"]) == {"templates", "handwritten"}
+    assert result["prompts"] == "templates" and result["runs"] == result["by_source"]["templates"]["runs"]
+    for source, ratios in result["per_source"].items():
+        assert set(ratios) == {"adaptive_over_off_c1", "adaptive_over_off_c2"}, source
+        assert all(v > 0 for v in ratios.values())
+    for r in result["by_source"]["handwritten"]["runs"]:
+        assert r["requests"] == 2 and r["output_tokens"] > 0
+    assert sum("handwritten" in line for line in seen) == 4  # 2 concurrencies x 2 speculations
+
+
+def test_bench_cli_rejects_an_unknown_or_missing_source_before_loading_a_model(capsys, tmp_path, monkeypatch):
+    assert main(["bench", "--prompts", "templates,mt_bench", "--out", str(tmp_path)]) == 2
+    assert "unknown prompt source" in capsys.readouterr().out
+    monkeypatch.setenv("NBKIT_PROMPTS_DIR", str(tmp_path))
+    assert main(["bench", "--prompts", "user_oriented", "--out", str(tmp_path)]) == 2
+    assert "docs/bench/sources.md" in capsys.readouterr().out
