@@ -43,6 +43,18 @@ def _threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The embedded model on one torch thread for a whole module (server runs on a shared 2-core machine:
+    two spinning torch threads make a step take 0.1 s or 10 s at random)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def vicuna_mirror():
     """A hub-mirror tree with miniatures of lmsys/vicuna-7b-v1.3 and FasterDecoding/medusa-vicuna-7b-v1.3

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from helpers import FaultyRunner
 
 from nbkit.engine.engine import Engine
@@ -21,19 +20,10 @@ from nbkit.engine.policy import CostModel
 from nbkit.engine.request import Finished, Overloaded, SamplingParams
 from nbkit.server.launch import start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 COST = CostModel.from_function(lambda n: 0.03 + 0.0015 * n)  # skip the start-up calibration
 MODEL = "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # A shared 2-core machine: two spinning torch threads make a step take 0.1 s or 10 s at random.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

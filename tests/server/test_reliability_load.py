@@ -25,7 +25,7 @@ import torch
 
 from nbkit.bench.loadtest import PROMPTS, Job, make_jobs, markdown, run_load
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 KEY = "load-test-key-5f2a9c"
 SECRETS = {"NBKIT_API_KEY": KEY, "HF_TOKEN": "hf_reliabilityFakeToken123456",
@@ -60,14 +60,6 @@ def server(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def metric(text: str, name: str, **labels) -> float:
