@@ -41,6 +41,7 @@ from nbkit.medusa.heads import MedusaHeads, embedded_heads_dir  # noqa: E402
 from nbkit.medusa.prompts import distill_prompts  # noqa: E402
 from nbkit.medusa.trees import chain  # noqa: E402
 from nbkit.models import embedded_gguf_path  # noqa: E402
+from nbkit.templates import user_prompt_ids  # noqa: E402
 
 
 def heads_arg():
@@ -228,8 +229,7 @@ def main() -> None:
 
     tokenizer = gguf_tokenizer(embedded_gguf_path())
     texts = distill_prompts()[1][: max(args.prompts_c1, args.prompts_c16)]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for t in texts]
+    prompts = [user_prompt_ids(tokenizer, t) for t in texts]
     p1, p16 = prompts[: args.prompts_c1], prompts[: args.prompts_c16]
     server = None if args.skip_server else build_tools(("llama-server",)) / "llama-server"
     c = args.concurrency

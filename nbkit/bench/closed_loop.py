@@ -25,6 +25,7 @@ from pathlib import Path
 from ..engine.engine import Engine
 from ..engine.request import SamplingParams
 from ..medusa.prompts import distill_prompts
+from ..templates import user_prompt_ids
 from .static import StaticBatchingEngine
 
 
@@ -104,8 +105,7 @@ def bench_prompts(tokenizer, n: int = 32, chat: bool = True) -> list[list[int]]:
     picked = held_out[:n]
     if not chat:
         return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in picked]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for p in picked]
+    return [user_prompt_ids(tokenizer, p) for p in picked]
 
 
 def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("off", "mc_sim_7b_63", "adaptive"),

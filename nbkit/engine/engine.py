@@ -21,16 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..medusa.acceptance import accept_greedy, accept_sampling, accept_typical, tree_candidates
+from ..medusa.acceptance import accept, tree_candidates
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
+from ..templates import user_prompt_ids
 from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
 from .runner import Runner, SlotOutput, TreeInput
+from .threads import EngineThread
 
 log = logging.getLogger("nbkit.engine")
 
-PROBE_EVERY = 8  # steps between acceptance probes for requests that are not speculating
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class EngineLimits:
     heads: int | None  # Medusa heads (None: no heads)
 
 
-class Engine:
+class Engine(EngineThread):
     """Continuous-batching Medusa engine over a runner (torch or llama.cpp)."""
 
     def __init__(
@@ -93,38 +94,6 @@ class Engine:
             self.cost_model = calibrate(self.runner, self.heads, self.max_batch, max_tree=self.base_tree.size)
             self.policy.cost = self.cost_model
         return self
-
-    def start(self, timeout: float = 600.0) -> Engine:
-        """Start the engine thread; it calibrates (adaptive speculation) before serving.
-
-        All of the engine's torch work runs in that one thread: with OpenMP, a second thread that runs
-        multi-threaded ops makes both slower (measured ~40% per token on 2 cores), see threads.py.
-        """
-        self._stopping = False
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="nbkit-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait(timeout)
-        if self.dead:
-            raise EngineStopped(self.dead)
-        return self
-
-    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
-        """Stop the thread. drain=True lets running requests finish first (up to `timeout`)."""
-        if drain:
-            deadline = time.monotonic() + timeout
-            while (self.active or self.waiting) and time.monotonic() < deadline and self.alive:
-                time.sleep(0.02)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._finish_all("cancelled", "the engine stopped")
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead is None
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestHandle:
@@ -179,32 +148,8 @@ class Engine:
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True, tokenize=True, return_dict=False)
+            return user_prompt_ids(self.tokenizer, prompt)
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-    # ---- the loop ---------------------------------------------------------------------------
-    def _loop(self) -> None:
-        try:
-            self.prepare()
-        except BaseException as err:
-            self.dead = f"engine start-up failed: {type(err).__name__}: {err}"
-            log.exception("engine start-up failed")
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            while True:
-                with self._cond:
-                    while not self._stopping and not self.waiting and not self.active:
-                        self._cond.wait(0.1)
-                    if self._stopping:
-                        return
-                self.step()
-        except BaseException as err:  # the engine is gone: nobody may wait forever
-            self.dead = f"engine thread died: {type(err).__name__}: {err}"
-            log.exception("engine thread died")
-            self._finish_all("error", self.dead)
 
     def step(self) -> None:
         """One scheduling iteration: admit, drop cancelled, decode the running, prefill the new."""
@@ -247,7 +192,8 @@ class Engine:
                 trees[r.id] = get_tree(r.params.tree, self.heads.n_heads if self.heads else 0)
             else:
                 trees[r.id] = chosen if r in spec else chain(0)
-        need = [r for r in running if trees[r.id].size > 1 or (self._probe_due() and r.params.speculate)]
+        probe = self.policy.probe_due(self.counters["steps"], len(self.active))
+        need = [r for r in running if trees[r.id].size > 1 or (probe and r.params.speculate)]
         topk = self._head_topk(need)
         inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
@@ -259,14 +205,13 @@ class Engine:
             for r in running:
                 self._finish(r, "error", f"generation failed: {err}")
             return
-        seconds = time.perf_counter() - t0
         q = max(t.size for t in trees.values())
         commits, emitted = {}, {}
         for r, item in zip(running, inputs):
             tree = trees[r.id]
             try:
                 logits, hidden = results[r.slot]
-                emitted[r.id], nodes = self._accept(r, tree, item.tokens, logits)
+                emitted[r.id], nodes = accept(tree, item.tokens, logits, r.params, r.generator)
             except Exception as err:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
                 continue
@@ -281,7 +226,7 @@ class Engine:
                 self.counters["spec_tokens"] += len(emitted[r.id])
         self._commit(commits)
         # The policy learns what a step of this shape really costs: the forward pass plus acceptance
-        # and KV compaction (per-request work that grows with trees, ~3% of a 16-row CPU step).
+        # and KV compaction (per-request work that grows with the trees).
         seconds = time.perf_counter() - t0
         if self.cost_model is not None:
             self.cost_model.observe(len(results) * q, seconds, n_rows=len(results))
@@ -300,17 +245,6 @@ class Engine:
     def _commit(self, commits: dict[int, list[int]]) -> None:
         self.runner.commit(commits)
 
-    def _probe_due(self) -> bool:
-        """While no tree runs, the heads still look ahead now and then so the acceptance statistics
-        stay current; probes are spaced so they cost at most ~1% of the decoding time."""
-        if self.heads is None or self.policy.mode != "adaptive":
-            return False
-        every = PROBE_EVERY
-        if self.cost_model is not None and self.cost_model.heads_cost > 0:
-            step = max(self.cost_model(len(self.active)), 1e-6)
-            every = max(PROBE_EVERY, round(100 * self.cost_model.heads(len(self.active)) / step))
-        return self.counters["steps"] % every == 0
-
     def _head_topk(self, requests: list[Request]) -> dict[int, torch.Tensor]:
         if not requests or self.heads is None:
             return {}
@@ -319,14 +253,6 @@ class Engine:
         for r, t in zip(requests, top):
             r.probes.append((len(r.output_ids), t))
         return {r.id: t for r, t in zip(requests, top)}
-
-    def _accept(self, r: Request, tree: MedusaTree, tokens: list[int], logits: torch.Tensor):
-        p = r.params
-        if p.acceptance == "typical" and tree.size > 1:
-            return accept_typical(tree, tokens, logits, p.temperature, p.top_p, p.top_k, r.generator)
-        if p.greedy:
-            return accept_greedy(tree, tokens, logits)
-        return accept_sampling(tree, tokens, logits, p.temperature, p.top_p, p.top_k, r.generator)
 
     def _prefill(self) -> None:
         """Prompt chunks of the waiting-to-run requests, FIFO, under the per-step token budget: one pass."""
@@ -354,7 +280,7 @@ class Engine:
                 continue
             logits, hidden = results[r.slot]
             try:
-                first, _ = self._accept(r, chain(0), [0], logits[None])
+                first, _ = accept(chain(0), [0], logits[None], r.params, r.generator)
             except Exception as err:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
                 continue
@@ -385,24 +311,12 @@ class Engine:
             if reason is not None:
                 self._finish(r, reason)
                 return
-        self._resolve_probes(r, final=False)
-
-    def _resolve_probes(self, r: Request, final: bool) -> None:
-        n = self.stats.n_heads
-        keep = []
-        for start, top in r.probes:
-            actual = r.output_ids[start:]
-            if len(actual) >= n or final:
-                if actual:
-                    self.stats.observe_probe(top, actual)
-            else:
-                keep.append((start, top))
-        r.probes = keep
+        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, final=False)
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         if r.handle.finished is not None:
             return
-        self._resolve_probes(r, final=True)
+        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, final=True)
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:

@@ -1,18 +1,23 @@
 """Keeping torch's CPU work in one thread.
 
-Measured on the 2-core CI machines (torch 2.13 CPU, GNU OpenMP): once a thread has run a
-multi-threaded op, its OpenMP pool stays; a second thread that then runs ops gets its own pool,
-libgomp sees more threads than cores and stops spinning between ops, and every small op (a batch-1
-GEMV, attention) pays a futex wake-up: 127 vs 34 us per 1x576x1536 GEMV, 52 vs 31 ms per SmolLM2
-token. So the engine loads in a short-lived thread (whose pool dies with it) and does all its torch
+With GNU OpenMP, once a thread has run a multi-threaded op, its OpenMP pool stays; a second thread
+that then runs ops gets its own pool, libgomp sees more threads than cores and stops spinning
+between ops, and every small op (a batch-1 GEMV, attention) pays a futex wake-up (figures in
+docs/measurements.md). So the engine loads in a short-lived thread (whose pool dies with it) and does all its torch
 work in its own thread; the caller's thread (a notebook kernel, uvicorn's) never starts a pool.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from .request import EngineStopped
+
+log = logging.getLogger("nbkit.engine")
 
 T = TypeVar("T")
 
@@ -33,3 +38,68 @@ def in_fresh_thread(fn: Callable[..., T], *args) -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+class EngineThread:
+    """The engine's own thread: prepare() once, then step() while there is work; stop, drain, die loudly.
+
+    The Engine (engine.py) provides prepare(), step(), _finish_all() and the state used here:
+    _cond (guards waiting/active), waiting, active, dead.
+    """
+
+    _thread: threading.Thread | None = None
+    _stopping = False
+
+    def start(self, timeout: float = 600.0):
+        """Start the engine thread; it calibrates (adaptive speculation) before serving.
+
+        All of the engine's torch work runs in that one thread: with OpenMP, a second thread that runs
+        multi-threaded ops makes both slower, see threads.py.
+        """
+        self._stopping = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nbkit-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self.dead:
+            raise EngineStopped(self.dead)
+        return self
+
+    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
+        """Stop the thread. drain=True lets running requests finish first (up to `timeout`)."""
+        if drain:
+            deadline = time.monotonic() + timeout
+            while (self.active or self.waiting) and time.monotonic() < deadline and self.alive:
+                time.sleep(0.02)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._finish_all("cancelled", "the engine stopped")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    def _loop(self) -> None:
+        try:
+            self.prepare()
+        except BaseException as err:
+            self.dead = f"engine start-up failed: {type(err).__name__}: {err}"
+            log.exception("engine start-up failed")
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and not self.active:
+                        self._cond.wait(0.1)
+                    if self._stopping:
+                        return
+                self.step()
+        except BaseException as err:  # the engine is gone: nobody may wait forever
+            self.dead = f"engine thread died: {type(err).__name__}: {err}"
+            log.exception("engine thread died")
+            self._finish_all("error", self.dead)

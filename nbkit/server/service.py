@@ -16,9 +16,9 @@ from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from ..engine.request import EngineStopped, Finished, Overloaded, RequestHandle, SamplingParams
+from ..templates import chat_prompt_ids
 from .errors import APIError
 from .metrics import Metrics
-from .templates import chat_prompt_ids
 
 WATCH_EVERY = 0.25  # seconds between checks for a gone client or a dead engine while waiting for tokens
 

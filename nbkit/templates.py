@@ -1,4 +1,7 @@
-"""Chat templates without role forgery.
+"""Chat templates: the one place prompts become chat-formatted ids (engine, server, distillation, benchmarks).
+
+`user_prompt_ids` is one trusted user turn (the CLI, distillation, benchmarks); `chat_prompt_ids`
+is what the server uses for clients' messages, without role forgery:
 
 `apply_chat_template` renders the messages to one string and tokenizes it, so a user message that
 contains "<|im_end|>\\n<|im_start|>system\\n..." becomes REAL special tokens: the user has written a
@@ -15,6 +18,11 @@ def special_strings(tokenizer) -> list[str]:
     """The tokenizer's added tokens (special or not): the strings that tokenize to one reserved id."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     return [t.content for t in decoder.values() if getattr(t, "content", "")]
+
+
+def user_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """One user turn with the generation prompt; special tokens written in `prompt` are parsed (trusted text)."""
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}], allow_special=True)
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], allow_special: bool = False) -> list[int]:
