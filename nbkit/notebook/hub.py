@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..models import cache_dir
+from ..models import EMBEDDED_NAME, cache_dir, is_embedded
 from .env import in_colab
 
 # A transformers model: config, tokenizer, weights (safetensors when the repo has them, else .bin).
@@ -174,7 +174,6 @@ def inspect_heads(heads_dir: str | os.PathLike, model_dir: str | os.PathLike | N
 
 
 # --- everything a server needs, from the notebook's parameters ------------------------------------
-EMBEDDED = (None, "", "embedded", "default")
 
 
 @dataclass
@@ -198,15 +197,16 @@ class Prepared:
         return " ".join(shlex.quote(a) for a in args)
 
     def __repr__(self) -> str:
-        lines = [f"engine : {self.engine}", f"model  : {self.model or 'embedded SmolLM2-135M-Instruct'}",
+        lines = [f"engine : {self.engine}", f"model  : {self.model or 'embedded ' + EMBEDDED_NAME}",
                  f"heads  : {self.heads or 'none (plain decoding)'}"]
         if self.heads_info is not None:
             lines.append(f"         {self.heads_info!r}")
         return "\n".join(lines)
 
 
-def to_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
-    """The GGUF the llama.cpp engine serves: converted once, quantized once, reused on re-runs."""
+def serving_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
+    """The GGUF the llama.cpp engine serves for the plan's quantization: converted once, quantized once,
+    reused on re-runs (nbkit.gguf.convert does the work)."""
     from ..gguf.convert import convert
 
     q = (quantization or "f16").lower()
@@ -220,13 +220,13 @@ def to_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
 def prepare(model, heads, plan, mirror: str | os.PathLike | None = None) -> Prepared:
     """Download the model and heads (only what is needed) and convert the model for the plan's engine."""
     engine = plan.engine
-    if model in EMBEDDED:
+    if is_embedded(model):
         model_arg = None  # both engines know the embedded SmolLM2 (HF folder or its shipped GGUF)
     elif str(model).endswith(".gguf"):
         model_arg = str(model)
     else:
         model_dir = download_model(str(model), mirror=mirror)
-        model_arg = str(to_gguf(model_dir, plan.quantization) if engine == "llamacpp" else model_dir)
+        model_arg = str(serving_gguf(model_dir, plan.quantization) if engine == "llamacpp" else model_dir)
     info = None
     if heads in (None, "", "none", "embedded"):
         heads_arg = heads or None  # None: the engine's default (the shipped heads with the embedded model)
