@@ -6,7 +6,7 @@ export NBKIT_CACHE_DIR ?= $(CURDIR)/.cache
 STAMP := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.llama-cpp
 
-.PHONY: setup test test-fast serve demo bench lint clean
+.PHONY: setup test test-fast test-vllm serve demo bench lint clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ test: setup $(LLAMA_STAMP)
 	# Headless Chromium for the chat page test (Debian packages; needs root, as in CI).
 	bash scripts/install_chromium.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Manual check (not in CI): vLLM's own Medusa code on nbkit's exports, from a side venv (~1 GB, minutes).
+VLLM_SIDE ?= /tmp/vllm-side
+test-vllm: setup
+	test -x $(VLLM_SIDE)/bin/python || bash scripts/vllm_side_venv.sh $(VLLM_SIDE)
+	NBKIT_VLLM_PYTHON=$(VLLM_SIDE)/bin/python $(BIN)/python -m pytest -q tests/unit/test_vllm_export.py -k vllm_real
 
 # The unit tier while coding: tiny random models, no server, no llama.cpp, no notebooks (under a minute).
 test-fast: setup

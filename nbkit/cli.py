@@ -1,4 +1,4 @@
-"""`python -m nbkit COMMAND`: generate, demo, bench, serve, convert, build, train-heads."""
+"""`python -m nbkit COMMAND`: generate, demo, bench, serve, convert, build, train-heads, export."""
 
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def _plugins():
     """Sub-commands that live next to their code (bench, serve, convert, build, train-heads)."""
     import importlib
 
-    for module in ("nbkit.bench.closed_loop", "nbkit.server.cli", "nbkit.gguf.cli", "nbkit.medusa.train"):
+    for module in ("nbkit.bench.closed_loop", "nbkit.server.cli", "nbkit.gguf.cli", "nbkit.medusa.train",
+                   "nbkit.medusa.export"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

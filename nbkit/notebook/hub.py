@@ -23,7 +23,7 @@ MODEL_CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json",
 SAFETENSORS_FILES = ["*.safetensors", "model.safetensors.index.json"]
 BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 # Medusa heads: FasterDecoding publishes medusa_lm_head.pt; our own trained heads are safetensors.
-HEADS_FILES = ["config.json", "medusa_lm_head.pt", "medusa_lm_head.safetensors"]
+HEADS_FILES = ["config.json", "medusa_lm_head.pt", "medusa_lm_head.safetensors", "proposal_vocab.json"]
 
 
 # --- the token ---------------------------------------------------------------------------------------

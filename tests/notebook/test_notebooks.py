@@ -21,7 +21,7 @@ NAMES = [p.stem for p in NOTEBOOKS]
 SECRETS = {"NBKIT_API_KEY": "nbk-test-key-5f3a9c0d", "HF_TOKEN": "hf_testtoken_8d2e71aa",
            "NGROK_AUTHTOKEN": "ngrok_test_4b6c0e99"}
 EXPECTED = ["00_run_all", "01_install_and_build_llama_cpp", "02_login_hugging_face", "03_download_and_convert",
-            "04_serve_medusa", "05_chat", "06_benchmark"]
+            "04_serve_medusa", "05_chat", "06_benchmark", "07_scale_out"]
 
 
 def read(name: str):
@@ -203,3 +203,30 @@ def test_06_benchmark(tmp_path, monkeypatch):
     images = [o for o in cell_with(nb, "run_benchmark(").outputs if "image/png" in o.get("data", {})]
     assert images, "the benchmark plots are shown inline"
     assert "bench.json" in text_of(cell_with(nb, "run_benchmark("))
+
+
+@pytest.mark.slow
+def test_07_scale_out(tmp_path, monkeypatch):
+    # The embedded model and its shipped heads (shared lm_head + proposal vocabulary), exported for vLLM.
+    from nbkit.medusa.heads import embedded_heads_dir, load_heads
+    from nbkit.medusa.vllm import load_vllm_heads
+
+    out = tmp_path / "vllm-heads"
+    nb = run("07_scale_out", tmp_path, monkeypatch, out_dir=str(out), tensor_parallel="2", speculative_tokens="3")
+    shown = text_of(cell_with(nb, "exported = export_heads("))
+    assert "4 heads x 4 ResBlock(s), shared lm_head" in shown and "token_map" in shown
+    assert ("vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --tensor-parallel-size 2 --speculative-config "
+            f"'{{\"method\": \"medusa\", \"model\": \"{out.resolve()}\", \"num_speculative_tokens\": 3}}'") in shown
+    readme = (out / "README.md").read_text()
+    markdown = [o["data"]["text/markdown"] for o in cell_with(nb, "show_commands(").outputs]
+    assert markdown == [readme] and "ray start --head" in readme
+    back, lm_head = load_vllm_heads(out)
+    source = load_heads(embedded_heads_dir(), 576)
+    hidden = torch_randn(8, 576)
+    assert (source.topk(hidden, lm_head, 10) == back.topk(hidden, lm_head, 10)).all()
+
+
+def torch_randn(*shape):
+    import torch
+
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3
