@@ -34,6 +34,12 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return _ids(tokenizer(prompt))
 
 
+def user_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """One trusted user turn with the generation prompt (the CLI, distillation, benchmarks): special tokens
+    written in `prompt` are parsed."""
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}], allow_special=True)
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nbkit.chat_format import user_prompt_ids  # noqa: E402
 from nbkit.engine.loader import load_engine  # noqa: E402
 from nbkit.engine.request import SamplingParams  # noqa: E402
 from nbkit.engine.runner import TreeInput  # noqa: E402
@@ -228,8 +229,7 @@ def main() -> None:
 
     tokenizer = gguf_tokenizer(embedded_gguf_path())
     texts = distill_prompts()[1][: max(args.prompts_c1, args.prompts_c16)]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for t in texts]
+    prompts = [user_prompt_ids(tokenizer, t) for t in texts]
     p1, p16 = prompts[: args.prompts_c1], prompts[: args.prompts_c16]
     server = None if args.skip_server else build_tools(("llama-server",)) / "llama-server"
     c = args.concurrency

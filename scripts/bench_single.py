@@ -18,6 +18,7 @@ import time
 import torch
 
 from nbkit.bench.closed_loop import machine_name
+from nbkit.chat_format import user_prompt_ids
 from nbkit.engine.engine import Engine
 from nbkit.engine.loader import load_engine
 from nbkit.engine.request import SamplingParams
@@ -43,8 +44,7 @@ def main() -> None:
         engines[t] = Engine(proto.runner.fresh(1), tok, proto.heads, speculation=spec, cost_model=proto.cost_model)
     _, held_out = distill_prompts()
     prompts = held_out[-args.prompts:]  # the hand-written ones are at the end; no template overlap
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                   return_dict=False) for p in prompts]
+    ids = [user_prompt_ids(tok, p) for p in prompts]
     params = SamplingParams(max_tokens=args.max_tokens)
     tokens = {k: 0 for k in ["hf", *engines]}
     seconds = {k: 0.0 for k in tokens}

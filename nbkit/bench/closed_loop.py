@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..chat_format import chat_prompt_ids, prompt_ids
+from ..chat_format import prompt_ids, user_prompt_ids
 from ..engine.engine import Engine
 from ..engine.request import SamplingParams
 from ..medusa.prompts import held_out_prompts, parse_source_list
@@ -108,7 +108,7 @@ def bench_prompts(tokenizer, n: int = 32, chat: bool = True, source: str = "temp
         raise ValueError(f"prompt source {source!r} has no held-out prompts")
     if not chat:
         return [prompt_ids(tokenizer, p) for p in picked]
-    return [chat_prompt_ids(tokenizer, [{"role": "user", "content": p}], allow_special=True) for p in picked]
+    return [user_prompt_ids(tokenizer, p) for p in picked]
 
 
 def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("off", "mc_sim_7b_63", "adaptive"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,19 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..medusa.acceptance import accept_greedy, accept_sampling, accept_typical, tree_candidates
+from ..medusa.acceptance import accept, tree_candidates
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
 from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
 from .runner import Runner, SlotOutput, TreeInput
+from .threads import EngineThread
 
 log = logging.getLogger("nbkit.engine")
-
-PROBE_EVERY = 8  # steps between acceptance probes for requests that are not speculating
-RESTART_DELAY = 0.5  # seconds before the first restart after a crash; doubles per crash within CRASH_WINDOW
-MAX_RESTART_DELAY = 30.0
-CRASH_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,7 @@ class EngineLimits:
     heads: int | None  # Medusa heads (None: no heads)
 
 
-class Engine:
+class Engine(EngineThread):
     """Continuous-batching Medusa engine over a runner (torch or llama.cpp)."""
 
     def __init__(
@@ -81,15 +76,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self._ids = itertools.count(1)
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.dead: str | None = None  # why the engine thread died (while it waits to restart, too)
-        # The supervisor: a crashed loop fails the requests it held (503), resets the runner and restarts,
-        # waiting RESTART_DELAY doubled per recent crash. None = always restart; 0 = stay dead.
-        self.max_restarts = max_restarts
-        self._crashes: list[float] = []
-        self.restart_delay = 0.0  # the last back-off
+        self._init_thread(max_restarts)
         self.counters = {"steps": 0, "tokens": 0, "finished": 0, "cancelled": 0, "errors": 0, "rejected": 0,
                          "prefill_tokens": 0, "step_seconds": 0.0, "spec_steps": 0, "spec_tokens": 0,
                          "restarts": 0, "crashes": 0}
@@ -102,38 +89,6 @@ class Engine:
             self.cost_model = calibrate(self.runner, self.heads, self.max_batch, max_tree=self.base_tree.size)
             self.policy.cost = self.cost_model
         return self
-
-    def start(self, timeout: float = 600.0) -> Engine:
-        """Start the engine thread; it calibrates (adaptive speculation) before serving.
-
-        All of the engine's torch work runs in that one thread: with OpenMP, a second thread that runs
-        multi-threaded ops makes both slower (measured ~40% per token on 2 cores), see threads.py.
-        """
-        self._stopping = False
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="nbkit-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait(timeout)
-        if self.dead:
-            raise EngineStopped(self.dead)
-        return self
-
-    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
-        """Stop the thread. drain=True lets running requests finish first (up to `timeout`)."""
-        if drain:
-            deadline = time.monotonic() + timeout
-            while (self.active or self.waiting) and time.monotonic() < deadline and self.alive:
-                time.sleep(0.02)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._finish_all("cancelled", "the engine stopped")
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead is None
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestHandle:
@@ -189,69 +144,11 @@ class Engine:
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         """A raw prompt as `tokenizer(prompt)` (BOS when the tokenizer adds one), or a one-turn chat (the chat
         template, or vicuna's conversation without one). The caller wrote it: special tokens are real."""
-        from ..chat_format import chat_prompt_ids, prompt_ids
+        from ..chat_format import prompt_ids, user_prompt_ids
 
         if chat:
-            return chat_prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}], allow_special=True)
+            return user_prompt_ids(self.tokenizer, prompt)
         return prompt_ids(self.tokenizer, prompt)
-
-    # ---- the loop ---------------------------------------------------------------------------
-    def _loop(self) -> None:
-        try:
-            self.prepare()
-        except BaseException as err:
-            self.dead = f"engine start-up failed: {type(err).__name__}: {err}"
-            log.exception("engine start-up failed")
-            self._ready.set()
-            return
-        self._ready.set()
-        while True:
-            try:
-                while True:
-                    with self._cond:
-                        while not self._stopping and not self.waiting and not self.active:
-                            self._cond.wait(0.1)
-                        if self._stopping:
-                            return
-                    self.step()
-            except BaseException as err:  # nobody may wait forever: fail what we hold, then restart or stay dead
-                self.dead = f"engine thread died: {type(err).__name__}: {err}"
-                log.exception("engine thread died")
-                self.counters["crashes"] += 1
-                delay = self._backoff()
-                if delay is not None:
-                    self.dead += f" (restarting in {delay:.1f} s)"
-                self._finish_all("error", self.dead, error_type="unavailable")
-                if delay is None or not self._restart_after(delay):
-                    return
-
-    def _backoff(self) -> float | None:
-        """Seconds to wait before restarting after a crash (doubling per crash within CRASH_WINDOW);
-        None = stay dead (out of restarts)."""
-        now = time.monotonic()
-        self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW] + [now]
-        if self.max_restarts is not None and self.counters["restarts"] >= self.max_restarts:
-            return None
-        self.restart_delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(self._crashes) - 1))
-        return self.restart_delay
-
-    def _restart_after(self, delay: float) -> bool:
-        """Reset the runner and wait out the back-off; False = stay dead (stopping, or the reset failed)."""
-        try:
-            fresh = getattr(self.runner, "fresh", None)
-            if fresh is not None:  # a clean KV cache: the crash may have left slots half-written
-                self.runner = fresh()
-        except BaseException:
-            log.exception("the runner could not be reset: the engine stays dead")
-            return False
-        with self._cond:
-            self._cond.wait_for(lambda: self._stopping, timeout=delay)
-            if self._stopping:
-                return False
-            self.counters["restarts"] += 1
-            self.dead = None
-        log.warning("engine restarted (restart %d)", self.counters["restarts"])
-        return True
 
     def step(self) -> None:
         """One scheduling iteration: admit, drop cancelled, decode the running, prefill the new."""
@@ -295,14 +192,54 @@ class Engine:
             for r in running:
                 self._finish(r, "error", f"generation failed: {err}")
             return
+        commits, emitted = self._accept_all(running, trees, inputs, results)
+        try:
+            self._commit(commits)
+        except Exception as err:  # the KV rows of this batch are in an unknown state: end its requests
+            log.exception("commit failed")
+            for r in running:
+                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+            return
+        # The policy learns what a step of this shape really costs: the forward pass plus acceptance
+        # and KV compaction (per-request work that grows with the trees).
         seconds = time.perf_counter() - t0
-        q = max(t.size for t in trees.values())
+        if self.cost_model is not None:
+            q = max(t.size for t in trees.values())
+            self.cost_model.observe(len(results) * q, seconds, n_rows=len(results))
+        self.counters["steps"] += 1
+        self.counters["step_seconds"] += seconds
+        for r in running:
+            if r.id in emitted:
+                self._emit_safely(r, emitted[r.id])
+        self._report_step(len(running), chosen, seconds, sum(len(e) for e in emitted.values()))
+
+    def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput]]:
+        """The policy's tree, each request's tree, and the verification inputs (head top-k included)."""
+        spec = [r for r in running if r.params.speculate and r.params.tree is None and self.heads is not None]
+        chosen = self.policy.choose(len(running), len(spec))
+        trees: dict[int, MedusaTree] = {}
+        for r in running:
+            if r.params.tree is not None:
+                trees[r.id] = get_tree(r.params.tree, self.heads.n_heads if self.heads else 0)
+            else:
+                trees[r.id] = chosen if r in spec else chain(0)
+        probe = self.policy.probe_due(self.counters["steps"], len(self.active))
+        need = [r for r in running if trees[r.id].size > 1 or (probe and r.params.speculate)]
+        topk = self._head_topk(need)
+        inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
+                  for r in running]
+        return chosen, trees, inputs
+
+    def _accept_all(self, running: list[Request], trees: dict[int, MedusaTree], inputs: list[TreeInput],
+                    results: dict[int, SlotOutput]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Each request's accepted path (commits, by slot) and emitted tokens (by request); a request whose
+        acceptance fails is finished with an error and left out of both."""
         commits, emitted = {}, {}
         for r, item in zip(running, inputs):
             tree = trees[r.id]
             try:
                 logits, hidden = results[r.slot]
-                emitted[r.id], nodes = self._accept(r, tree, item.tokens, logits)
+                emitted[r.id], nodes = accept(tree, item.tokens, logits, r.params, r.generator)
             except Exception as err:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
                 continue
@@ -315,45 +252,16 @@ class Engine:
                 self.stats.accepted += len(nodes) - 1
                 self.counters["spec_steps"] += 1
                 self.counters["spec_tokens"] += len(emitted[r.id])
-        try:
-            self._commit(commits)
-        except Exception as err:  # the KV rows of this batch are in an unknown state: end its requests
-            log.exception("commit failed")
-            for r in running:
-                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
-            return
-        # The policy learns what a step of this shape really costs: the forward pass plus acceptance
-        # and KV compaction (per-request work that grows with trees, ~3% of a 16-row CPU step).
-        seconds = time.perf_counter() - t0
-        if self.cost_model is not None:
-            self.cost_model.observe(len(results) * q, seconds, n_rows=len(results))
-        self.counters["steps"] += 1
-        self.counters["step_seconds"] += seconds
-        for r in running:
-            if r.id in emitted:
-                self._emit_safely(r, emitted[r.id])
-        if self.on_step is not None:
-            try:
-                self.on_step({"batch": len(running), "tree": chosen.name, "tree_size": chosen.size,
-                              "seconds": seconds, "tokens": sum(len(e) for e in emitted.values())})
-            except Exception:  # metrics must never stop the engine
-                log.exception("the on_step hook failed")
+        return commits, emitted
 
-    def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput]]:
-        """The policy's tree, each request's tree, and the verification inputs (head top-k included)."""
-        spec = [r for r in running if r.params.speculate and r.params.tree is None and self.heads is not None]
-        chosen = self.policy.choose(len(running), len(spec))
-        trees: dict[int, MedusaTree] = {}
-        for r in running:
-            if r.params.tree is not None:
-                trees[r.id] = get_tree(r.params.tree, self.heads.n_heads if self.heads else 0)
-            else:
-                trees[r.id] = chosen if r in spec else chain(0)
-        need = [r for r in running if trees[r.id].size > 1 or (self._probe_due() and r.params.speculate)]
-        topk = self._head_topk(need)
-        inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
-                  for r in running]
-        return chosen, trees, inputs
+    def _report_step(self, batch: int, chosen: MedusaTree, seconds: float, tokens: int) -> None:
+        if self.on_step is None:
+            return
+        try:
+            self.on_step({"batch": batch, "tree": chosen.name, "tree_size": chosen.size,
+                          "seconds": seconds, "tokens": tokens})
+        except Exception:  # metrics must never stop the engine
+            log.exception("the on_step hook failed")
 
     def _emit_safely(self, r: Request, tokens: list[int]) -> None:
         try:
@@ -368,17 +276,6 @@ class Engine:
     def _commit(self, commits: dict[int, list[int]]) -> None:
         self.runner.commit(commits)
 
-    def _probe_due(self) -> bool:
-        """While no tree runs, the heads still look ahead now and then so the acceptance statistics
-        stay current; probes are spaced so they cost at most ~1% of the decoding time."""
-        if self.heads is None or self.policy.mode != "adaptive":
-            return False
-        every = PROBE_EVERY
-        if self.cost_model is not None and self.cost_model.heads_cost > 0:
-            step = max(self.cost_model(len(self.active)), 1e-6)
-            every = max(PROBE_EVERY, round(100 * self.cost_model.heads(len(self.active)) / step))
-        return self.counters["steps"] % every == 0
-
     def _head_topk(self, requests: list[Request]) -> dict[int, torch.Tensor]:
         if not requests or self.heads is None:
             return {}
@@ -387,14 +284,6 @@ class Engine:
         for r, t in zip(requests, top):
             r.probes.append((len(r.output_ids), t))
         return {r.id: t for r, t in zip(requests, top)}
-
-    def _accept(self, r: Request, tree: MedusaTree, tokens: list[int], logits: torch.Tensor):
-        p = r.params
-        if p.acceptance == "typical" and tree.size > 1:
-            return accept_typical(tree, tokens, logits, p.temperature, p.top_p, p.top_k, r.generator)
-        if p.greedy:
-            return accept_greedy(tree, tokens, logits)
-        return accept_sampling(tree, tokens, logits, p.temperature, p.top_p, p.top_k, r.generator)
 
     def _prefill(self) -> None:
         """Prompt chunks of the waiting-to-run requests, FIFO, under the per-step token budget: one pass."""
@@ -422,7 +311,7 @@ class Engine:
                 continue
             logits, hidden = results[r.slot]
             try:
-                first, _ = self._accept(r, chain(0), [0], logits[None])
+                first, _ = accept(chain(0), [0], logits[None], r.params, r.generator)
             except Exception as err:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
                 continue
@@ -453,24 +342,12 @@ class Engine:
             if reason is not None:
                 self._finish(r, reason)
                 return
-        self._resolve_probes(r, final=False)
-
-    def _resolve_probes(self, r: Request, final: bool) -> None:
-        n = self.stats.n_heads
-        keep = []
-        for start, top in r.probes:
-            actual = r.output_ids[start:]
-            if len(actual) >= n or final:
-                if actual:
-                    self.stats.observe_probe(top, actual)
-            else:
-                keep.append((start, top))
-        r.probes = keep
+        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, final=False)
 
     def _finish(self, r: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
         if r.handle.finished is not None:
             return
-        self._resolve_probes(r, final=True)
+        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, final=True)
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:

@@ -137,6 +137,20 @@ class AcceptanceStats:
         self.accepted = 0  # of those, accepted
         self._lock = threading.Lock()
 
+    def resolve_probes(self, probes: list[tuple[int, torch.Tensor]], output_ids: list[int],
+                       final: bool) -> list[tuple[int, torch.Tensor]]:
+        """Observe the probes (output position, heads' top-k) whose next tokens are all known (all of
+        them when the request is `final`); returns the probes still waiting for tokens."""
+        keep = []
+        for start, top in probes:
+            actual = output_ids[start:]
+            if len(actual) >= self.n_heads or final:
+                if actual:
+                    self.observe_probe(top, actual)
+            else:
+                keep.append((start, top))
+        return keep
+
     def observe_probe(self, head_topk: torch.Tensor, actual: list[int]) -> None:
         """head_topk [n_heads, k] at a position; actual = the tokens that followed the pending token."""
         with self._lock:
@@ -174,12 +188,13 @@ class AcceptanceStats:
         }
 
 
+PROBE_EVERY = 8  # steps between acceptance probes for requests that are not speculating
 SUBTREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 63)
-REBUILD_EVERY = 256  # steps between rebuilds of the candidate trees from the statistics (~10 ms each)
-RECHOOSE_EVERY = 16  # steps a choice is reused for the same batch shape (~0.3 ms to price every candidate)
+REBUILD_EVERY = 256  # steps between rebuilds of the candidate trees from the statistics (a rebuild is dear)
+RECHOOSE_EVERY = 16  # steps a choice is reused for the same batch shape (pricing every candidate is not free)
 # A tree must promise this much more than no speculation: the prices are estimates (a shape that has
-# not run yet is read off the 1-row curve, and the machine is noisy): a gain of 2-3% predicted at
-# 16 rows measured as a 3-6% loss on the 2-core CPU.
+# not run yet is read off the 1-row curve, and the machine is noisy); small predicted gains were
+# measured as losses (docs/measurements.md).
 SPECULATION_MARGIN = 0.10
 
 
@@ -194,7 +209,7 @@ class SpeculationPolicy:
         self._candidates: list[tuple[MedusaTree, float]] = []
         self._refresh_in = 0
         # (rows, speculating rows) -> tree. Speculation must not cost the step time it means to save:
-        # on a CPU a step is ~20-30 ms, and pricing every candidate each step would be ~1% of it.
+        # pricing every candidate at every step would be a visible part of a short CPU step.
         self._memo: dict[tuple[int, int], MedusaTree] = {}
         self._memo_age = 0
         self._memo_version = -1
@@ -212,6 +227,17 @@ class SpeculationPolicy:
             self._memo.clear()
         self._refresh_in -= 1
         return self._candidates
+
+    def probe_due(self, step: int, n_active: int) -> bool:
+        """While no tree runs, the heads still look ahead now and then so the acceptance statistics
+        stay current; probes are spaced by the heads' measured cost so they stay a small part of decoding."""
+        if self.mode != "adaptive":
+            return False
+        every = PROBE_EVERY
+        if self.cost.heads_cost > 0:
+            step_cost = max(self.cost(n_active), 1e-6)
+            every = max(PROBE_EVERY, round(100 * self.cost.heads(n_active) / step_cost))
+        return step % every == 0
 
     def choose(self, n_rows: int, n_speculative: int) -> MedusaTree:
         """The tree for the speculating rows this step (the others run a root-only tree)."""
@@ -261,52 +287,11 @@ def calibrate(runner: Runner, heads: MedusaHeads | None, max_batch: int, max_tre
     if max_tokens is None:
         max_tokens = 1024 if str(runner.device).startswith("cuda") else 256
     sizes = [1, 2, 3] + [n for n in (2 ** i for i in range(2, 16)) if n <= min(max_batch * max_tree, max_tokens)]
-    slots = []
-    times: dict[int, list[float]] = {n: [] for n in sizes}
+    slots: list[int] = []
     try:
-        shapes = {}
-        for n in sizes:
-            rows = max(1, -(-n // max_tree))
-            while len(slots) < rows:
-                slot = runner.alloc()
-                runner.prefill({slot: [1] * 64})
-                slots.append(slot)
-            shapes[n] = [TreeInput(s, chain(n // rows - 1), [1] * (n // rows)) for s in slots[:rows]]
-        for n in sizes:  # warm-up
-            runner.verify(shapes[n])
-        for _ in range(repeats):
-            for n in sizes:
-                t0 = time.perf_counter()
-                runner.verify(shapes[n])
-                times[n].append(time.perf_counter() - t0)
-        points = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
-        # Full batches of short trees (what the policy weighs under load): 16 rows x 2 tokens costs
-        # more than 1 row x 32, so these shapes are timed as they are.
-        rows_shapes: dict[tuple[int, int], list[float]] = {}
-        if max_batch > 1:
-            while len(slots) < max_batch:
-                slot = runner.alloc()
-                runner.prefill({slot: [1] * 64})
-                slots.append(slot)
-            for per_row in (1, 2, 3, 4):
-                batch = [TreeInput(s, chain(per_row - 1), [1] * per_row) for s in slots[:max_batch]]
-                runner.verify(batch)
-                runs = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    runner.verify(batch)
-                    runs.append(time.perf_counter() - t0)
-                rows_shapes[(max_batch, per_row)] = sorted(runs)[len(runs) // 2]
-        heads_cost: dict[int, float] = {}
-        if heads is not None:
-            for rows in sorted({1, max_batch}):
-                hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
-                runs = []
-                for _ in range(repeats + 1):
-                    t0 = time.perf_counter()
-                    heads.topk(hidden, runner.lm_head, TOPK)
-                    runs.append(time.perf_counter() - t0)
-                heads_cost[rows] = sorted(runs[1:])[len(runs[1:]) // 2]
+        points = _time_sizes(runner, slots, sizes, max_tree, repeats)
+        rows_shapes = _time_full_batches(runner, slots, max_batch, repeats) if max_batch > 1 else {}
+        heads_cost = _time_heads(runner, heads, max_batch, repeats) if heads is not None else {}
     finally:
         for s in slots:
             runner.free(s)
@@ -316,3 +301,60 @@ def calibrate(runner: Runner, heads: MedusaHeads | None, max_batch: int, max_tre
     model.measured.update({(1, n): points[n] for n in (1, 2, 3, 4) if n in points})
     model.measured.update(rows_shapes)
     return model
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn after one untimed warm-up call."""
+    fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return sorted(runs)[len(runs) // 2]
+
+
+def _grow_slots(runner: Runner, slots: list[int], n: int) -> None:
+    """Allocate slots (each with a 64-token prefix) until there are `n`."""
+    while len(slots) < n:
+        slot = runner.alloc()
+        runner.prefill({slot: [1] * 64})
+        slots.append(slot)
+
+
+def _time_sizes(runner: Runner, slots: list[int], sizes: list[int], max_tree: int, repeats: int) -> dict[int, float]:
+    """Seconds per verification of n tokens (rows of up to max_tree), timed in interleaved rounds."""
+    shapes = {}
+    for n in sizes:
+        rows = max(1, -(-n // max_tree))
+        _grow_slots(runner, slots, rows)
+        shapes[n] = [TreeInput(s, chain(n // rows - 1), [1] * (n // rows)) for s in slots[:rows]]
+    for n in sizes:  # warm-up
+        runner.verify(shapes[n])
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            t0 = time.perf_counter()
+            runner.verify(shapes[n])
+            times[n].append(time.perf_counter() - t0)
+    return {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
+
+
+def _time_full_batches(runner: Runner, slots: list[int], max_batch: int, repeats: int) -> dict[tuple[int, int], float]:
+    """Full batches of short trees (what the policy weighs under load): many rows of a few tokens cost
+    more than one row of as many tokens, so these shapes are timed as they are."""
+    _grow_slots(runner, slots, max_batch)
+    out = {}
+    for per_row in (1, 2, 3, 4):
+        batch = [TreeInput(s, chain(per_row - 1), [1] * per_row) for s in slots[:max_batch]]
+        out[(max_batch, per_row)] = _median_seconds(lambda batch=batch: runner.verify(batch), repeats)
+    return out
+
+
+def _time_heads(runner: Runner, heads: MedusaHeads, max_batch: int, repeats: int) -> dict[int, float]:
+    """Seconds per heads call (top-k proposals) for 1 row and for a full batch."""
+    out = {}
+    for rows in sorted({1, max_batch}):
+        hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
+        out[rows] = _median_seconds(lambda hidden=hidden: heads.topk(hidden, runner.lm_head, TOPK), repeats)
+    return out

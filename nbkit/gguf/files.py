@@ -9,9 +9,8 @@ from pathlib import Path
 log = logging.getLogger("nbkit.engine")
 
 # The embedded SmolLM2 ships as Q4_1, which has no fast batched CPU kernels on x86 in this llama.cpp.
-# A Q8_0 copy holds Q4_1's values almost exactly (top-1 agreement 96%, KL 0.009 along Q4_1's own
-# greedy answers) and decodes 16 sequences ~1.3x faster (one thread here: 126 -> 166 tok/s at batch 16,
-# 59 -> 53 at batch 1). Q4_0 batches faster still (207) but loses too much (top-1 67%, KL 0.49).
+# A Q8_0 copy holds Q4_1's values almost exactly and decodes batches faster; Q4_0 batches faster still
+# but agrees too little with Q4_1 (docs/measurements.md).
 EMBEDDED_FORMAT = "Q8_0"
 
 

@@ -95,6 +95,18 @@ def accept_typical(
     return walk(tree, tree_tokens, choose)
 
 
+def accept(tree: MedusaTree, tree_tokens: list[int], logits: torch.Tensor, params,
+           generator: torch.Generator | None = None) -> tuple[list[int], list[int]]:
+    """(emitted, accepted nodes) under a request's rule: `params` has greedy, acceptance ("typical" or
+    lossless sampling), temperature, top_p and top_k (the engine's SamplingParams)."""
+    p = params
+    if p.acceptance == "typical" and tree.size > 1:
+        return accept_typical(tree, tree_tokens, logits, p.temperature, p.top_p, p.top_k, generator)
+    if p.greedy:
+        return accept_greedy(tree, tree_tokens, logits)
+    return accept_sampling(tree, tree_tokens, logits, p.temperature, p.top_p, p.top_k, generator)
+
+
 def tree_candidates(tree: MedusaTree, root_token: int, head_topk: torch.Tensor | None) -> list[int]:
     """Tree input tokens: the candidate pool [root] + topk(head_0) + ... gathered by tree_indices."""
     if tree.size == 1:

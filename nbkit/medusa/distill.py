@@ -2,7 +2,7 @@
 
 Step 1 (`generate_answers`) writes the model's greedy answers (token ids) to a file; step 2
 (`nbkit.medusa.train`) turns them into final-norm hidden states and trains the heads.
-Generation runs in bfloat16 (AMX makes it ~4x faster on these CPUs); the hidden states the heads
+Generation runs in bfloat16 (much faster where the CPU has AMX); the hidden states the heads
 learn from are recomputed in the serving dtype (fp32), so the heads see what the engine gives them.
 """
 
@@ -14,12 +14,7 @@ from pathlib import Path
 
 import torch
 
-
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a one-turn chat with the generation prompt appended, as the server builds them."""
-    from ..chat_format import chat_prompt_ids as ids
-
-    return ids(tokenizer, [{"role": "user", "content": prompt}], allow_special=True)
+from ..chat_format import user_prompt_ids
 
 
 @torch.inference_mode()
@@ -37,7 +32,7 @@ def generate_answers(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # Similar lengths in one batch waste less padding.
-    encoded = sorted(((p, chat_prompt_ids(tokenizer, p)) for p in todo), key=lambda x: len(x[1]))
+    encoded = sorted(((p, user_prompt_ids(tokenizer, p)) for p in todo), key=lambda x: len(x[1]))
     start = time.time()
     n_tokens = 0
     with out_file.open("a") as f:

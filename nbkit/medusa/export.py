@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..models import is_embedded
 from .heads import HeadsFormatError, embedded_heads_dir
 from .vllm import VLLM_VERSION, BaseLMHead, export_vllm, serve_command
 
@@ -20,7 +21,7 @@ DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "f
 
 
 def resolve_heads_path(heads: str | Path) -> Path:
-    if str(heads) in ("embedded", "default", ""):
+    if heads is not None and is_embedded(heads):
         return embedded_heads_dir()
     path = Path(heads)
     if not path.exists():
@@ -52,7 +53,7 @@ def read_base_lm_head(model: str | Path | None, name: str | None = None, weight:
     `model`: a local transformers folder, a .gguf, 'embedded', or a hub id (then read with transformers)."""
     from ..models import load_model, resolve_model_dir
 
-    embedded = model is None or str(model) in ("embedded", "default", "")
+    embedded = is_embedded(model)
     where = resolve_model_dir(model)
     serve_name = name or (EMBEDDED_BASE if embedded else str(model))
     if isinstance(where, Path):
@@ -91,7 +92,7 @@ def export_for_vllm(heads: str | Path = "embedded", out_dir: str | Path = "vllm-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     _, _, own = infer_layout(read_state_dict(path))
-    if model is None and str(heads) in ("embedded", "default", ""):
+    if model is None and heads is not None and is_embedded(heads):
         model = "embedded"
     if model is not None:
         base = read_base_lm_head(model, base_name, weight=not own)

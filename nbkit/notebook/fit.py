@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..models import is_embedded
 from .env import Environment, Plan, detect, resolve_plan, sizes_from_config
-from .hub import EMBEDDED, download_config
+from .hub import download_config
 
 CPU_MAX_PARAMS_B = 2.0  # above this, a model on a CPU is too slow to be the default (vicuna-7b: 6.74)
 
@@ -26,7 +27,7 @@ def model_sizes(model: str | os.PathLike | None) -> dict:
     (only that file is fetched), else {} (vicuna-7b's defaults)."""
     if model is None:
         return {}
-    if model in EMBEDDED:
+    if is_embedded(model):
         return dict(EMBEDDED_SIZES)
     if str(model).endswith(".gguf"):
         return {}

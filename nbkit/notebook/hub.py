@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..models import cache_dir
+from ..models import EMBEDDED_NAME, cache_dir, is_embedded
 from .env import colab_secret, in_colab
 
 # A transformers model: config, tokenizer, weights (safetensors when the repo has them, else .bin).
@@ -243,7 +243,6 @@ def inspect_heads(heads_dir: str | os.PathLike, model_dir: str | os.PathLike | N
 
 
 # --- everything a server needs, from the notebook's parameters ------------------------------------
-EMBEDDED = (None, "", "embedded", "default")
 
 
 @dataclass
@@ -274,15 +273,16 @@ class Prepared:
         return " ".join(shlex.quote(a) for a in args)
 
     def __repr__(self) -> str:
-        lines = [f"engine : {self.engine}", f"model  : {self.model or 'embedded SmolLM2-135M-Instruct'}",
+        lines = [f"engine : {self.engine}", f"model  : {self.model or 'embedded ' + EMBEDDED_NAME}",
                  f"heads  : {self.heads or 'none (plain decoding)'}"]
         if self.heads_info is not None:
             lines.append(f"         {self.heads_info!r}")
         return "\n".join(lines)
 
 
-def to_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
-    """The GGUF the llama.cpp engine serves: converted once, quantized once, reused on re-runs."""
+def serving_gguf(model_dir: str | os.PathLike, quantization: str) -> Path:
+    """The GGUF the llama.cpp engine serves for the plan's quantization: converted once, quantized once,
+    reused on re-runs (nbkit.gguf.convert does the work)."""
     from ..gguf.convert import convert
 
     q = (quantization or "f16").lower()
@@ -306,7 +306,7 @@ def prepare(model, heads, plan, mirror: str | os.PathLike | None = None, build=N
     engine = plan.engine
     if build is not None:
         build.check()  # a build that already failed stops here, not after the download
-    if model in EMBEDDED:
+    if is_embedded(model):
         model_arg = None  # both engines know the embedded SmolLM2 (HF folder or its shipped GGUF)
     elif str(model).endswith(".gguf"):
         model_arg = str(model)
@@ -314,7 +314,7 @@ def prepare(model, heads, plan, mirror: str | os.PathLike | None = None, build=N
         model_dir = download_model(str(model), mirror=mirror)
         if engine == "llamacpp" and build is not None and _gguf_outtype(plan.quantization) is None:
             build.wait()  # quantizing goes through the bindings
-        model_arg = str(to_gguf(model_dir, plan.quantization) if engine == "llamacpp" else model_dir)
+        model_arg = str(serving_gguf(model_dir, plan.quantization) if engine == "llamacpp" else model_dir)
     info = None
     if heads in (None, "", "none", "embedded"):
         heads_arg = heads or None  # None: the engine's default (the shipped heads with the embedded model)

@@ -47,10 +47,11 @@ def export_heads(model: str | None, heads: str | None, out_dir: str | Path = "vl
 
     from ..medusa.export import EMBEDDED_BASE, export_for_vllm
     from ..medusa.vllm import serve_command
-    from .hub import EMBEDDED, download_heads
+    from ..models import is_embedded
+    from .hub import download_heads
 
-    embedded_model = model in EMBEDDED
-    heads_path = "embedded" if heads in EMBEDDED else str(download_heads(str(heads)))
+    embedded_model = is_embedded(model)
+    heads_path = "embedded" if is_embedded(heads) else str(download_heads(str(heads)))
     base_name = EMBEDDED_BASE if embedded_model else str(model)
     out = export_for_vllm(heads_path, output_dir(out_dir, drive), "embedded" if embedded_model else model,
                           base_name, full_vocab, "auto", tensor_parallel, speculative_tokens)

@@ -141,7 +141,7 @@ def _check_cells(runner: LlamaCppRunner, live: set[int]) -> None:
     retired = {runner.retired} if runner.exact else set()
     assert set(ranges) - retired <= live, f"cells held by {set(ranges) - live}"
     for slot in live:
-        in_kv = runner.length(slot) - len(runner._carry[slot])
+        in_kv = runner.kv_length(slot)
         assert ranges.get(slot, (0, -1)) == (0, in_kv - 1)
 
 
@@ -184,7 +184,7 @@ def test_sequence_ids_never_leak(exact):
     for s in list(live):
         runner.free(s)
     assert runner.seq_ranges() == {}
-    assert len(runner._free_leaves) == runner.max_leaves
+    assert runner.free_leaves == runner.max_leaves
 
 
 def test_engine_with_cancellations_frees_everything(prompt_ids):
@@ -209,7 +209,7 @@ def test_engine_with_cancellations_frees_everything(prompt_ids):
     assert "cancelled" in reasons and reasons <= {"cancelled", "length", "eos_token"}
     assert max(leaves) > 1  # multi-leaf trees (borrowed sequence ids) were verified
     assert engine.runner.seq_ranges() == {}
-    assert len(engine.runner._free_leaves) == engine.runner.max_leaves
+    assert engine.runner.free_leaves == engine.runner.max_leaves
 
 
 def test_context_full_is_an_error_not_a_crash():

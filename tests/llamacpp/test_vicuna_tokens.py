@@ -30,7 +30,7 @@ def tokenizers(vicuna_mirror):
 
     from nbkit.gguf.files import gguf_tokenizer
 
-    gguf = hub.to_gguf(hub.download_model(BASE_ID, mirror=vicuna_mirror), "q8_0")
+    gguf = hub.serving_gguf(hub.download_model(BASE_ID, mirror=vicuna_mirror), "q8_0")
     llm = Llama(str(gguf), vocab_only=True, verbose=False)
     return llm, gguf_tokenizer(gguf), AutoTokenizer.from_pretrained(vicuna_mirror / BASE_ID)
 

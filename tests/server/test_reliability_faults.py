@@ -112,6 +112,19 @@ class Recorder:
 
 # ---- clients that disconnect ---------------------------------------------------------------------
 
+def leaving_client(engine: Engine, kind: int, prompt: str) -> tuple[str, dict, list[int]]:
+    """(route, body, prompt ids as the engine sees them): kinds 0-2 stream, 3-4 wait for a plain answer."""
+    chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 300, "temperature": 0}
+    return [
+        ("/generate_stream", {"prompt": prompt, "max_tokens": 300}, engine.encode(prompt)),
+        ("/v1/chat/completions", {**chat, "stream": True}, chat_ids(engine, prompt)),
+        ("/v1/completions", {"prompt": prompt, "stream": True, "max_tokens": 300, "temperature": 0},
+         engine.encode(prompt)),
+        ("/generate", {"prompt": prompt, "max_tokens": 300}, engine.encode(prompt)),
+        ("/v1/chat/completions", chat, chat_ids(engine, prompt)),
+    ][kind]
+
+
 def test_random_disconnects_free_their_slots_or_queue_places_within_a_step(server):
     engine, url = server.engine, server.url
     rng = random.Random(7)
@@ -142,21 +155,8 @@ def test_random_disconnects_free_their_slots_or_queue_places_within_a_step(serve
 
         threads = []
         for i in range(10):
-            prompt = counting(100 * i)
             kind = i % 5
-            if kind == 0:
-                args = ("/generate_stream", {"prompt": prompt, "max_tokens": 300}, engine.encode(prompt))
-            elif kind == 1:
-                args = ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "stream": True,
-                                                 "max_tokens": 300, "temperature": 0}, chat_ids(engine, prompt))
-            elif kind == 2:
-                args = ("/v1/completions", {"prompt": prompt, "stream": True, "max_tokens": 300, "temperature": 0},
-                        engine.encode(prompt))
-            elif kind == 3:
-                args = ("/generate", {"prompt": prompt, "max_tokens": 300}, engine.encode(prompt))
-            else:
-                args = ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}],
-                                                 "max_tokens": 300, "temperature": 0}, chat_ids(engine, prompt))
+            args = leaving_client(engine, kind, counting(100 * i))
             if kind in (0, 1, 2):
                 threads.append(threading.Thread(target=streaming, args=(i, *args, rng.randrange(0, 6))))
             else:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import ToyTokenizer, hf_greedy, tiny_llama
 
-from nbkit.medusa.distill import chat_prompt_ids, generate_answers
+from nbkit.chat_format import user_prompt_ids
+from nbkit.medusa.distill import generate_answers
 from nbkit.medusa.heads import MedusaHeads, load_heads, save_heads
 from nbkit.medusa.train import acceptance_table, active_vocab, compute_features, load_answers, train_heads
 
@@ -30,7 +31,7 @@ def test_answers_are_the_models_greedy_continuations_and_generation_resumes(mode
     rows = [json.loads(line) for line in answers_file.open()]
     assert sorted(r["prompt"] for r in rows) == sorted(PROMPTS)
     for r in rows[:6]:
-        ids = chat_prompt_ids(tok, r["prompt"])
+        ids = user_prompt_ids(tok, r["prompt"])
         assert r["prompt_ids"] == ids
         ref = hf_greedy(model, ids, 40)  # batched, left-padded generation = the same greedy answer
         assert r["answer_ids"] == (ref[: ref.index(1) + 1] if 1 in ref else ref)

@@ -51,9 +51,9 @@ def gguf_lm_head(gguf_file: str | os.PathLike, device: str | torch.device = "cpu
 class Int8LmHead(nn.Module):
     """The lm_head for the heads' proposals on a CPU: int8 weights, fp32 in and out.
 
-    The dense fp32 [V, H] matrix is read from memory for every call (113 MB for SmolLM2: ~75 ms on
-    this shared CPU, more than decoding a token); int8 is a quarter of that and fbgemm's kernel is
-    ~10x faster. Proposals only decide what gets verified, never what is emitted, so the rounding
+    The dense fp32 [V, H] matrix is read from memory for every call (on a CPU that costs more than
+    decoding a token); int8 is a quarter of the bytes and fbgemm's kernel is much faster
+    (docs/measurements.md). Proposals only decide what gets verified, never what is emitted, so the rounding
     costs at most a little acceptance. Falls back to bf16 where torch has no dynamic quantization.
     """
 

@@ -20,27 +20,20 @@ The context runs with embeddings on, so every output row also gives the final-no
 Medusa heads read. Prompts are prefilled with embeddings off (otherwise every prompt token would be
 an output row) and only their last token is decoded with embeddings on.
 
-Exactness, measured on this llama.cpp (CPU). The plain flash-attention kernel computes every query
-row on its own over the cells in cell order, skipping masked ones, so a token's logits are
-bit-identical whatever else is in the batch, as long as (1) the ubatch has < 64 tokens (ggml tiles
-at 64), (2) it is not a single-token ubatch over >= 512 cells (ggml then splits the cells across
-threads), and (3) the sequence's cells lie in position order (the softmax sums in cell order).
-Without flash attention the sums depend on the absolute cell index. A last-bit difference is enough
-to flip the int8 rounding of some activation and move logits by up to ~1, so greedy text diverges.
-`exact=True` therefore runs flash attention on (which reads K/V as f16 even from an f32 cache, so
-the KV cache stays f16), ubatches of <= 63 tokens, pads a
-single-token ubatch with a dummy token on a scratch id, and keeps every sequence's cells in order:
-each batch puts permanent tokens (roots, and the accepted nodes of the previous step, decoded again)
-before all speculative nodes, every speculative cell is dropped after the step, and a finished slot's
-cells are parked on a "retired" id until the context is idle (freeing them would leave holes that
-later tokens of running slots fill out of order). The price: accepted speculative tokens are
-computed twice. `exact=False` (flash attention auto, 512-token ubatches, accepted nodes kept in place)
-is the fast configuration; its divergence rate is measured by scripts/bench_llamacpp.py.
+Exactness (docs/measurements.md explains what was measured): with flash attention a token's logits
+are bit-identical whatever else is in the batch as long as the ubatch has < 64 tokens, is not a
+single-token ubatch over >= 512 cells, and the sequence's cells lie in position order. Without it
+the sums depend on the absolute cell index, and a last-bit difference can change greedy text.
+`exact=True` therefore runs flash attention on (K/V read as f16, so the cache stays f16), ubatches
+of <= 63 tokens, pads a single-token ubatch with a dummy token on a scratch id, and keeps cells in
+order: permanent tokens (roots, and last step's accepted nodes, decoded again) go before all
+speculative nodes, speculative cells are dropped after each step, and a finished slot's cells are
+parked on a "retired" id until the context is idle. The price: accepted speculative tokens are
+computed twice. `exact=False` (flash attention auto, 512-token ubatches) is the fast configuration.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -52,7 +45,8 @@ from torch import nn
 
 from ...medusa.trees import MedusaTree
 from ..runner import TreeInput
-from .bindings import Batch, cpu_threads, llama_cpp_module
+from .bindings import Batch, llama_cpp_module
+from .context import LlamaContext
 from .lm_head import Int8LmHead, gguf_lm_head
 
 log = logging.getLogger("nbkit.engine")
@@ -60,7 +54,7 @@ log = logging.getLogger("nbkit.engine")
 EXACT_UBATCH = 63  # ggml-cpu switches to tiled flash attention at 64 query rows (GGML_FA_TILE_Q)
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(LlamaContext):
     """Forward passes for a batch of slots on a GGUF model through llama.cpp's low-level API (runner.Runner).
 
     model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); otherwise
@@ -91,14 +85,7 @@ class LlamaCppRunner:
         if kv_type not in ("f16", "f32"):
             raise ValueError("kv_type must be 'f16' or 'f32'")
 
-        mparams = lib.llama_model_default_params()
-        if n_gpu_layers is None:
-            n_gpu_layers = 999 if lib.llama_supports_gpu_offload() else 0
-        mparams.n_gpu_layers = n_gpu_layers
-        self._model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
-        if not self._model:
-            raise ValueError(f"llama.cpp could not load {self.model_path} (not a GGUF model file?)")
-        self._vocab = lib.llama_model_get_vocab(self._model)
+        self._load_model(n_gpu_layers)
         self.vocab_size = lib.llama_vocab_n_tokens(self._vocab)
         self.hidden_size = lib.llama_model_n_embd(self._model)
         n_ctx_train = lib.llama_model_n_ctx_train(self._model)
@@ -116,23 +103,7 @@ class LlamaCppRunner:
         self.n_batch = min(n_batch or max(512, 64 * max_slots), n_ctx - 1)
         self.n_ubatch = min(self.n_batch, EXACT_UBATCH if exact else 512)
 
-        cparams = lib.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = self.n_batch + 1  # + 1: the padding token
-        cparams.n_ubatch = self.n_ubatch
-        cparams.n_seq_max = self.n_seq_max
-        threads = n_threads or int(os.environ.get("NBKIT_LLAMA_THREADS", "0")) or cpu_threads()
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.embeddings = hidden
-        cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
-        cparams.kv_unified = True
-        cparams.flash_attn_type = {True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED, False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-                                   None: lib.LLAMA_FLASH_ATTN_TYPE_AUTO}[True if exact else flash_attn]
-        cparams.type_k = cparams.type_v = lib.GGML_TYPE_F32 if kv_type == "f32" else lib.GGML_TYPE_F16
-        self._ctx = lib.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            lib.llama_model_free(self._model)
-            raise RuntimeError("llama.cpp could not create a context (out of memory? try a smaller n_ctx)")
+        self._create_context(n_ctx, n_threads, hidden, True if exact else flash_attn, kv_type)
         self.n_ctx = lib.llama_n_ctx(self._ctx)
         self.max_context = min(n_ctx_train, self.n_ctx)
         self._mem = lib.llama_get_memory(self._ctx)
@@ -165,18 +136,6 @@ class LlamaCppRunner:
     def lm_head(self, module: nn.Module) -> None:
         self._lm_head = module
 
-    def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            self.lib.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            self.lib.llama_model_free(self._model)
-            self._model = None
-
-    def __del__(self):
-        with contextlib.suppress(Exception):  # interpreter shutdown: the bindings may be gone already
-            self.close()
-
     # ---- slots --------------------------------------------------------------------------
     def alloc(self) -> int:
         if not self._free_slots:
@@ -201,6 +160,15 @@ class LlamaCppRunner:
     def length(self, slot: int) -> int:
         return self.lengths[slot]
 
+    def kv_length(self, slot: int) -> int:
+        """Tokens of `slot` in llama.cpp's KV cache (exact mode decodes its carry again next step)."""
+        return self.lengths[slot] - len(self._carry[slot])
+
+    @property
+    def free_leaves(self) -> int:
+        """Sequence ids free for tree leaves (all of them between steps)."""
+        return len(self._free_leaves)
+
     def _drop_speculative(self, slot: int) -> None:
         """Forget a tree verified but never committed: its cells from the root on, and its leaf ids."""
         pending = self._pending.pop(slot, None)
@@ -212,11 +180,6 @@ class LlamaCppRunner:
             self._free_leaves.append(leaf)
 
     # ---- forward passes -----------------------------------------------------------------
-    def _set_embeddings(self, on: bool) -> None:
-        if on != self._embeddings_on:
-            self.lib.llama_set_embeddings(self._ctx, on)
-            self._embeddings_on = on
-
     def _decode(self) -> None:
         b = self._batch
         n = b.struct.n_tokens
@@ -239,16 +202,6 @@ class LlamaCppRunner:
             raise RuntimeError(f"the llama.cpp context is full ({self.n_ctx} cells shared by all requests)")
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
-
-    def _outputs(self, rows: np.ndarray, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [R, V] fp32 (CPU) and hidden [R, H] (runner device/dtype) of output rows `rows` of the last decode."""
-        ptr = self.lib.llama_get_logits(self._ctx)
-        logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n_out, self.vocab_size))[rows])
-        if not self.want_hidden:
-            return logits, torch.empty(len(rows), 0, device=self.device, dtype=self.dtype)
-        eptr = self.lib.llama_get_embeddings(self._ctx)
-        hidden = torch.from_numpy(np.ctypeslib.as_array(eptr, shape=(n_out, self.hidden_size))[rows])
-        return logits, hidden.to(device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
     def prefill(self, chunks: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -323,9 +276,35 @@ class LlamaCppRunner:
     @torch.inference_mode()
     def verify(self, batch: list[TreeInput]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Every slot's tree in ONE llama_decode. Returns {slot: (logits [T, V] fp32, hidden [T, H])}."""
-        lib, mem, b = self.lib, self._mem, self._batch
         for item in batch:
             self._drop_speculative(item.slot)
+        self._check_room(batch)
+        self._set_embeddings(self.want_hidden)
+        # Permanent tokens (carry + root) of every slot first, then all speculative nodes: with that
+        # order a slot's cells stay in position order even after the speculative cells are dropped.
+        node_rows, row = self._place_roots(batch)
+        row = self._place_nodes(batch, node_rows, row)
+        b = self._batch
+        b.output[:row] = 1
+        b.struct.n_tokens = row
+        try:
+            self._decode()
+        except Exception:
+            for item in batch:
+                self._drop_speculative(item.slot)
+            raise
+        for item in batch:
+            self._carry[item.slot] = []
+        rows = np.concatenate([node_rows[item.slot] for item in batch])
+        logits, hidden = self._outputs(rows, row)
+        out, start = {}, 0
+        for item in batch:
+            t = item.tree.size
+            out[item.slot] = (logits[start: start + t], hidden[start: start + t])
+            start += t
+        return out
+
+    def _check_room(self, batch: list[TreeInput]) -> None:
         total = sum(item.tree.size + len(self._carry[item.slot]) for item in batch)
         if total > self.n_batch:
             raise ValueError(f"{total} tree tokens exceed the batch capacity of {self.n_batch}")
@@ -336,9 +315,12 @@ class LlamaCppRunner:
         for item in batch:
             if self.lengths[item.slot] + item.tree.max_depth + 1 > self.max_context:
                 raise ValueError(f"slot {item.slot} would exceed the context of {self.max_context} tokens")
-        self._set_embeddings(self.want_hidden)
-        # Permanent tokens (carry + root) of every slot first, then all speculative nodes: with that
-        # order a slot's cells stay in position order even after the speculative cells are dropped.
+
+    def _place_roots(self, batch: list[TreeInput]) -> tuple[dict[int, np.ndarray], int]:
+        """Each slot's carry and root into its home sequence (and every leaf id it borrows for the step).
+
+        Returns {slot: batch row of each tree node (the root's filled in)} and the next free row."""
+        lib, mem, b = self.lib, self._mem, self._batch
         node_rows: dict[int, np.ndarray] = {}
         row = 0
         for item in batch:
@@ -354,11 +336,16 @@ class LlamaCppRunner:
             b.seq_id[row: row + k, 0] = slot
             b.seq_id[row: row + k, 1: 1 + len(leaves)] = leaves
             b.n_seq_id[row: row + k] = 1 + len(leaves)
-            rows = np.empty(tree.size, dtype=np.int64)
-            rows[0] = row + k - 1
-            node_rows[slot] = rows
+            node_rows[slot] = np.empty(tree.size, dtype=np.int64)
+            node_rows[slot][0] = row + k - 1
             self._pending[slot] = _Pending(root_pos, tree, leaves, item.tokens)
             row += k
+        return node_rows, row
+
+    def _place_nodes(self, batch: list[TreeInput], node_rows: dict[int, np.ndarray], row: int) -> int:
+        """The speculative nodes after every root: a chain in the home sequence, a tree node in the ids of
+        every leaf under it. Returns the next free row."""
+        b = self._batch
         for item in batch:
             slot, tree, t = item.slot, item.tree, item.tree.size
             if t == 1:
@@ -380,24 +367,7 @@ class LlamaCppRunner:
                         b.n_seq_id[r] += 1
             node_rows[slot][1:] = np.arange(row, row + t - 1)
             row += t - 1
-        b.output[:row] = 1
-        b.struct.n_tokens = row
-        try:
-            self._decode()
-        except Exception:
-            for item in batch:
-                self._drop_speculative(item.slot)
-            raise
-        for item in batch:
-            self._carry[item.slot] = []
-        rows = np.concatenate([node_rows[item.slot] for item in batch])
-        logits, hidden = self._outputs(rows, row)
-        out, start = {}, 0
-        for item in batch:
-            t = item.tree.size
-            out[item.slot] = (logits[start: start + t], hidden[start: start + t])
-            start += t
-        return out
+        return row
 
     def commit(self, accepted: dict[int, list[int]]) -> None:
         """Keep each slot's accepted nodes (root first); drop every other cell of its tree."""
@@ -421,17 +391,6 @@ class LlamaCppRunner:
                 lib.llama_memory_seq_rm(mem, leaf, -1, -1)
             self._free_leaves.extend(p.leaves)
             self.lengths[slot] = new_len
-
-    # ---- introspection (tests) ----------------------------------------------------------
-    def seq_ranges(self) -> dict[int, tuple[int, int]]:
-        """{sequence id: (pos_min, pos_max)} for every sequence id that holds cells."""
-        out = {}
-        for seq in range(self.n_seq_max):
-            lo = self.lib.llama_memory_seq_pos_min(self._mem, seq)
-            if lo >= 0:
-                out[seq] = (lo, self.lib.llama_memory_seq_pos_max(self._mem, seq))
-        return out
-
 
 @dataclass
 class _Pending:
