@@ -7,7 +7,7 @@ Per format (Q8_0 = the engine's embedded default, a copy of the shipped Q4_1 fil
                   speculation off | engine with heads, adaptive
   concurrency 16: `llama-server -np 16` (built from the same vendored tree) on the same file, and on the
                   shipped Q4_1 file | the same three engines
-plus: the fast configuration's greedy divergence (c=16 vs c=1, adaptive vs off, same prompts), and for
+plus: the --mode's greedy divergence (c=16 vs c=1, adaptive vs off, same prompts), and for
 a requantized format its agreement with the shipped Q4_1 (greedy text, top-1 and KL per position).
 Every peer uses the same thread count and the same chat prompts (held-out distillation prompts),
 64-token greedy completions stopping at EOS. Writes bench-out/llamacpp.json.
@@ -190,7 +190,7 @@ def interleaved(peers: dict, prompts: list[list[int]], tokens: int, concurrency:
 def logits_along(gguf: Path, ids: list[int], threads: int) -> torch.Tensor:
     from nbkit.engine.llamacpp.runner import LlamaCppRunner
 
-    runner = LlamaCppRunner(gguf, max_slots=1, n_threads=threads, hidden=False)
+    runner = LlamaCppRunner(gguf, max_slots=1, n_threads=threads, hidden=False, exact=False)
     slot = runner.alloc()
     runner.prefill({slot: ids[:1]})
     logits, _ = runner.verify([TreeInput(slot, chain(len(ids) - 2), ids[1:])])[slot]
@@ -223,6 +223,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/llamacpp.json")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--skip-server", action="store_true", help="a dry run without llama-server")
+    ap.add_argument("--mode", choices=("exact", "fast"), default="exact", help="the llama.cpp engine's mode")
     args = ap.parse_args()
     os.environ["NBKIT_LLAMA_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
@@ -237,13 +238,18 @@ def main() -> None:
     report = {"command": " ".join(sys.argv), "threads": args.threads, "tokens": args.tokens, "heads": heads_note,
               "machine": platform.processor() or platform.machine(), "load_before": os.getloadavg(),
               "prompt_tokens_mean": sum(map(len, p16)) / len(p16), "formats": {}}
+    exact = args.mode == "exact"
+    report["mode"] = args.mode
     for fmt in args.formats.split(","):
         gguf = embedded_gguf(fmt)
         print(f"== {fmt}: {gguf}", flush=True)
-        off = load_engine("llamacpp", gguf, heads="none", max_batch=c, speculation="off", n_threads=args.threads)
+        off = load_engine("llamacpp", gguf, heads="none", max_batch=c, speculation="off", n_threads=args.threads,
+                          exact=exact)
         # The same engine as `adaptive` with speculation off: heads loaded, hidden states on, probes run.
-        off_h = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="off", n_threads=args.threads)
-        ada = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="adaptive", n_threads=args.threads)
+        off_h = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="off", n_threads=args.threads,
+                          exact=exact)
+        ada = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="adaptive", n_threads=args.threads,
+                          exact=exact)
         ada.prepare()  # calibration is not part of the timed runs
         engines = {"engine_off": EnginePeer(off, "engine off"), "engine_off_heads": EnginePeer(off_h, "off, heads"),
                    "engine_adaptive": EnginePeer(ada, "engine adaptive")}
@@ -265,7 +271,7 @@ def main() -> None:
             e.close()
         r = {f"c1_{k}": v for k, v in c1.items()} | {f"c16_{k}": v for k, v in c16.items()}
         solo = r["c1_engine_off"]["outputs"]
-        r["divergence_fast_config"] = {
+        r["divergence"] = {
             "c16_off_vs_c1_off": 1 - same(r["c16_engine_off"]["outputs"][: len(solo)], solo),
             "c1_adaptive_vs_c1_off": 1 - same(r["c1_engine_adaptive"]["outputs"], solo),
             "c16_adaptive_vs_c1_off": 1 - same(r["c16_engine_adaptive"]["outputs"][: len(solo)], solo),
@@ -299,7 +305,7 @@ def main() -> None:
                 print(f"   {name:24s} {v['tokens_per_s']:7.1f} tok/s ({v['tokens']} tokens, "
                       f"{v['seconds']:.1f} s){extra}", flush=True)
         print("   ratios", {k: round(x, 3) for k, x in r["ratios"].items()}, flush=True)
-        print("   divergence", r["divergence_fast_config"], flush=True)
+        print("   divergence", r["divergence"], flush=True)
         if "quality_vs_q4_1" in r:
             print("   quality vs Q4_1", r["quality_vs_q4_1"], flush=True)
         report["formats"][fmt.upper()] = r

@@ -40,6 +40,7 @@ class EngineLimits:
     max_queue: int
     speculation: str  # "adaptive", "fixed" or "off"
     heads: int | None  # Medusa heads (None: no heads)
+    numerics: dict | None = None  # llama.cpp: {"mode": "exact" or "fast", "guarantee": in words}; None: no modes
 
 
 class Engine(EngineThread):
@@ -383,7 +384,8 @@ class Engine(EngineThread):
     # ---- introspection --------------------------------------------------------------------
     def limits(self) -> EngineLimits:
         return EngineLimits(self.runner.max_context - self.tree_reserve, self.max_batch, self.max_queue,
-                            self.policy.mode, self.heads.n_heads if self.heads is not None else None)
+                            self.policy.mode, self.heads.n_heads if self.heads is not None else None,
+                            getattr(self.runner, "numerics", None))
 
     def snapshot(self) -> dict:
         """Counters, the speculation choice and acceptance statistics (the server turns these into metrics)."""

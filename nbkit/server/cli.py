@@ -28,6 +28,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (then 429)")
     p.add_argument("--speculation", default="adaptive", help="adaptive, off, or a fixed tree name")
+    p.add_argument("--llama-mode", choices=("exact", "fast"), default="exact",
+                   help="llama.cpp engine: exact = greedy output independent of the tree and of the batch "
+                        "(measured cost: README); fast = no such guarantee")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
@@ -47,6 +50,11 @@ def read_keys(given: list[str] | None, key_file: str | None) -> list[str] | None
     if not keys and os.environ.get("NBKIT_API_KEY"):
         keys = [os.environ["NBKIT_API_KEY"]]
     return keys or None
+
+
+def llama_kwargs(args) -> dict:
+    """The llama.cpp engine's options (the torch engine takes none of them)."""
+    return {"exact": args.llama_mode == "exact"} if args.engine == "llamacpp" else {}
 
 
 def cmd_serve(args) -> int:
@@ -78,7 +86,7 @@ def cmd_serve(args) -> int:
         handle = start_server(model=args.model, heads=args.heads, engine=args.engine, device=args.device,
                               host=args.host, port=args.port, api_key=keys, max_batch=args.max_batch,
                               max_queue=args.max_queue, speculation=args.speculation, settings=settings,
-                              log_level=args.log_level)
+                              log_level=args.log_level, **llama_kwargs(args))
     except KeyboardInterrupt:
         print("nbkit serve: interrupted while loading", file=sys.stderr)
         return 130

@@ -262,6 +262,8 @@ class Info(BaseModel):
     status: str
     heads: int | None = Field(description="Medusa heads (None = no heads)")
     speculation: str | None
+    mode: str | None = Field(None, description="llama.cpp engine: 'exact' (the default) or 'fast'")
+    guarantee: str | None = Field(None, description="what the llama.cpp mode promises for greedy output")
     max_concurrent_requests: int | None = Field(description="requests decoded together (slots)")
     max_queue: int | None
     max_input_tokens: int | None

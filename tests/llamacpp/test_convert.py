@@ -40,7 +40,8 @@ def f32_gguf(hf_dir, tmp_path_factory):
 
 
 def _first_step_logits(gguf_file) -> torch.Tensor:
-    runner = LlamaCppRunner(gguf_file, max_slots=1, n_ctx=256, hidden=False, flash_attn=False, kv_type="f32")
+    runner = LlamaCppRunner(gguf_file, max_slots=1, n_ctx=256, hidden=False, exact=False, flash_attn=False,
+                            kv_type="f32")
     slot = runner.alloc()
     logits, _ = runner.prefill({slot: PROMPT})[slot]
     runner.close()

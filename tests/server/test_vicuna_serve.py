@@ -48,10 +48,9 @@ def served(request, vicuna_mirror):
         pytest.importorskip("llama_cpp", reason="the llama.cpp bindings are not installed")
     prepared = hub.prepare(BASE_ID, HEADS_ID, plan, mirror=vicuna_mirror)
     assert prepared.heads_info.n_heads == 5 and prepared.heads_info.config_heads == 2
-    extra = {"exact": True} if kind == "llamacpp" else {}
     if kind == "llamacpp":
         assert prepared.model.endswith(".gguf") and "q8_0" in prepared.model.lower()
-    engine = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=4, cost_model=CHEAP, **extra)
+    engine = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=4, cost_model=CHEAP)  # default mode
     assert engine.heads.n_heads == 5
     handle = start_server(engine, port=0, settings=Settings(allow_client_trees=True))  # tests pick trees
     with httpx.Client(base_url=handle.url, timeout=120) as http:
@@ -67,6 +66,14 @@ def hf_tok(vicuna_mirror):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(vicuna_mirror / BASE_ID)
+
+
+def test_info_says_what_greedy_output_is_guaranteed(served):
+    info = served.http.get("/info").json()
+    if served.kind == "llamacpp":
+        assert info["mode"] == "exact" and "bit-identical" in info["guarantee"]
+    else:
+        assert info["mode"] is None and info["guarantee"] is None
 
 
 def plain(served, ids: list[int], n: int = N):

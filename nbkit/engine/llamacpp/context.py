@@ -6,6 +6,7 @@ Knows nothing of slots or trees: the runner (runner.py) decides which tokens go 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import numpy as np
@@ -13,13 +14,36 @@ import torch
 
 from .bindings import cpu_threads
 
+log = logging.getLogger("nbkit.engine")
+
 
 class LlamaContext:
     """The model, its context (a unified KV cache with sequence ids) and the output buffers.
 
     Subclasses set lib, model_path, n_batch, n_ubatch, n_seq_max, device, dtype, want_hidden before
-    calling _load_model and _create_context.
+    calling _load_model and _create_context, and exact, scratch, retired, _pad_single, _batch, _mem
+    before decoding.
     """
+
+    @property
+    def numerics(self) -> dict:
+        """{"mode", "guarantee"}: what the server's /info shows."""
+        return {"mode": self.mode, "guarantee": self.guarantee}
+
+    @property
+    def mode(self) -> str:
+        """'exact' (greedy output independent of the tree and of the batch) or 'fast'."""
+        return "exact" if self.exact else "fast"
+
+    @property
+    def guarantee(self) -> str:
+        """What the mode promises, in words (the server's /info shows it)."""
+        if not self.exact:
+            return ("none: greedy output may differ with a speculation tree, and with the other requests "
+                    "in the batch (near-ties flip)")
+        where = "" if self.on_cpu else " (verified on the CPU backend; GPU kernels not checked)"
+        return ("greedy output is bit-identical with any speculation tree or none, and whatever other "
+                "requests share the batch" + where)
 
     def _load_model(self, n_gpu_layers: int | None) -> None:
         lib = self.lib
@@ -27,13 +51,14 @@ class LlamaContext:
         if n_gpu_layers is None:
             n_gpu_layers = 999 if lib.llama_supports_gpu_offload() else 0
         mparams.n_gpu_layers = n_gpu_layers
+        self.on_cpu = n_gpu_layers == 0
         self._model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
             raise ValueError(f"llama.cpp could not load {self.model_path} (not a GGUF model file?)")
         self._vocab = lib.llama_model_get_vocab(self._model)
 
     def _create_context(self, n_ctx: int, n_threads: int | None, hidden: bool, flash_attn: bool | None,
-                        kv_type: str) -> None:
+                        k_type: str, v_type: str) -> None:
         """One context for every slot: a unified KV cache whose cells carry sequence ids (module docstring)."""
         lib = self.lib
         cparams = lib.llama_context_default_params()
@@ -48,7 +73,8 @@ class LlamaContext:
         cparams.kv_unified = True
         cparams.flash_attn_type = {True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED, False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
                                    None: lib.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
-        cparams.type_k = cparams.type_v = lib.GGML_TYPE_F32 if kv_type == "f32" else lib.GGML_TYPE_F16
+        types = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0}
+        cparams.type_k, cparams.type_v = types[k_type], types[v_type]
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lib.llama_model_free(self._model)
@@ -80,6 +106,29 @@ class LlamaContext:
         eptr = self.lib.llama_get_embeddings(self._ctx)
         hidden = torch.from_numpy(np.ctypeslib.as_array(eptr, shape=(n_out, self.hidden_size))[rows])
         return logits, hidden.to(device=self.device, dtype=self.dtype)
+
+    def _decode(self) -> None:
+        b = self._batch
+        n = b.struct.n_tokens
+        padded = self._pad_single and n % self.n_ubatch == 1
+        if padded:  # no single-token ubatch: ggml would take its split-KV attention path
+            b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n, 0], b.output[n] = 0, 0, 1, self.scratch, 0
+            b.struct.n_tokens = n + 1
+        try:
+            rc = self.lib.llama_decode(self._ctx, b.struct)
+            if rc == 1 and self.exact and self.lib.llama_memory_seq_pos_max(self._mem, self.retired) >= 0:
+                # Full: give the retired cells back (cell order may break from here on) and try again.
+                log.warning("llama.cpp context full: releasing finished requests' cells (exactness may suffer)")
+                self.lib.llama_memory_seq_rm(self._mem, self.retired, -1, -1)
+                rc = self.lib.llama_decode(self._ctx, b.struct)
+        finally:
+            if padded:
+                self.lib.llama_memory_seq_rm(self._mem, self.scratch, -1, -1)
+                b.struct.n_tokens = n
+        if rc == 1:
+            raise RuntimeError(f"the llama.cpp context is full ({self.n_ctx} cells shared by all requests)")
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
 
     # ---- introspection (tests) ----------------------------------------------------------
     def seq_ranges(self) -> dict[int, tuple[int, int]]:

@@ -21,20 +21,22 @@ Medusa heads read. Prompts are prefilled with embeddings off (otherwise every pr
 an output row) and only their last token is decoded with embeddings on.
 
 Exactness (docs/measurements.md explains what was measured): with flash attention a token's logits
-are bit-identical whatever else is in the batch as long as the ubatch has < 64 tokens, is not a
-single-token ubatch over >= 512 cells, and the sequence's cells lie in position order. Without it
-the sums depend on the absolute cell index, and a last-bit difference can change greedy text.
-`exact=True` therefore runs flash attention on (K/V read as f16, so the cache stays f16), ubatches
-of <= 63 tokens, pads a single-token ubatch with a dummy token on a scratch id, and keeps cells in
-order: permanent tokens (roots, and last step's accepted nodes, decoded again) go before all
-speculative nodes, speculative cells are dropped after each step, and a finished slot's cells are
-parked on a "retired" id until the context is idle. The price: accepted speculative tokens are
-computed twice. `exact=False` (flash attention auto, 512-token ubatches) is the fast configuration.
+are bit-identical whatever else is in the batch as long as ggml's plain kernel runs (each query row
+alone over the cells in cell order) and the sequence's cells lie in position order. Without flash
+attention the sums depend on the absolute cell index, and a last-bit difference can change greedy text.
+With K and V caches of one type ggml leaves the plain kernel for ubatches of >= 64 tokens (tiles) and
+for a single token over >= 512 cells (split across threads). `exact=True`, the default, therefore runs
+flash attention on with an f16 K cache and a q8_0 V cache (types that differ: the plain kernel always),
+and keeps cells in order: permanent tokens (roots, and last step's accepted nodes, decoded again) go
+before all speculative nodes, speculative cells are dropped after each step, and a finished slot's cells
+are parked on a "retired" id until the context is idle. The price: accepted speculative tokens are
+computed twice. With `v_type="f16"` exact mode instead caps ubatches at 63 tokens and pads a single-token
+ubatch with a dummy token on a scratch id (dearer: docs/bench/llamacpp_exact.md). `exact=False` (flash
+attention auto, f16 cache, 512-token ubatches, no cell order) is the fast mode, with no such guarantee.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +50,6 @@ from ..runner import TreeInput
 from .bindings import Batch, llama_cpp_module
 from .context import LlamaContext
 from .lm_head import Int8LmHead, gguf_lm_head
-
-log = logging.getLogger("nbkit.engine")
 
 EXACT_UBATCH = 63  # ggml-cpu switches to tiled flash attention at 64 query rows (GGML_FA_TILE_Q)
 
@@ -66,13 +66,13 @@ class LlamaCppRunner(LlamaContext):
     """
 
     def __init__(self, model_path: str | os.PathLike, max_slots: int = 16, n_ctx: int | None = None,
-                 exact: bool = False, n_threads: int | None = None, n_gpu_layers: int | None = None,
+                 exact: bool = True, n_threads: int | None = None, n_gpu_layers: int | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  hidden: bool = True, n_batch: int | None = None, flash_attn: bool | None = None,
-                 kv_type: str = "f16"):
+                 kv_type: str = "f16", v_type: str | None = None):
         self._settings = dict(n_ctx=n_ctx, exact=exact, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                               device=device, dtype=dtype, hidden=hidden, n_batch=n_batch, flash_attn=flash_attn,
-                              kv_type=kv_type)
+                              kv_type=kv_type, v_type=v_type)
         lib = self.lib = llama_cpp_module()
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -82,8 +82,11 @@ class LlamaCppRunner(LlamaContext):
         self.exact, self.want_hidden = exact, hidden
         if exact and flash_attn is False:
             raise ValueError("the exact configuration needs flash attention (the only placement-invariant path)")
-        if kv_type not in ("f16", "f32"):
-            raise ValueError("kv_type must be 'f16' or 'f32'")
+        self.v_type = v_type = _v_type(exact, kv_type, v_type, flash_attn)
+        # With K and V of one type ggml's flash attention tiles ubatches of >= 64 tokens and splits a
+        # single token's cells across threads: exact mode then needs ubatches of <= 63 tokens and pads single
+        # tokens. A q8_0 V cache (K stays f16) rules both paths out: full ubatches, no padding.
+        self._pad_single = exact and v_type != "q8_0"
 
         self._load_model(n_gpu_layers)
         self.vocab_size = lib.llama_vocab_n_tokens(self._vocab)
@@ -101,9 +104,10 @@ class LlamaCppRunner(LlamaContext):
         self.max_leaves = self.n_seq_max - max_slots - reserved
         n_ctx = n_ctx or min(n_ctx_train, max(4096, 256 * max_slots))
         self.n_batch = min(n_batch or max(512, 64 * max_slots), n_ctx - 1)
-        self.n_ubatch = min(self.n_batch, EXACT_UBATCH if exact else 512)
+        self.n_ubatch = min(self.n_batch, EXACT_UBATCH if self._pad_single else 512)
 
-        self._create_context(n_ctx, n_threads, hidden, True if exact else flash_attn, kv_type)
+        self._create_context(n_ctx, n_threads, hidden, True if exact or v_type == "q8_0" else flash_attn, kv_type,
+                             v_type)
         self.n_ctx = lib.llama_n_ctx(self._ctx)
         self.max_context = min(n_ctx_train, self.n_ctx)
         self._mem = lib.llama_get_memory(self._ctx)
@@ -180,29 +184,6 @@ class LlamaCppRunner(LlamaContext):
             self._free_leaves.append(leaf)
 
     # ---- forward passes -----------------------------------------------------------------
-    def _decode(self) -> None:
-        b = self._batch
-        n = b.struct.n_tokens
-        padded = self.exact and n % self.n_ubatch == 1
-        if padded:  # no single-token ubatch: ggml would take its split-KV attention path
-            b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n, 0], b.output[n] = 0, 0, 1, self.scratch, 0
-            b.struct.n_tokens = n + 1
-        try:
-            rc = self.lib.llama_decode(self._ctx, b.struct)
-            if rc == 1 and self.exact and self.lib.llama_memory_seq_pos_max(self._mem, self.retired) >= 0:
-                # Full: give the retired cells back (cell order may break from here on) and try again.
-                log.warning("llama.cpp context full: releasing finished requests' cells (exactness may suffer)")
-                self.lib.llama_memory_seq_rm(self._mem, self.retired, -1, -1)
-                rc = self.lib.llama_decode(self._ctx, b.struct)
-        finally:
-            if padded:
-                self.lib.llama_memory_seq_rm(self._mem, self.scratch, -1, -1)
-                b.struct.n_tokens = n
-        if rc == 1:
-            raise RuntimeError(f"the llama.cpp context is full ({self.n_ctx} cells shared by all requests)")
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
-
     @torch.inference_mode()
     def prefill(self, chunks: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Append prompt chunks to their slots, all slots in one decode; {slot: (logits [V], hidden [H])} of
@@ -391,6 +372,18 @@ class LlamaCppRunner(LlamaContext):
                 lib.llama_memory_seq_rm(mem, leaf, -1, -1)
             self._free_leaves.extend(p.leaves)
             self.lengths[slot] = new_len
+
+def _v_type(exact: bool, kv_type: str, v_type: str | None, flash_attn: bool | None) -> str:
+    """The V cache type: q8_0 by default in exact mode, else kv_type; checks the combination."""
+    if kv_type not in ("f16", "f32"):
+        raise ValueError("kv_type must be 'f16' or 'f32'")
+    v_type = v_type or ("q8_0" if exact else kv_type)
+    if v_type not in ("f16", "f32", "q8_0"):
+        raise ValueError("v_type must be 'f16', 'f32' or 'q8_0'")
+    if v_type == "q8_0" and flash_attn is False:
+        raise ValueError("a q8_0 V cache needs flash attention")
+    return v_type
+
 
 @dataclass
 class _Pending:

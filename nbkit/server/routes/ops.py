@@ -43,6 +43,7 @@ async def info(svc: Service = Depends(get_service)):
     max_input, total = svc.limits()
     return Info(model_id=svc.model_id, engine=settings.engine_name, status=svc.status()[0],
                 heads=limits.heads if limits else None, speculation=limits.speculation if limits else None,
+                **((limits.numerics or {}) if limits else {}),
                 max_concurrent_requests=limits.max_batch if limits else None,
                 max_queue=limits.max_queue if limits else None,
                 max_input_tokens=max_input, max_total_tokens=total, max_new_tokens=settings.max_new_tokens,
