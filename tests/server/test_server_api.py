@@ -144,6 +144,7 @@ def test_models_health_info(server, http, client):
     assert info["model_id"] == TINY_MODEL and info["heads"] == 4 and info["engine"] == "torch"
     assert info["max_total_tokens"] == server.engine.runner.max_context - 65
     assert info["max_concurrent_requests"] == 8 and info["api_key_required"] is False
+    assert info["mode"] is None and info["guarantee"] is None  # numerics modes are the llama.cpp engine's
     schema = http.get("/openapi.json").json()
     for path in ("/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/models",
                  "/health", "/info", "/metrics"):
