@@ -30,8 +30,9 @@ flash attention on with an f16 K cache and a q8_0 V cache (types that differ: th
 and keeps cells in order: permanent tokens (roots, and last step's accepted nodes, decoded again) go
 before all speculative nodes, speculative cells are dropped after each step, and a finished slot's cells
 are parked on a "retired" id until the context is idle. The price: accepted speculative tokens are
-computed twice. With `v_type="f16"` exact mode instead caps ubatches at 63 tokens and pads a single-token
-ubatch with a dummy token on a scratch id (dearer: docs/bench/llamacpp_exact.md). `exact=False` (flash
+computed twice. With `v_type="f16"` (and on a GPU, whose kernels this analysis does not cover) exact mode
+instead caps ubatches at 63 tokens and pads a single-token ubatch with a dummy token on a scratch id
+(dearer on a CPU: docs/bench/llamacpp_exact.md). `exact=False` (flash
 attention auto, f16 cache, 512-token ubatches, no cell order) is the fast mode, with no such guarantee.
 """
 
@@ -82,13 +83,12 @@ class LlamaCppRunner(LlamaContext):
         self.exact, self.want_hidden = exact, hidden
         if exact and flash_attn is False:
             raise ValueError("the exact configuration needs flash attention (the only placement-invariant path)")
-        self.v_type = v_type = _v_type(exact, kv_type, v_type, flash_attn)
+        self._load_model(n_gpu_layers)
+        self.v_type = v_type = _v_type(exact, kv_type, v_type, flash_attn, self.on_cpu)
         # With K and V of one type ggml's flash attention tiles ubatches of >= 64 tokens and splits a
         # single token's cells across threads: exact mode then needs ubatches of <= 63 tokens and pads single
-        # tokens. A q8_0 V cache (K stays f16) rules both paths out: full ubatches, no padding.
+        # tokens. A q8_0 V cache (K stays f16) rules both paths out on the CPU: full ubatches, no padding.
         self._pad_single = exact and v_type != "q8_0"
-
-        self._load_model(n_gpu_layers)
         self.vocab_size = lib.llama_vocab_n_tokens(self._vocab)
         self.hidden_size = lib.llama_model_n_embd(self._model)
         n_ctx_train = lib.llama_model_n_ctx_train(self._model)
@@ -373,11 +373,12 @@ class LlamaCppRunner(LlamaContext):
             self._free_leaves.extend(p.leaves)
             self.lengths[slot] = new_len
 
-def _v_type(exact: bool, kv_type: str, v_type: str | None, flash_attn: bool | None) -> str:
-    """The V cache type: q8_0 by default in exact mode, else kv_type; checks the combination."""
+def _v_type(exact: bool, kv_type: str, v_type: str | None, flash_attn: bool | None, on_cpu: bool) -> str:
+    """The V cache type: q8_0 by default in exact mode on the CPU (the analysis is of ggml-cpu's kernels;
+    on a GPU exact mode keeps the f16 cache it was first built with), else kv_type; checks the choice."""
     if kv_type not in ("f16", "f32"):
         raise ValueError("kv_type must be 'f16' or 'f32'")
-    v_type = v_type or ("q8_0" if exact else kv_type)
+    v_type = v_type or ("q8_0" if exact and on_cpu else kv_type)
     if v_type not in ("f16", "f32", "q8_0"):
         raise ValueError("v_type must be 'f16', 'f32' or 'q8_0'")
     if v_type == "q8_0" and flash_attn is False:
