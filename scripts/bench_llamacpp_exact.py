@@ -41,7 +41,9 @@ from nbkit.models import embedded_gguf_path  # noqa: E402
 
 MODES = ("exact", "fast")
 # exact_f16v: the exact mode with an f16 V cache, which must pad single-token ubatches (the knob's cost).
-MODE_ARGS = {"exact": {"exact": True}, "fast": {"exact": False}, "exact_f16v": {"exact": True, "v_type": "f16"}}
+# exact_kq8: the exact mode with a q8_0 K cache and an f16 V cache (the other way to make the types differ).
+MODE_ARGS = {"exact": {"exact": True}, "fast": {"exact": False}, "exact_f16v": {"exact": True, "v_type": "f16"},
+             "exact_kq8": {"exact": True, "kv_type": "q8_0", "v_type": "f16"}}
 TREE = "mc_sim_7b_63"
 
 
@@ -84,20 +86,18 @@ def match(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a[:n], b[:n])) / n
 
 
-def summary(res: dict) -> dict:
+def summary(res: dict, modes: list[str]) -> dict:
     """Ratios and match rates from {concurrency: {engine: result}}."""
     tps = {c: {k: v["tokens_per_s"] for k, v in r.items()} for c, r in res.items()}
-    out: dict = {"exact_over_fast": {}, "adaptive_over_off": {}, "match": {}}
+    out: dict = {"over_fast": {}, "adaptive_over_off": {}, "match": {}}
     for c, t in tps.items():
-        for kind in ("off", "adaptive", TREE):
-            if f"exact_{kind}" in t and f"fast_{kind}" in t:
-                out["exact_over_fast"][f"c{c}_{kind}"] = t[f"exact_{kind}"] / t[f"fast_{kind}"]
-        if "exact_f16v_off" in t:
-            out["exact_over_fast"][f"c{c}_off_f16_v_cache_padded"] = t["exact_f16v_off"] / t["fast_off"]
-        for mode in MODES:
+        for mode in modes:
+            for kind in ("off", "adaptive", TREE):
+                if mode != "fast" and f"{mode}_{kind}" in t and f"fast_{kind}" in t:
+                    out["over_fast"][f"c{c}_{mode}_{kind}"] = t[f"{mode}_{kind}"] / t[f"fast_{kind}"]
             if f"{mode}_adaptive" in t:
                 out["adaptive_over_off"][f"c{c}_{mode}"] = t[f"{mode}_adaptive"] / t[f"{mode}_off"]
-    for mode in (*MODES, "exact_f16v"):
+    for mode in modes:
         solo = res[1][f"{mode}_off"]["outputs"]
         m = {f"c1_{kind}_vs_off": match(res[1][f"{mode}_{kind}"]["outputs"], solo) for kind in ("adaptive", TREE)
              if f"{mode}_{kind}" in res[1]}
@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--prompts-c1", type=int, default=8)
     ap.add_argument("--prompts-c16", type=int, default=32)
     ap.add_argument("--tree-concurrency", type=int, default=4)
+    ap.add_argument("--kinds", default=f"off,adaptive,{TREE}", help="speculation per engine (a subset: a focused run)")
+    ap.add_argument("--modes", default="exact,fast,exact_f16v", help=f"of {', '.join(MODE_ARGS)}")
     ap.add_argument("--out", default="bench-out/llamacpp_exact.json")
     args = ap.parse_args()
     if args.tree_concurrency in (1, 16):
@@ -134,23 +136,23 @@ def main() -> None:
     report = {"command": " ".join(sys.argv), "gguf": gguf.name, "threads": args.threads, "tokens": args.tokens,
               "heads": heads_note, "machine": platform.processor() or platform.machine(),
               "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    peers = {}
-    for mode in MODES:
-        peers |= engines_for(mode, gguf, heads, args.threads, 16)
-    peers |= engines_for("exact_f16v", gguf, heads, args.threads, 16, kinds=("off",))
+    peers, kinds, modes = {}, tuple(args.kinds.split(",")), args.modes.split(",")
+    for mode in modes:  # the variants run speculation off only
+        peers |= engines_for(mode, gguf, heads, args.threads, 16, kinds=kinds if mode in MODES else ("off",))
     ct = args.tree_concurrency
     res = {1: interleaved(peers, prompts[: args.prompts_c1], args.tokens, 1, 1)}
     print_block(1, res[1])
     wide = {k: p for k, p in peers.items() if not k.endswith(TREE)}
     res[16] = interleaved(wide, prompts[: args.prompts_c16], args.tokens, 16, 16)
     print_block(16, res[16])
-    trees = {k: p for k, p in peers.items() if k.endswith(TREE) or k in ("exact_off", "fast_off")}
-    res[ct] = interleaved(trees, prompts[: 2 * ct], args.tokens, ct, ct)
-    print_block(ct, res[ct])
+    if TREE in kinds:
+        trees = {k: p for k, p in peers.items() if k.endswith(TREE) or k in ("exact_off", "fast_off")}
+        res[ct] = interleaved(trees, prompts[: 2 * ct], args.tokens, ct, ct)
+        print_block(ct, res[ct])
     for p in peers.values():
         p.close()
     report["results"] = {f"c{c}": r for c, r in res.items()}
-    report["summary"] = summary(res)
+    report["summary"] = summary(res, modes)
     answers = [p + o for p, o in zip(prompts[:4], res[1]["exact_off"]["outputs"][:4])]
     report["summary"]["v_cache_q8_0_vs_f16"] = kv_quality(gguf, answers, args.threads)
     report["load_after"] = os.getloadavg()

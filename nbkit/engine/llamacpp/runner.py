@@ -84,11 +84,11 @@ class LlamaCppRunner(LlamaContext):
         if exact and flash_attn is False:
             raise ValueError("the exact configuration needs flash attention (the only placement-invariant path)")
         self._load_model(n_gpu_layers)
-        self.v_type = v_type = _v_type(exact, kv_type, v_type, flash_attn, self.on_cpu)
-        # With K and V of one type ggml's flash attention tiles ubatches of >= 64 tokens and splits a
-        # single token's cells across threads: exact mode then needs ubatches of <= 63 tokens and pads single
-        # tokens. A q8_0 V cache (K stays f16) rules both paths out on the CPU: full ubatches, no padding.
-        self._pad_single = exact and v_type != "q8_0"
+        self.k_type, self.v_type = k_type, v_type = _cache_types(exact, kv_type, v_type, flash_attn, self.on_cpu)
+        # With K and V of one type (f32 is read as f16) ggml's flash attention tiles ubatches of >= 64 tokens
+        # and splits a single token's cells across threads: exact mode then needs ubatches of <= 63 tokens and
+        # pads single tokens. K and V of different types rule both paths out: full ubatches, no padding.
+        self._pad_single = exact and k_type.replace("f32", "f16") == v_type.replace("f32", "f16")
         self.vocab_size = lib.llama_vocab_n_tokens(self._vocab)
         self.hidden_size = lib.llama_model_n_embd(self._model)
         n_ctx_train = lib.llama_model_n_ctx_train(self._model)
@@ -106,8 +106,8 @@ class LlamaCppRunner(LlamaContext):
         self.n_batch = min(n_batch or max(512, 64 * max_slots), n_ctx - 1)
         self.n_ubatch = min(self.n_batch, EXACT_UBATCH if self._pad_single else 512)
 
-        self._create_context(n_ctx, n_threads, hidden, True if exact or v_type == "q8_0" else flash_attn, kv_type,
-                             v_type)
+        quantized = "q8_0" in (k_type, v_type)
+        self._create_context(n_ctx, n_threads, hidden, True if exact or quantized else flash_attn, k_type, v_type)
         self.n_ctx = lib.llama_n_ctx(self._ctx)
         self.max_context = min(n_ctx_train, self.n_ctx)
         self._mem = lib.llama_get_memory(self._ctx)
@@ -373,17 +373,17 @@ class LlamaCppRunner(LlamaContext):
             self._free_leaves.extend(p.leaves)
             self.lengths[slot] = new_len
 
-def _v_type(exact: bool, kv_type: str, v_type: str | None, flash_attn: bool | None, on_cpu: bool) -> str:
-    """The V cache type: q8_0 by default in exact mode on the CPU (the analysis is of ggml-cpu's kernels;
-    on a GPU exact mode keeps the f16 cache it was first built with), else kv_type; checks the choice."""
-    if kv_type not in ("f16", "f32"):
-        raise ValueError("kv_type must be 'f16' or 'f32'")
-    v_type = v_type or ("q8_0" if exact and on_cpu else kv_type)
-    if v_type not in ("f16", "f32", "q8_0"):
-        raise ValueError("v_type must be 'f16', 'f32' or 'q8_0'")
-    if v_type == "q8_0" and flash_attn is False:
-        raise ValueError("a q8_0 V cache needs flash attention")
-    return v_type
+def _cache_types(exact: bool, kv_type: str, v_type: str | None, flash_attn: bool | None,
+                 on_cpu: bool) -> tuple[str, str]:
+    """(K, V) cache types. kv_type is K's (and V's unless v_type is given). Exact mode on the CPU defaults
+    to a q8_0 V cache (the analysis is of ggml-cpu's kernels; on a GPU exact mode keeps f16)."""
+    types = ("f16", "f32", "q8_0")
+    if kv_type not in types or (v_type is not None and v_type not in types):
+        raise ValueError(f"kv_type and v_type must be one of {types}")
+    v_type = v_type or ("q8_0" if exact and on_cpu and kv_type != "q8_0" else kv_type)
+    if "q8_0" in (kv_type, v_type) and flash_attn is False:
+        raise ValueError("a q8_0 KV cache needs flash attention")
+    return kv_type, v_type
 
 
 @dataclass
