@@ -168,15 +168,17 @@ class LlamaServer:
 
 def interleaved(peers: dict, prompts: list[list[int]], tokens: int, concurrency: int, wave_size: int) -> dict:
     """Serve `prompts` in waves; every wave is served by every peer, in rotating order."""
-    res = {name: {"tokens": 0, "seconds": 0.0, "outputs": []} for name in peers}
+    res = {name: {"tokens": 0, "seconds": 0.0, "outputs": [], "wave_tokens_per_s": []} for name in peers}
     names = list(peers)
     before = {n: dict(p.engine.policy.choices) for n, p in peers.items() if isinstance(p, EnginePeer)}
     for w, start in enumerate(range(0, len(prompts), wave_size)):
         wave = prompts[start: start + wave_size]
         for name in names[w % len(names):] + names[: w % len(names)]:
             outs, seconds = peers[name].wave(wave, tokens, concurrency)
+            produced = sum(o if isinstance(o, int) else len(o) for o in outs)
             res[name]["seconds"] += seconds
-            res[name]["tokens"] += sum(o if isinstance(o, int) else len(o) for o in outs)
+            res[name]["tokens"] += produced
+            res[name]["wave_tokens_per_s"].append(produced / seconds)
             res[name]["outputs"] += outs
     for name, r in res.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -89,12 +90,16 @@ def match(a: list[list[int]], b: list[list[int]]) -> float:
 def summary(res: dict, modes: list[str]) -> dict:
     """Ratios and match rates from {concurrency: {engine: result}}."""
     tps = {c: {k: v["tokens_per_s"] for k, v in r.items()} for c, r in res.items()}
-    out: dict = {"over_fast": {}, "adaptive_over_off": {}, "match": {}}
+    out: dict = {"over_fast": {}, "over_fast_median_per_wave": {}, "adaptive_over_off": {}, "match": {}}
     for c, t in tps.items():
         for mode in modes:
             for kind in ("off", "adaptive", TREE):
                 if mode != "fast" and f"{mode}_{kind}" in t and f"fast_{kind}" in t:
                     out["over_fast"][f"c{c}_{mode}_{kind}"] = t[f"{mode}_{kind}"] / t[f"fast_{kind}"]
+                    # Paired by wave (same prompts, served back to back): robust to a burst of load.
+                    mine, fast = (res[c][f"{m}_{kind}"]["wave_tokens_per_s"] for m in (mode, "fast"))
+                    out["over_fast_median_per_wave"][f"c{c}_{mode}_{kind}"] = statistics.median(
+                        a / b for a, b in zip(mine, fast))
             if f"{mode}_adaptive" in t:
                 out["adaptive_over_off"][f"c{c}_{mode}"] = t[f"{mode}_adaptive"] / t[f"{mode}_off"]
     for mode in modes:
