@@ -50,6 +50,12 @@ class CostModel:
         self._lock = threading.Lock()
         self.set_reference()
 
+    @property
+    def learns(self) -> bool:
+        """False for a declared price list (ema 0, e.g. `from_function`): the policy takes it as given, with
+        no guard and no re-measurement (tests, or an operator pinning the policy's behaviour)."""
+        return self.ema > 0
+
     def set_reference(self) -> None:
         """Take the current curve and shapes as the reference that `drift()` compares real steps with
         (after calibration and after every re-measurement)."""

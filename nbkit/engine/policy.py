@@ -15,7 +15,8 @@ picks big trees; on a CPU under load small ones or none.
 
 Two checks run on top (guard.py): the guard compares the realized rate of speculative steps with
 measured plain steps and backs off when speculation loses; and when real step times drift from the
-cost model, a few interleaved rounds of plain and tree steps re-measure it. `calibrate()` (costs.py)
+cost model, a few interleaved rounds of plain and tree steps re-measure it. Both correct a MEASURED
+cost model; a declared price list (`CostModel.from_function`, ema 0) is taken as given. `calibrate()` (costs.py)
 measures the cost curve on the runner at start-up.
 """
 
@@ -109,7 +110,7 @@ class SpeculationPolicy:
         if self.remeasure.active:
             tree, self._remeasuring = self.remeasure.next_tree(), True
             return self._record(tree), [tree.size > 1] * len(requests)
-        if not self.guard.allows(self.steps) or self.guard.wants_plain(self.steps, n_rows):
+        if self.cost.learns and (not self.guard.allows(self.steps) or self.guard.wants_plain(self.steps, n_rows)):
             return self._record(self.none), [False] * len(requests)
         tree, use = self._best(n_rows, requests)
         return self._record(tree), use
@@ -119,12 +120,14 @@ class SpeculationPolicy:
         """What a step really did (the engine calls this after every decoding step): feeds the guard and
         the re-measurement. tree_size: the largest tree in the step; seconds: heads to commit."""
         self.steps += 1
-        if self.mode != "adaptive":
+        if self.mode != "adaptive" or not self.cost.learns:
             return
         if self._remeasuring:
             self.remeasure.record(n_rows, tree_size, verify_seconds, self.cost)
             if tree_size > 1:
                 return
+        if tree_size > 1 and self.last_choice.size == 1:
+            return  # a request's own fixed tree ran, not the policy's choice: neither side of the guard
         self.guard.record(self.steps, n_rows, tree_size > 1, tokens, seconds, probed)
 
     def snapshot(self) -> dict:
