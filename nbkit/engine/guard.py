@@ -74,15 +74,19 @@ class SpeculationGuard:
         self._judge(step)
 
     def _judge(self, step: int) -> None:
+        """realized / plain = mean tokens per row and step / median step time in plain-step units. Step times
+        on a shared machine come in bursts: the median keeps one burst from deciding (the plain side is a
+        median too), while tokens, which bursts do not touch, are averaged."""
         if len(self.window) < GUARD_MIN:
             return
-        plain_tokens = 0.0  # what plain steps would have emitted in the same time
-        for _, seconds, rows in self.window:
+        tokens, times = [], []
+        for n_tokens, seconds, rows in self.window:
             plain = self.plain_seconds(rows)
             if plain is None:
                 return
-            plain_tokens += rows * seconds / plain
-        self.last_ratio = sum(t for t, _, _ in self.window) / max(plain_tokens, 1e-9)
+            tokens.append(n_tokens / rows)
+            times.append(seconds / plain)
+        self.last_ratio = statistics.fmean(tokens) / max(statistics.median(times), 1e-9)
         if self.last_ratio < GUARD_FLOOR:
             log.info("speculation guard: realized/plain %.3f over %d steps, backing off for %d steps",
                      self.last_ratio, len(self.window), self.backoff)

@@ -16,6 +16,7 @@ from helpers import OracleHeads, ToyTokenizer, hf_greedy, tiny_llama
 from nbkit.engine.costs import CostModel, calibrate
 from nbkit.engine.engine import Engine
 from nbkit.engine.estimates import AcceptanceStats, RequestAcceptance, shrunk_lower_bounds
+from nbkit.engine.guard import SpeculationGuard
 from nbkit.engine.policy import SpeculationPolicy
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.runner import TreeInput
@@ -150,8 +151,22 @@ def test_guard_keeps_speculation_that_pays(model, refs, oracle):
     out = engine.generate(GOOD, SamplingParams(max_tokens=160))
     assert out.token_ids == refs[tuple(GOOD)]
     guard = engine.policy.guard
-    assert guard.backoffs == 0 and guard.last_ratio > 1.2, (guard.backoffs, guard.last_ratio)
+    assert guard.backoffs == 0 and guard.last_ratio > 1.0, (guard.backoffs, guard.last_ratio)
     assert out.mean_accepted > 1.8
+
+
+def test_guard_judges_through_bursts_of_load():
+    """Speculative steps that give 1.5 tokens for 1.2x a plain step's time, 3 of 16 of them hit by a 10x
+    burst: the mean time would call that a loss, the guard does not; the same steps at 1.6x are a loss."""
+    for cost, loses in ((1.2, False), (1.6, True)):
+        guard = SpeculationGuard()
+        for step in range(9):
+            guard.record(step, 1, False, 1, 0.010, probed=False)
+        for step in range(9, 25):
+            seconds = 0.010 * cost * (10 if step % 5 == 0 else 1)
+            guard.record(step, 1, True, 1 if step % 2 else 2, seconds, probed=False)
+        assert (guard.backoffs > 0) == loses, (cost, guard.last_ratio)
+        assert guard.allows(25) != loses
 
 
 def test_drift_triggers_an_interleaved_remeasurement(model, refs, oracle):
