@@ -122,18 +122,23 @@ class RequestAcceptance:
     def __init__(self, n_heads: int, topk: int = TOPK):
         self.hits = torch.zeros(n_heads, topk)
         self.trials = torch.zeros(n_heads)
+        self.version = 0  # bumped by every observation (the policy caches its gains per version)
+        self.cache_key: tuple | None = None
+        self.gains: list[float] = []
 
     def observe(self, walk: list[tuple[int, int | None]]) -> None:
+        self.version += 1
         for d, rank in walk:
             self.trials[d] += 1
             if rank is not None:
                 self.hits[d, rank] += 1
 
 
-def shrunk_lower_bounds(stats: AcceptanceStats, requests: list[RequestAcceptance | None]) -> torch.Tensor:
-    """[N, D, K] lower confidence bounds of each request's q, shrunk toward the global estimate
-    (a request given as None has seen nothing of its own)."""
-    q_global, n_global = stats.counts()
+def shrunk_lower_bounds(q_global: torch.Tensor, n_global: torch.Tensor,
+                        requests: list[RequestAcceptance | None]) -> torch.Tensor:
+    """[N, D, K] lower confidence bounds of each request's q, shrunk toward the global estimate q_global
+    [D, K] (from n_global [D] trials; `AcceptanceStats.counts()`). A request given as None has seen
+    nothing of its own."""
     weight = n_global.clamp(max=SHRINK)  # [D]: never trust the global estimate beyond its own evidence
     d, k = q_global.shape
     hits = torch.stack([r.hits if r is not None else torch.zeros(d, k) for r in requests])
@@ -157,10 +162,11 @@ class TreeTable:
             ranks[j, : len(p)] = torch.tensor(p, dtype=torch.long)
             zero[j] = len(p) > n_heads or any(r >= topk for r in p)
         self.ranks, self.zero, self.depth = ranks.clamp(max=topk), zero, depth
-        self.member = torch.zeros(len(candidates), len(paths))
+        member = [[0.0] * len(paths) for _ in candidates]
         for c, tree in enumerate(candidates):
             for p in tree.paths:
-                self.member[c, index[tuple(p)]] = 1.0
+                member[c][index[tuple(p)]] = 1.0
+        self.member = torch.tensor(member)
 
     def expected(self, q: torch.Tensor) -> torch.Tensor:
         """q [N, D, K] -> [N, C] expected tokens per step of each candidate tree."""

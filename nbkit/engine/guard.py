@@ -19,6 +19,7 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 
 from ..medusa.trees import MedusaTree
 from .costs import CostModel
@@ -115,13 +116,15 @@ class Remeasure:
     def active(self) -> bool:
         return bool(self.queue)
 
-    def maybe_start(self, step: int, cost: CostModel, trees: list[MedusaTree]) -> None:
-        """Queue REMEASURE_ROUNDS rounds over `trees` (plain first) when the cost model has drifted."""
+    def maybe_start(self, step: int, cost: CostModel, shapes: Callable[[], list[MedusaTree]]) -> None:
+        """Queue REMEASURE_ROUNDS rounds over the trees `shapes()` gives (plain first) when the cost model
+        has drifted."""
+        if self.queue or step - self.last < REMEASURE_COOLDOWN:
+            return
         drift = cost.drift()
-        if self.queue or drift is None or step - self.last < REMEASURE_COOLDOWN:
+        if drift is None or 1 / DRIFT_LIMIT <= drift <= DRIFT_LIMIT:
             return
-        if 1 / DRIFT_LIMIT <= drift <= DRIFT_LIMIT:
-            return
+        trees = shapes()
         log.info("step times drifted (x%.2f of the cost model): re-measuring %s", drift, [t.name for t in trees])
         self.last = step
         for rnd in range(REMEASURE_ROUNDS):

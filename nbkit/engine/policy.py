@@ -58,6 +58,8 @@ class SpeculationPolicy:
         self.none = chain(0)
         self._trees: list[MedusaTree] = []
         self._table: TreeTable | None = None
+        self._table_version = self._global_version = self._global_age = 0
+        self._global: tuple[torch.Tensor, torch.Tensor] | None = None  # the global (q, trials) read last
         self._refresh_in = 0
         self._prices: dict[int, list[float]] = {}  # rows -> seconds per candidate tree (heads excluded)
         self._prices_age, self._prices_version = 0, -1
@@ -74,6 +76,7 @@ class SpeculationPolicy:
             self._trees = [self.none] + [subtree(self.base_tree, scores, n)
                                          for n in SUBTREE_SIZES if n <= len(self.base_tree.paths)]
             self._table = TreeTable(self.base_tree, self._trees, self.stats.n_heads, self.stats.topk)
+            self._table_version += 1
             self._refresh_in = REBUILD_EVERY
             self._prices.clear()
         self._refresh_in -= 1
@@ -106,7 +109,7 @@ class SpeculationPolicy:
             return self._record(self.none), [False] * len(requests)
         if self.mode == "fixed":
             return self._record(self.fixed), [True] * len(requests)
-        self.remeasure.maybe_start(self.steps, self.cost, self._remeasure_trees())
+        self.remeasure.maybe_start(self.steps, self.cost, self._remeasure_trees)
         if self.remeasure.active:
             tree, self._remeasuring = self.remeasure.next_tree(), True
             return self._record(tree), [tree.size > 1] * len(requests)
@@ -155,22 +158,41 @@ class SpeculationPolicy:
             self._prices[n_rows] = [self.cost.step(n_rows, t.size) for t in self._trees]
         return self._prices[n_rows]
 
+    def _gains(self, requests: list[RequestAcceptance | None]) -> list[list[float]]:
+        """Per request, the lower bound of the extra tokens per step of every candidate tree. The global
+        estimate is read every RECHOOSE_EVERY steps; a request's row is recomputed only when it or that
+        read changed (one tensor pass for all stale rows)."""
+        self._global_age += 1
+        if self._global is None or self._global_age >= RECHOOSE_EVERY:
+            self._global, self._global_age = self.stats.counts(), 0
+            self._global_version += 1
+        key = (self._global_version, self._table_version)
+        stale = [i for i, r in enumerate(requests) if r is None or r.cache_key != (key, r.version)]
+        if stale:
+            rows = (self._table.expected(shrunk_lower_bounds(*self._global, [requests[i] for i in stale])) - 1.0)
+            for i, row in zip(stale, rows.tolist()):
+                if requests[i] is None:
+                    return [row] * len(requests)  # nothing of their own: all the same
+                requests[i].cache_key, requests[i].gains = (key, requests[i].version), row
+        return [r.gains for r in requests]
+
     def _best(self, n_rows: int, requests: list[RequestAcceptance | None]) -> tuple[MedusaTree, list[bool]]:
         """The candidate with the most tokens per second at the requests' lower bounds, if it beats plain
         decoding by SPECULATION_MARGIN; else no tree."""
         trees = self.candidates()
-        gain = self._table.expected(shrunk_lower_bounds(self.stats, requests)) - 1.0  # [N, C]
+        gains = self._gains(requests)
         prices = self._step_prices(n_rows)
         heads_row = self.cost.heads(len(requests)) / len(requests)
-        best, best_use = self.none, torch.zeros(len(requests), dtype=torch.bool)
+        best, best_use = self.none, [False] * len(requests)
         best_rate = n_rows / prices[0] * (1 + SPECULATION_MARGIN)
         for c in range(1, len(trees)):
             # a request speculates when its bound pays for its heads row (at this batch's rate)
-            use = gain[:, c] > heads_row * n_rows / prices[c] + (MIN_REQUEST_GAIN if n_rows > 1 else 0.0)
-            k = int(use.sum())
+            floor = heads_row * n_rows / prices[c] + (MIN_REQUEST_GAIN if n_rows > 1 else 0.0)
+            use = [g[c] > floor for g in gains]
+            k = sum(use)
             if k == 0 or (self.max_leaves is not None and k * trees[c].n_leaves > self.max_leaves):
                 continue
-            rate = (n_rows + float(gain[use, c].sum())) / (prices[c] + self.cost.heads(k))
+            rate = (n_rows + sum(g[c] for g, u in zip(gains, use) if u)) / (prices[c] + self.cost.heads(k))
             if rate > best_rate:
                 best, best_use, best_rate = trees[c], use, rate
-        return best, best_use.tolist()
+        return best, best_use

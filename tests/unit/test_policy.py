@@ -72,7 +72,7 @@ def _observed(n: int, hit_rate: float) -> RequestAcceptance:
 
 def test_lower_bound_rises_with_a_requests_own_evidence():
     stats = AcceptanceStats(4, measured=[[0.5] + [0.0] * 9] + [[0.0] * 10] * 3)
-    lo = shrunk_lower_bounds(stats, [None, _observed(20, 0.5), _observed(400, 0.5)])[:, 0, 0]
+    lo = shrunk_lower_bounds(*stats.counts(), [None, _observed(20, 0.5), _observed(400, 0.5)])[:, 0, 0]
     assert 0.3 < lo[0] < lo[1] < lo[2] < 0.5  # same estimate (0.5), more evidence, tighter bound
 
 
