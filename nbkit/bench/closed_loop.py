@@ -47,6 +47,8 @@ class RunResult:
     latency_p95: float
     mean_accepted: float  # tokens per decoding step, per request, averaged over requests
     tree_choices: dict = field(default_factory=dict)
+    guard_backoffs: int = 0  # times the speculation guard found speculation losing and stopped it
+    remeasurements: int = 0  # cost-model re-measurements after step times drifted
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -130,7 +132,7 @@ def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("o
             runs.append(run)
             log(f"{source:>12} {run.name:>16}: {run.tokens_per_s:7.1f} tok/s  ttft p50 {run.ttft_p50:.3f}s  "
                 f"latency p50 {run.latency_p50:.2f}s p95 {run.latency_p95:.2f}s  accepted/step {run.mean_accepted:.2f}"
-                f"  trees {run.tree_choices}")
+                f"  trees {run.tree_choices}  guard back-offs {run.guard_backoffs}, re-measured {run.remeasurements}")
     if mixed:
         rng = random.Random(seed)
         lengths = [rng.choice([16, 32, 64, 128, 256]) for _ in range(mixed_requests)]
@@ -154,6 +156,7 @@ def interleaved(make_engine, prompts: list[list[int]], concurrency: int, n_reque
     served: dict[str, list] = {s: [] for s in speculations}
     seconds = dict.fromkeys(speculations, 0.0)
     choices: dict[str, dict] = {s: {} for s in speculations}
+    checks = {s: {"guard_backoffs": 0, "remeasurements": 0} for s in speculations}
     first = 0
     for rnd in range(rounds):
         n = n_requests // rounds + (rnd < n_requests % rounds)
@@ -165,9 +168,16 @@ def interleaved(make_engine, prompts: list[list[int]], concurrency: int, n_reque
             seconds[spec] += took
             for tree, k in engine.policy.choices.items():
                 choices[spec][tree] = choices[spec].get(tree, 0) + k
+            for key, v in engine.policy.snapshot().items():
+                if key in checks[spec]:
+                    checks[spec][key] += v
         first += n
-    return [summarize(f"c{concurrency}-{s}", concurrency, s, "continuous", served[s], seconds[s], None, choices[s])
+    runs = [summarize(f"c{concurrency}-{s}", concurrency, s, "continuous", served[s], seconds[s], None, choices[s])
             for s in speculations]
+    for run in runs:
+        run.guard_backoffs, run.remeasurements = checks[run.speculation]["guard_backoffs"], \
+            checks[run.speculation]["remeasurements"]
+    return runs
 
 
 def run_sources(make_engine, tokenizer, sources: list[str], log=print, **kwargs) -> dict:
