@@ -47,6 +47,8 @@ class RunResult:
     latency_p95: float
     mean_accepted: float  # tokens per decoding step, per request, averaged over requests
     tree_choices: dict = field(default_factory=dict)
+    guard_backoffs: int = 0  # times the speculation guard found speculation losing and stopped it
+    remeasurements: int = 0  # cost-model re-measurements after step times drifted
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -57,10 +59,12 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def closed_loop(engine: Engine, prompts: list[list[int]], concurrency: int, n_requests: int,
-                max_tokens: list[int]) -> tuple[list, float]:
-    """Run `n_requests` requests with `concurrency` clients; returns (Finished list, wall seconds)."""
+                max_tokens: list[int], first: int = 0) -> tuple[list, float]:
+    """Run `n_requests` requests with `concurrency` clients, from prompt number `first` on; returns
+    (Finished list, wall seconds)."""
     lock = threading.Lock()
-    next_i = [0]
+    next_i = [first]
+    n_requests += first
     results = []
 
     def client():
@@ -84,7 +88,7 @@ def closed_loop(engine: Engine, prompts: list[list[int]], concurrency: int, n_re
     return results, time.perf_counter() - start
 
 
-def summarize(name, concurrency, speculation, batching, results, seconds, engine) -> RunResult:
+def summarize(name, concurrency, speculation, batching, results, seconds, engine, choices=None) -> RunResult:
     tokens = sum(r.completion_tokens for r in results)
     errors = [r for r in results if r.finish_reason in ("error", "cancelled")]
     if errors:
@@ -97,7 +101,7 @@ def summarize(name, concurrency, speculation, batching, results, seconds, engine
         ttft_p50=round(_pct(ttft, 0.5), 4), ttft_p95=round(_pct(ttft, 0.95), 4),
         latency_p50=round(_pct(lat, 0.5), 4), latency_p95=round(_pct(lat, 0.95), 4),
         mean_accepted=round(statistics.mean(r.mean_accepted for r in results if r.steps) if results else 0, 3),
-        tree_choices=dict(engine.policy.choices),
+        tree_choices=dict(engine.policy.choices if choices is None else choices),
     )
 
 
@@ -114,7 +118,7 @@ def bench_prompts(tokenizer, n: int = 32, chat: bool = True, source: str = "temp
 def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("off", "mc_sim_7b_63", "adaptive"),
               max_tokens: int = 64, requests_per_client: int = 2, min_requests: int = 8, mixed: bool = True,
               mixed_requests: int = 32, mixed_concurrency: int = 16, seed: int = 0, log=print,
-              source: str = "templates", n_prompts: int = 32, warm_up: bool = True) -> dict:
+              source: str = "templates", n_prompts: int = 32, warm_up: bool = True, rounds: int = 2) -> dict:
     """make_engine(speculation=..., static_batching=..., max_batch=...) -> a started Engine."""
     prompts = bench_prompts(tokenizer, n_prompts, source=source)
     runs: list[RunResult] = []
@@ -123,16 +127,12 @@ def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("o
         closed_loop(warm, prompts, 2, 2, [8])
         warm.stop()
     for c in concurrencies:
-        for spec in speculations:
-            engine = make_engine(speculation=spec, static_batching=False, max_batch=max(c, 1))
-            n = max(min_requests, requests_per_client * c)
-            results, seconds = closed_loop(engine, prompts, c, n, [max_tokens])
-            run = summarize(f"c{c}-{spec}", c, spec, "continuous", results, seconds, engine)
-            engine.stop()
+        n = max(min_requests, requests_per_client * c)
+        for run in interleaved(make_engine, prompts, c, n, speculations, max_tokens, rounds):
             runs.append(run)
             log(f"{source:>12} {run.name:>16}: {run.tokens_per_s:7.1f} tok/s  ttft p50 {run.ttft_p50:.3f}s  "
                 f"latency p50 {run.latency_p50:.2f}s p95 {run.latency_p95:.2f}s  accepted/step {run.mean_accepted:.2f}"
-                f"  trees {run.tree_choices}")
+                f"  trees {run.tree_choices}  guard back-offs {run.guard_backoffs}, re-measured {run.remeasurements}")
     if mixed:
         rng = random.Random(seed)
         lengths = [rng.choice([16, 32, 64, 128, 256]) for _ in range(mixed_requests)]
@@ -145,6 +145,39 @@ def run_bench(make_engine, tokenizer, concurrencies=(1, 4, 16), speculations=("o
             log(f"{run.name:>22}: {run.tokens_per_s:7.1f} tok/s  ttft p50 {run.ttft_p50:.3f}s  "
                 f"latency p50 {run.latency_p50:.2f}s p95 {run.latency_p95:.2f}s")
     return {"prompts": source, "runs": [asdict(r) for r in runs], "ratios": ratios(runs)}
+
+
+def interleaved(make_engine, prompts: list[list[int]], concurrency: int, n_requests: int, speculations,
+                max_tokens: int, rounds: int) -> list[RunResult]:
+    """One RunResult per speculation setting over `n_requests`, served in `rounds` interleaved rounds (off,
+    adaptive, off, adaptive... with the order reversed every other round, each round on the same prompts
+    for every setting): a burst of load elsewhere on a shared machine then hits both sides alike."""
+    rounds = max(1, min(rounds, n_requests))
+    served: dict[str, list] = {s: [] for s in speculations}
+    seconds = dict.fromkeys(speculations, 0.0)
+    choices: dict[str, dict] = {s: {} for s in speculations}
+    checks = {s: {"guard_backoffs": 0, "remeasurements": 0} for s in speculations}
+    first = 0
+    for rnd in range(rounds):
+        n = n_requests // rounds + (rnd < n_requests % rounds)
+        for spec in speculations if rnd % 2 == 0 else list(reversed(speculations)):
+            engine = make_engine(speculation=spec, static_batching=False, max_batch=max(concurrency, 1))
+            results, took = closed_loop(engine, prompts, concurrency, n, [max_tokens], first=first)
+            engine.stop()
+            served[spec] += results
+            seconds[spec] += took
+            for tree, k in engine.policy.choices.items():
+                choices[spec][tree] = choices[spec].get(tree, 0) + k
+            for key, v in engine.policy.snapshot().items():
+                if key in checks[spec]:
+                    checks[spec][key] += v
+        first += n
+    runs = [summarize(f"c{concurrency}-{s}", concurrency, s, "continuous", served[s], seconds[s], None, choices[s])
+            for s in speculations]
+    for run in runs:
+        run.guard_backoffs, run.remeasurements = checks[run.speculation]["guard_backoffs"], \
+            checks[run.speculation]["remeasurements"]
+    return runs
 
 
 def run_sources(make_engine, tokenizer, sources: list[str], log=print, **kwargs) -> dict:
@@ -253,6 +286,8 @@ def register_cli(sub) -> None:
                    help="prompt source(s), comma-separated, or 'all': templates, handwritten, selfinstruct_seed, "
                         "user_oriented, dolly (public ones are read from $NBKIT_PROMPTS_DIR: docs/bench/sources.md)")
     p.add_argument("--n-prompts", type=int, default=32, help="held-out prompts per source")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="interleaved rounds per concurrency (off, adaptive, adaptive, off, ...): noise hits both")
     p.add_argument("--out", default="bench-out")
     p.set_defaults(func=_cmd_bench)
 
@@ -286,13 +321,9 @@ def _cmd_bench(args) -> int:
     result = run_sources(make_engine, proto.tokenizer, sources, concurrencies=concurrencies,
                          speculations=args.speculation.split(","), max_tokens=args.max_tokens,
                          requests_per_client=args.requests_per_client, min_requests=args.min_requests,
-                         mixed=not args.no_mixed, mixed_requests=args.mixed_requests, n_prompts=args.n_prompts)
-    result["machine"] = machine_name()
-    result["engine"] = args.engine
-    result["model"] = proto.model_name
-    result["command"] = "python -m nbkit bench " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func", "command") and v not in
-        (None, False))
+                         mixed=not args.no_mixed, mixed_requests=args.mixed_requests, n_prompts=args.n_prompts,
+                         rounds=args.rounds)
+    result.update(run_metadata(args, proto))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -300,6 +331,47 @@ def _cmd_bench(args) -> int:
     png = plot(result, out / "bench.png", f"{title}, prompts: {sources[0]}")
     for source in sources[1:]:
         plot(result["by_source"][source], out / f"bench-{source}.png", f"{title}, prompts: {source}")
-    print(json.dumps(result["ratios"] if len(sources) == 1 else result["per_source"], indent=2))
+    print(source_table(result))
     print(f"wrote {out / 'bench.json'} and {png}")
     return 0
+
+
+def run_metadata(args, proto) -> dict:
+    """What a reader of bench.json needs to reproduce it: machine, commit, heads, every setting."""
+    import subprocess
+
+    import torch
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    heads = getattr(proto.heads, "config", None) or {}
+    return {
+        "machine": machine_name(), "engine": args.engine, "model": proto.model_name,
+        "commit": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "heads": {k: heads[k] for k in ("medusa_num_heads", "medusa_num_layers", "trained_by", "train_answers",
+                                         "top1_accuracy") if k in heads},
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "command": "python -m nbkit bench " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+            if k not in ("func", "command") and v not in (None, False)),
+    }
+
+
+def source_table(result: dict) -> str:
+    """Markdown: one row per prompt source, speculation/off per concurrency (the figures issue 14 floors)."""
+    per = result.get("per_source") or {result.get("prompts", "?"): {k: v for k, v in result["ratios"].items()
+                                                                   if "_over_off_c" in k}}
+    keys = sorted({k for r in per.values() for k in r}, key=lambda k: (k.split("_over_off_c")[0],
+                                                                        int(k.split("_over_off_c")[1])))
+    head = "| source | " + " | ".join(k.replace("_over_off_c", "/off c") for k in keys) + " |"
+    rows = [head, "|" + " --- |" * (len(keys) + 1)]
+    for source, r in per.items():
+        rows.append(f"| {source} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
+    return "\n".join(rows)

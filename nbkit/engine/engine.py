@@ -177,6 +177,7 @@ class Engine(EngineThread):
                     self._finish(req, "cancelled")
                     continue
                 req.slot = self.runner.alloc()
+                req.acceptance = self.stats.request_stats()
                 self.active.append(req)
 
     def _drop_cancelled(self) -> None:
@@ -184,8 +185,9 @@ class Engine(EngineThread):
             self._finish(req, "cancelled")
 
     def _decode(self, running: list[Request]) -> None:
+        start = time.perf_counter()
         try:  # everything shared by the batch: a failure fails the batch's requests, not the engine
-            chosen, trees, inputs = self._plan(running)
+            chosen, trees, inputs, probed = self._plan(running)
             t0 = time.perf_counter()
             results = self._verify(inputs)
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
@@ -201,35 +203,32 @@ class Engine(EngineThread):
             for r in running:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
             return
-        # The policy learns what a step of this shape really costs: the forward pass plus acceptance
-        # and KV compaction (per-request work that grows with the trees).
-        seconds = time.perf_counter() - t0
+        # The cost model learns what this step shape costs (forward to KV compaction); the guard what it yielded.
+        seconds, q = time.perf_counter() - t0, max(t.size for t in trees.values())
+        tokens = sum(map(len, emitted.values()))
         if self.cost_model is not None:
-            q = max(t.size for t in trees.values())
             self.cost_model.observe(len(results) * q, seconds, n_rows=len(results))
+        self.policy.record_step(len(results), q, seconds, time.perf_counter() - start, tokens, probed)
         self.counters["steps"] += 1
         self.counters["step_seconds"] += seconds
         for r in running:
             if r.id in emitted:
                 self._emit_safely(r, emitted[r.id])
-        self._report_step(len(running), chosen, seconds, sum(len(e) for e in emitted.values()))
+        self._report_step(len(running), chosen, seconds, tokens)
 
-    def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput]]:
-        """The policy's tree, each request's tree, and the verification inputs (head top-k included)."""
+    def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput], bool]:
+        """The policy's tree, each request's tree, the verification inputs (head top-k included), probed?"""
         spec = [r for r in running if r.params.speculate and r.params.tree is None and self.heads is not None]
-        chosen = self.policy.choose(len(running), len(spec))
-        trees: dict[int, MedusaTree] = {}
-        for r in running:
-            if r.params.tree is not None:
-                trees[r.id] = get_tree(r.params.tree, self.heads.n_heads if self.heads else 0)
-            else:
-                trees[r.id] = chosen if r in spec else chain(0)
+        chosen, use = self.policy.plan(len(running), [r.acceptance for r in spec])
+        speculating = {r.id for r, u in zip(spec, use) if u}
+        trees = {r.id: get_tree(r.params.tree, self.heads.n_heads if self.heads else 0) if r.params.tree is not None
+                 else chosen if r.id in speculating else chain(0) for r in running}
         probe = self.policy.probe_due(self.counters["steps"], len(self.active))
         need = [r for r in running if trees[r.id].size > 1 or (probe and r.params.speculate)]
         topk = self._head_topk(need)
         inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
-        return chosen, trees, inputs
+        return chosen, trees, inputs, probe
 
     def _accept_all(self, running: list[Request], trees: dict[int, MedusaTree], inputs: list[TreeInput],
                     results: dict[int, SlotOutput]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
@@ -249,6 +248,7 @@ class Engine(EngineThread):
             r.steps += 1
             r.accepted_tokens += len(emitted[r.id])
             if tree.size > 1:
+                r.spec_steps += 1
                 self.stats.proposed += tree.size - 1
                 self.stats.accepted += len(nodes) - 1
                 self.counters["spec_steps"] += 1
@@ -343,12 +343,12 @@ class Engine(EngineThread):
             if reason is not None:
                 self._finish(r, reason)
                 return
-        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, final=False)
+        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, False, r.acceptance)
 
     def _finish(self, r: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
         if r.handle.finished is not None:
             return
-        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, final=True)
+        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, True, r.acceptance)
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:
@@ -396,5 +396,5 @@ class Engine(EngineThread):
             "speculation": self.policy.mode, "last_tree": self.policy.last_choice.name,
             "last_tree_size": self.policy.last_choice.size, "tree_choices": dict(self.policy.choices),
             "mean_accepted_per_spec_step": c["spec_tokens"] / c["spec_steps"] if c["spec_steps"] else 0.0,
-            **self.stats.snapshot(),
+            **self.stats.snapshot(), **self.policy.snapshot(),
         }

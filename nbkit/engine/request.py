@@ -270,3 +270,5 @@ class Request:
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     probes: list = field(default_factory=list)  # (output index, head top-k) awaiting acceptance stats
+    acceptance: object = None  # the request's own acceptance counts (estimates.RequestAcceptance)
+    spec_steps: int = 0  # steps that verified a tree

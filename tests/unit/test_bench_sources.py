@@ -60,3 +60,23 @@ def test_bench_cli_rejects_an_unknown_or_missing_source_before_loading_a_model(c
     monkeypatch.setenv("NBKIT_PROMPTS_DIR", str(tmp_path))
     assert main(["bench", "--prompts", "user_oriented", "--out", str(tmp_path)]) == 2
     assert "docs/bench/sources.md" in capsys.readouterr().out
+
+
+def test_off_and_adaptive_alternate_in_rounds_on_the_same_prompts(make_engine):
+    """--rounds: off, adaptive, adaptive, off; each round serves the same prompts to both settings."""
+    from nbkit.bench.closed_loop import interleaved
+
+    calls, prompts = [], [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
+
+    def recording(speculation, static_batching, max_batch):
+        engine = make_engine(speculation, static_batching, max_batch)
+        submit = engine.submit
+        engine.submit = lambda ids, params: calls.append((speculation, ids)) or submit(ids, params)
+        return engine
+
+    runs = interleaved(recording, prompts, 1, 4, ["off", "adaptive"], max_tokens=3, rounds=2)
+    assert [r.name for r in runs] == ["c1-off", "c1-adaptive"] and all(r.requests == 4 for r in runs)
+    p = prompts
+    assert calls == [("off", p[0]), ("off", p[1]), ("adaptive", p[0]), ("adaptive", p[1]),
+                     ("adaptive", p[2]), ("adaptive", p[3]), ("off", p[2]), ("off", p[3])]
+    assert {r.guard_backoffs for r in runs} == {0}  # a declared cost model: no guard

@@ -1,0 +1,236 @@
+"""What a verification step costs: the CostModel (seconds as a function of the step's shape) and its
+start-up calibration on the runner.
+
+Calibration times real forward passes in interleaved rounds (every shape once per round, medians over
+rounds), so a burst of load from elsewhere on a shared machine hits every shape alike. While serving,
+the engine feeds every step's time back (`observe`); the model keeps the calibration as its reference
+and reports `drift()`, the median ratio of observed to reference times, so the policy can re-measure
+when the machine has changed under it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from ..medusa.heads import MedusaHeads
+from ..medusa.trees import TOPK, chain
+from .runner import Runner, TreeInput
+
+log = logging.getLogger("nbkit.engine")
+
+DRIFT_WINDOW = 32  # recent steps whose observed / reference time ratio is the drift
+
+
+class CostModel:
+    """Seconds for one verification step as a function of tokens in the step (piecewise linear).
+
+    Calibrated at start-up by timing real forward passes, then corrected online from the step
+    times the engine observes (exponential moving average per power-of-two bucket).
+    """
+
+    def __init__(self, points: dict[int, float], heads_cost: float | dict[int, float] = 0.0, ema: float = 0.1):
+        if not points:
+            raise ValueError("a cost model needs at least one measured point")
+        self.points = dict(sorted(points.items()))
+        # seconds for one heads call: a constant, or measured {rows: seconds} (1 row costs less than 16)
+        self.heads_points = dict(sorted(heads_cost.items())) if isinstance(heads_cost, dict) else {1: heads_cost}
+        self.heads_cost = max(self.heads_points.values())
+        self.ema = ema
+        self.measured: dict[tuple[int, int], float] = {}  # (rows, tokens per row) -> seconds, from real steps
+        self.version = 0  # bumped when a shape is measured for the first time (cached choices go stale)
+        self._lock = threading.Lock()
+        self.set_reference()
+
+    @property
+    def learns(self) -> bool:
+        """False for a declared price list (ema 0, e.g. `from_function`): the policy takes it as given, with
+        no guard and no re-measurement (tests, or an operator pinning the policy's behaviour)."""
+        return self.ema > 0
+
+    def set_reference(self) -> None:
+        """Take the current curve and shapes as the reference that `drift()` compares real steps with
+        (after calibration and after every re-measurement)."""
+        with self._lock:
+            self.reference = (dict(self.points), dict(self.measured))
+            self.ratios: deque[float] = deque(maxlen=DRIFT_WINDOW)
+
+    def drift(self) -> float | None:
+        """Median of observed / reference seconds over the last DRIFT_WINDOW steps (None: too few yet)."""
+        with self._lock:
+            ratios = list(self.ratios)
+        return statistics.median(ratios) if len(ratios) >= DRIFT_WINDOW // 2 else None
+
+    def _reference_seconds(self, n_rows: int, per_row: int) -> float:
+        points, measured = self.reference
+        if (n_rows, per_row) in measured:
+            return measured[(n_rows, per_row)]
+        return _curve(points, n_rows * per_row)
+
+    def install(self, shapes: dict[tuple[int, int], float]) -> None:
+        """Re-measured shapes replace what the model held; the curve moves by their median ratio to it, so
+        shapes that were not re-measured follow the machine too; the new state becomes the reference."""
+        ratios = [v / max(self.step(*k), 1e-9) for k, v in shapes.items()]
+        with self._lock:
+            if ratios:
+                scale = statistics.median(ratios)
+                self.points = {n: v * scale for n, v in self.points.items()}
+            self.measured.update(shapes)
+            self.version += 1
+        self.set_reference()
+
+    def step(self, n_rows: int, per_row: int) -> float:
+        """Seconds for a step of n_rows x per_row tokens: measured for that shape if it has run
+        (16 rows x 2 tokens costs more than 1 row x 32), else the calibrated curve."""
+        known = self.measured.get((n_rows, per_row))
+        if known is not None:
+            return known
+        # Between two measured row counts with the same tokens per row: interpolate in rows.
+        by_rows = {r: v for (r, t), v in list(self.measured.items()) if t == per_row}
+        if by_rows and min(by_rows) < n_rows < max(by_rows):
+            return _lerp(by_rows, n_rows)
+        return self(n_rows * per_row)
+
+    def heads(self, n_rows: int) -> float:
+        """Seconds for the heads on n_rows hidden states (linear between the measured row counts)."""
+        first = min(self.heads_points)
+        if len(self.heads_points) == 1 or n_rows <= first:
+            return self.heads_points[first]
+        return max(0.0, _lerp(self.heads_points, n_rows))
+
+    @classmethod
+    def from_function(cls, fn: Callable[[int], float], heads_cost: float = 0.0, max_tokens: int = 1024) -> CostModel:
+        return cls({n: fn(n) for n in _buckets(max_tokens)}, heads_cost, ema=0.0)
+
+    def __call__(self, n_tokens: int) -> float:
+        return _curve(self.points, n_tokens)
+
+    def observe(self, n_tokens: int, seconds: float, n_rows: int | None = None) -> None:
+        """Fold a measured step time into its shape's record and the nearest bucket of the curve."""
+        if self.ema <= 0 or n_tokens <= 0:
+            return
+        if n_rows:
+            key = (n_rows, n_tokens // n_rows)
+            self.ratios.append(seconds / max(self._reference_seconds(*key), 1e-9))
+            with self._lock:
+                old = self.measured.get(key)
+                self.measured[key] = seconds if old is None else (1 - 2 * self.ema) * old + 2 * self.ema * seconds
+                if old is None:
+                    self.version += 1
+        bucket = min(self.points, key=lambda x: abs(math.log2(x) - math.log2(n_tokens)))
+        scaled = seconds * self(bucket) / max(self(n_tokens), 1e-9)
+        with self._lock:
+            self.points[bucket] = (1 - self.ema) * self.points[bucket] + self.ema * scaled
+
+
+def _curve(points: dict[int, float], n_tokens: int) -> float:
+    """Seconds for n_tokens on a calibrated curve: proportional below its first point, linear after."""
+    first = min(points)
+    if n_tokens <= first:
+        return points[first] * n_tokens / first if first > 1 else points[first]
+    if len(points) == 1:
+        return points[first] * n_tokens / first
+    return _lerp(points, n_tokens)
+
+
+def _lerp(points: dict[int, float], x: float) -> float:
+    """Piecewise-linear through points (>= 2), extended linearly past the last one."""
+    xs = sorted(points)
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1 = xs[i - 1], xs[i]
+    return points[x0] + (points[x1] - points[x0]) * (x - x0) / (x1 - x0)
+
+
+def _buckets(max_tokens: int) -> list[int]:
+    out, n = [], 1
+    while n <= max_tokens:
+        out.append(n)
+        n *= 2
+    return out
+
+
+def calibrate(runner: Runner, heads: MedusaHeads | None, max_batch: int, max_tree: int = 64, repeats: int = 7,
+              max_tokens: int | None = None) -> CostModel:
+    """Time real verification passes for 1, 2, 3, 4, 8, ... tokens (rows of up to `max_tree` tokens).
+
+    The sizes are timed in interleaved rounds and each keeps its median, so a burst of load from
+    elsewhere on the machine does not make one size look dear (small sizes decide whether a short
+    chain pays at all). On a CPU the cost is close to linear past a few hundred tokens, so points stop
+    at 256 (the model extrapolates and the engine corrects it online from real steps); on a GPU at 1024.
+    """
+    if max_tokens is None:
+        max_tokens = 1024 if str(runner.device).startswith("cuda") else 256
+    sizes = [1, 2, 3] + [n for n in (2 ** i for i in range(2, 16)) if n <= min(max_batch * max_tree, max_tokens)]
+    slots: list[int] = []
+    try:
+        points = _time_sizes(runner, slots, sizes, max_tree, repeats)
+        rows_shapes = _time_full_batches(runner, slots, max_batch, repeats) if max_batch > 1 else {}
+        heads_cost = _time_heads(runner, heads, max_batch, repeats) if heads is not None else {}
+    finally:
+        for s in slots:
+            runner.free(s)
+    log.info("cost model: %s, heads %s", {k: round(v, 4) for k, v in points.items()},
+             {k: round(v, 4) for k, v in heads_cost.items()})
+    model = CostModel(points, heads_cost or 0.0)
+    model.measured.update({(1, n): points[n] for n in (1, 2, 3, 4) if n in points})
+    model.measured.update(rows_shapes)
+    model.set_reference()
+    return model
+
+
+def _grow_slots(runner: Runner, slots: list[int], n: int) -> None:
+    """Allocate slots (each with a 64-token prefix) until there are `n`."""
+    while len(slots) < n:
+        slot = runner.alloc()
+        runner.prefill({slot: [1] * 64})
+        slots.append(slot)
+
+
+def _time_sizes(runner: Runner, slots: list[int], sizes: list[int], max_tree: int, repeats: int) -> dict[int, float]:
+    """Seconds per verification of n tokens (rows of up to max_tree), timed in interleaved rounds."""
+    shapes = {}
+    for n in sizes:
+        rows = max(1, -(-n // max_tree))
+        _grow_slots(runner, slots, rows)
+        shapes[n] = [TreeInput(s, chain(n // rows - 1), [1] * (n // rows)) for s in slots[:rows]]
+    return _interleaved_medians({n: (lambda b=shapes[n]: runner.verify(b)) for n in sizes}, repeats)
+
+
+def _time_full_batches(runner: Runner, slots: list[int], max_batch: int, repeats: int) -> dict[tuple[int, int], float]:
+    """Full batches of short trees (what the policy weighs under load): many rows of a few tokens cost
+    more than one row of as many tokens, so these shapes are timed as they are, plain and trees
+    alternating in every round."""
+    _grow_slots(runner, slots, max_batch)
+    shapes = {(max_batch, n): [TreeInput(s, chain(n - 1), [1] * n) for s in slots[:max_batch]] for n in (1, 2, 3, 4)}
+    return _interleaved_medians({k: (lambda b=b: runner.verify(b)) for k, b in shapes.items()}, repeats)
+
+
+def _interleaved_medians(calls: dict, repeats: int) -> dict:
+    """{key: seconds}: one untimed warm-up call each, then `repeats` rounds calling every key once per
+    round, the median of each key's rounds."""
+    for fn in calls.values():
+        fn()
+    times: dict = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(ts) for k, ts in times.items()}
+
+
+def _time_heads(runner: Runner, heads: MedusaHeads, max_batch: int, repeats: int) -> dict[int, float]:
+    """Seconds per heads call (top-k proposals) for 1 row and for a full batch, interleaved."""
+    calls = {}
+    for rows in sorted({1, max_batch}):
+        hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
+        calls[rows] = lambda hidden=hidden: heads.topk(hidden, runner.lm_head, TOPK)
+    return _interleaved_medians(calls, repeats)

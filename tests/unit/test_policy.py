@@ -1,0 +1,224 @@
+"""The speculation policy's safety mechanisms (issue 14): per-request shrinkage, the lower confidence
+bound, the realized-rate guard, re-measurement on drift, and calibration under bursts of load.
+
+Tiny random Llamas, oracle heads (they know the greedy continuation of registered prompts) and fake
+cost models; slow runners are real runners that sleep in `verify`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from helpers import OracleHeads, ToyTokenizer, hf_greedy, tiny_llama
+
+from nbkit.engine.costs import CostModel, calibrate
+from nbkit.engine.engine import Engine
+from nbkit.engine.estimates import AcceptanceStats, RequestAcceptance, shrunk_lower_bounds
+from nbkit.engine.guard import SpeculationGuard
+from nbkit.engine.policy import SpeculationPolicy
+from nbkit.engine.request import SamplingParams
+from nbkit.engine.runner import TreeInput
+from nbkit.engine.torch_runner import TorchRunner
+from nbkit.medusa.trees import get_tree
+
+CHEAP = CostModel.from_function(lambda n: 0.01)  # the model's belief: trees cost nothing extra
+GOOD, BAD = [5, 6, 7, 8, 9], [20] * 30  # both answer 400 tokens without an EOS
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def refs(model):
+    return {tuple(GOOD): hf_greedy(model, GOOD, 160)}
+
+
+@pytest.fixture(scope="module")
+def oracle(model, refs):
+    heads = OracleHeads(model)
+    heads.register(GOOD, refs[tuple(GOOD)])
+    return heads
+
+
+class SlowRunner:
+    """A real runner whose verification sleeps `per_step` + `per_token` x (tokens verified)."""
+
+    def __init__(self, runner: TorchRunner, per_step: float = 0.0, per_token: float = 0.0):
+        self.runner, self.per_step, self.per_token = runner, per_step, per_token
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def verify(self, batch):
+        time.sleep(self.per_step + self.per_token * sum(len(b.tokens) for b in batch))
+        return self.runner.verify(batch)
+
+
+def _policy(q00: float, two_tokens: float) -> SpeculationPolicy:
+    stats = AcceptanceStats(4, measured=[[q00] + [0.0] * 9] + [[0.0] * 10] * 3)
+    return SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, CostModel({1: 0.010, 2: two_tokens, 4: 0.05}, ema=0.0))
+
+
+def _observed(n: int, hit_rate: float) -> RequestAcceptance:
+    req = RequestAcceptance(4)
+    for i in range(n):
+        req.observe([(0, 0)] if i < n * hit_rate else [(0, None)])
+    return req
+
+
+def test_lower_bound_rises_with_a_requests_own_evidence():
+    stats = AcceptanceStats(4, measured=[[0.5] + [0.0] * 9] + [[0.0] * 10] * 3)
+    lo = shrunk_lower_bounds(*stats.counts(), [None, _observed(20, 0.5), _observed(400, 0.5)])[:, 0, 0]
+    assert 0.3 < lo[0] < lo[1] < lo[2] < 0.5  # same estimate (0.5), more evidence, tighter bound
+
+
+def test_few_observations_do_not_clear_the_margin_many_do():
+    """1.5 tokens for 1.35x the time: the point estimate clears the margin, its lower bound with no evidence
+    of the request's own does not; 400 probes of the request at the same rate do."""
+    policy = _policy(0.5, 0.0135)
+    policy.record_step(1, 1, 0.010, 0.010, 1, probed=False)  # the guard knows the plain rate: it lets the model decide
+    assert policy.plan(1, [None])[0].size == 1
+    assert policy.plan(1, [_observed(10, 0.5)])[0].size == 1
+    tree, use = policy.plan(1, [_observed(400, 0.5)])
+    assert tree.size > 1 and use == [True]
+
+
+@pytest.mark.slow
+def test_a_request_with_bad_acceptance_stops_while_a_good_one_continues(model):
+    refs = {tuple(p): hf_greedy(model, p, 400) for p in (GOOD, BAD)}
+    oracle = OracleHeads(model)
+    oracle.register(GOOD, refs[tuple(GOOD)])  # BAD is unknown to it: its proposals are random
+    engine = Engine(TorchRunner(model, max_slots=2), ToyTokenizer(), oracle, speculation="adaptive", cost_model=CHEAP)
+    good, bad = (engine.submit(p, SamplingParams(max_tokens=400)) for p in (GOOD, BAD))
+    good_req, bad_req = engine.waiting  # the engine's own records (spec_steps is not in the answer)
+    trace = []  # (GOOD speculated, BAD speculated) at each step both ran
+    while good.finished is None:
+        before = good_req.spec_steps, bad_req.spec_steps
+        engine.step()
+        if bad_req.steps and good.finished is None:
+            trace.append((good_req.spec_steps > before[0], bad_req.spec_steps > before[1]))
+    while bad.finished is None:
+        engine.step()
+    assert good.result().token_ids == refs[tuple(GOOD)] and bad.result().token_ids == refs[tuple(BAD)]
+    assert good.finished.mean_accepted > 1.8
+    assert any(b for _, b in trace[:10])  # BAD did start: its prior is the (good) global estimate
+    # in the second half, GOOD still speculates and BAD, whose own probes show the heads miss it, does not
+    late = trace[len(trace) // 2:]
+    assert len(late) > 10
+    assert sum(g for g, _ in late) >= 0.9 * len(late) and sum(b for _, b in late) <= 0.2 * len(late), late
+
+
+class SlowHeads(OracleHeads):
+    """Oracle heads that take `seconds` per call: dearer than the cost model was told (it priced them at 0)."""
+
+    def __init__(self, oracle: OracleHeads, seconds: float):
+        self.__dict__.update(oracle.__dict__)
+        self.seconds = seconds
+
+    def topk(self, hidden, lm_head, k):
+        time.sleep(self.seconds)
+        return super().topk(hidden, lm_head, k)
+
+
+def _learning_cheap() -> CostModel:
+    """A measured-looking cost model (it learns from real steps) that thinks trees and heads cost nothing."""
+    return CostModel({1: 0.001, 64: 0.001}, heads_cost=0.0, ema=0.1)
+
+
+def test_guard_backs_off_when_speculation_is_really_slow(model, refs, oracle):
+    """The heads really take 20 ms a call, which the cost model never sees (it times the verification): the
+    guard sees realized tokens/s of speculative steps far below plain steps and stops speculating; the
+    output is unchanged."""
+    engine = Engine(TorchRunner(model, max_slots=1), ToyTokenizer(), SlowHeads(oracle, 0.02), speculation="adaptive",
+                    cost_model=_learning_cheap())
+    out = engine.generate(GOOD, SamplingParams(max_tokens=160))
+    assert out.token_ids == refs[tuple(GOOD)]
+    guard = engine.policy.guard
+    assert guard.backoffs >= 1 and guard.last_ratio < 1.0, (guard.backoffs, guard.last_ratio)
+    spec = sum(n for name, n in engine.policy.choices.items() if name != "none")
+    assert engine.policy.choices["none"] > 2 * spec, engine.policy.choices
+
+
+def test_guard_keeps_speculation_that_pays(model, refs, oracle):
+    """Same heads at 2 ms, a runner whose step costs 30 ms whatever its size: trees pay, the guard lets them."""
+    slow = SlowRunner(TorchRunner(model, max_slots=1), per_step=0.03)
+    engine = Engine(slow, ToyTokenizer(), SlowHeads(oracle, 0.002), speculation="adaptive",
+                    cost_model=_learning_cheap())
+    out = engine.generate(GOOD, SamplingParams(max_tokens=160))
+    assert out.token_ids == refs[tuple(GOOD)]
+    guard = engine.policy.guard
+    assert guard.backoffs == 0 and guard.last_ratio > 1.0, (guard.backoffs, guard.last_ratio)
+    assert out.mean_accepted > 1.8
+
+
+def test_guard_judges_through_bursts_of_load():
+    """Speculative steps that give 1.5 tokens for 1.2x a plain step's time, 3 of 16 of them hit by a 10x
+    burst: the mean time would call that a loss, the guard does not; the same steps at 1.6x are a loss."""
+    for cost, loses in ((1.2, False), (1.6, True)):
+        guard = SpeculationGuard()
+        for step in range(9):
+            guard.record(step, 1, False, 1, 0.010, probed=False)
+        for step in range(9, 25):
+            seconds = 0.010 * cost * (10 if step % 5 == 0 else 1)
+            guard.record(step, 1, True, 1 if step % 2 else 2, seconds, probed=False)
+        assert (guard.backoffs > 0) == loses, (cost, guard.last_ratio)
+        assert guard.allows(25) != loses
+
+
+def test_drift_triggers_an_interleaved_remeasurement(model, refs, oracle):
+    """Calibrated at 0.1 ms per step, the machine then takes ~3 ms: after the drift window the engine
+    alternates plain and tree steps for a few rounds and installs their medians."""
+    cost = CostModel({1: 0.0001, 2: 0.0001, 64: 0.0001}, ema=0.1)
+    cost.measured.update({(1, 1): 0.0001, (1, 2): 0.0001})
+    cost.set_reference()
+    slow = SlowRunner(TorchRunner(model, max_slots=1), per_step=0.003)
+    engine = Engine(slow, ToyTokenizer(), oracle, speculation="adaptive", cost_model=cost)
+    order, plan = [], engine.policy.plan
+
+    def spy(*args):
+        tree, use = plan(*args)
+        order.append((engine.policy._remeasuring, tree.size))
+        return tree, use
+
+    engine.policy.plan = spy
+    out = engine.generate(GOOD, SamplingParams(max_tokens=160))
+    assert out.token_ids == refs[tuple(GOOD)]
+    assert engine.policy.remeasure.count == 1
+    assert cost.step(1, 1) > 0.002  # the medians replaced the stale 0.1 ms
+    sizes = [size for remeasuring, size in order if remeasuring]
+    assert sizes[0] == 1 and sizes[1] > 1 and sizes.count(1) == 3  # plain first, then trees, 3 rounds
+
+
+class BurstyRunner:
+    """A fake runner: verify costs 1 ms per token, plus 30 ms during a burst of calls 12..20 (timed one size
+    after the other, size 2 would get five of its seven runs in the burst)."""
+
+    device, dtype, max_slots = torch.device("cpu"), torch.float32, 4
+
+    def __init__(self):
+        self.calls, self.free_slots = 0, [0, 1, 2, 3]
+
+    def alloc(self):
+        return self.free_slots.pop()
+
+    def free(self, slot):
+        self.free_slots.append(slot)
+
+    def prefill(self, chunks):
+        return {}
+
+    def verify(self, batch: list[TreeInput]):
+        self.calls += 1
+        time.sleep(0.001 * sum(len(b.tokens) for b in batch) + (0.03 if 12 <= self.calls <= 20 else 0.0))
+        return {}
+
+
+def test_calibration_medians_over_interleaved_rounds_survive_a_burst():
+    cost = calibrate(BurstyRunner(), None, max_batch=1, max_tree=8, repeats=7, max_tokens=8)
+    for n in (1, 2, 4, 8):  # the burst hit every size in two of its seven rounds at most: medians ignore it
+        assert cost(n) < 0.001 * n + 0.015, (n, cost(n))
+    assert cost(8) > cost(1)
