@@ -367,6 +367,7 @@ def _cmd_train(args) -> int:
         table = acceptance_table(eval_features, heads, lm_head)
         print(json.dumps({k: v for k, v in table.items() if k != "acceptance_q"}))
         config = json.loads((out / "config.json").read_text())
-        config.update(table, train_answers=len(train_prompts), eval_answers=len(eval_prompts))
+        config.update(table, train_answers=len(torch.unique(train_features.seq_end)),
+                      eval_answers=len(torch.unique(eval_features.seq_end)))
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return 0
