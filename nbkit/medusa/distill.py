@@ -84,8 +84,8 @@ def greedy_with_hidden(model, prompt_ids: list[list[int]], max_new_tokens: int, 
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids])
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
-                      past_key_values=DynamicCache(), use_cache=True)
+    cache = DynamicCache()  # filled in place by every forward
+    out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
     next_position = position[:, -1:] + 1
     hidden, tokens = [], []
     done = torch.zeros(len(prompt_ids), dtype=torch.bool)
@@ -98,8 +98,8 @@ def greedy_with_hidden(model, prompt_ids: list[list[int]], max_new_tokens: int, 
         if done.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(len(prompt_ids), 1, dtype=mask.dtype)], 1)
-        out = model.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                          past_key_values=out.past_key_values, use_cache=True)
+        out = model.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, cache=cache,
+                          use_cache=True)
         next_position = next_position + 1
     hidden_t, tokens_t = torch.stack(hidden, 1), torch.stack(tokens, 1)  # [B, steps, H], [B, steps]
     results = []
