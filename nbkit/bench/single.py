@@ -1,6 +1,6 @@
 """Batch-1 greedy benchmark on held-out prompts: HF generate vs nbkit plain vs nbkit Medusa.
 
-    python scripts/bench_single.py [--prompts 12] [--max-tokens 128] [--trees auto,mc_sim_7b_63,chain-2]
+    python -m nbkit.bench.single [--prompts 12] [--max-tokens 128] [--trees auto,mc_sim_7b_63,chain-2]
 
 All configurations run in this one process on the same loaded model, interleaved prompt by prompt
 (so machine noise hits them alike), and the script prints ratios. The prompts are held out from the

@@ -1,6 +1,6 @@
 """Per-token cost of stop strings: four 256-character stops vs none (issue 13's floor: within 10%).
 
-    python scripts/bench_stops.py [--tokens 512] [--repeats 3] [--stream-tokens 4000]
+    python -m nbkit.bench.stops [--tokens 512] [--repeats 3] [--stream-tokens 4000]
 
 Two measurements, both on the embedded SmolLM2 tokenizer:
 1. end to end: the embedded model on the torch engine, greedy, `ignore_eos`, the same prompt with no stop and
