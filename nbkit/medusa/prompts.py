@@ -208,6 +208,18 @@ def parse_dolly(lines: list[str]) -> list[str]:
             for r in (json.loads(line) for line in lines if line.strip())]
 
 
+def parse_gsm8k(lines: list[str]) -> list[str]:
+    """grade-school-math format (train.jsonl): {"question", "answer"} per line; the question is the prompt."""
+    return [json.loads(line)["question"].strip() for line in lines if line.strip()]
+
+
+def parse_clinc(lines: list[str]) -> list[str]:
+    """clinc/oos-eval data_full.json: {"train"|"val"|...: [[query, intent], ...]}; the train, val and
+    oos_train queries are prompts (the test splits are left alone)."""
+    data = json.loads("\n".join(lines))
+    return [q.strip() for part in ("train", "val", "oos_train") for q, _ in data.get(part, [])]
+
+
 @dataclass(frozen=True)
 class PublicSource:
     name: str
@@ -239,6 +251,20 @@ PUBLIC_SOURCES = {
             "databricks-dolly-15k (Databricks employees, 2023), the file databricks-dolly-15k.jsonl as "
             "published by Databricks; not obtainable on the build machines (only Git LFS pointers there)",
             "CC-BY-SA-3.0"),
+        PublicSource(
+            "gsm8k", "gsm8k_train.jsonl", parse_gsm8k, "train",
+            "7473 grade-school math word problems written by human problem writers (Cobbe et al. 2021), github "
+            "openai/grade-school-math grade_school_math/data/train.jsonl at commit "
+            "3101c7d5072418e28b9008a6636bde82a006892c (the train split; test.jsonl is never read)",
+            "MIT (repository license)",
+            "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
+        PublicSource(
+            "clinc_oos", "clinc_oos_data_full.json", parse_clinc, "train",
+            "crowd-sourced queries to a task-oriented assistant, 150 intents (Larson et al. 2019), github "
+            "clinc/oos-eval data/data_full.json at commit 828f8093932c8fe6ca7936c3d2e52903b1c523de "
+            "(train, val and oos_train queries; the test splits are never read)",
+            "CC-BY-3.0 (repository license)",
+            "36923c3705a59e08fe9c3883d8bc2dd966ef93e22cb78ac41171782a698d56e0"),
     )
 }
 SOURCE_NAMES = ("templates", "handwritten", *PUBLIC_SOURCES)
@@ -302,13 +328,34 @@ def parse_source_list(spec: str) -> list[str]:
     return names
 
 
-def training_prompts(names: list[str], exclude: list[str] | None = None) -> list[str]:
+def training_prompts(names: list[str], exclude: list[str] | None = None,
+                     caps: dict[str, int | None] | None = None) -> list[str]:
     """Train sides of several sources, deduplicated across them, minus every prompt of `exclude` (held-out
-    sets measured against). A measuring-only source can never be trained on: naming one is an error."""
+    sets measured against). A measuring-only source can never be trained on: naming one is an error.
+    caps[name] = N keeps N prompts of that source (the first in hash order: a fixed sample that mixes the
+    file's groups), so that no single large or narrow source dominates the mix."""
     measure_only = [n for n in names if n == "handwritten" or PUBLIC_SOURCES.get(n, None) and
                     PUBLIC_SOURCES[n].role == "measure"]
     if measure_only:
         raise ValueError(f"prompt source(s) {measure_only} are for measuring only, never for training")
     banned = {normalize(p) for n in exclude or [] for p in held_out_prompts(n)}
-    prompts = [p for n in names for p in source_prompts(n)[0]]
+    prompts = []
+    for n in names:
+        train = source_prompts(n)[0]
+        cap = (caps or {}).get(n)
+        if cap is not None:
+            train = sorted(train, key=lambda p: hashlib.sha256(normalize(p).encode()).digest())[:cap]
+        prompts += train
     return [p for p in dedup(prompts) if normalize(p) not in banned]
+
+
+def parse_mix(spec: str) -> dict[str, int | None]:
+    """"templates:1200,selfinstruct_seed,gsm8k:600" -> {name: cap or None (all)}, names validated."""
+    mix: dict[str, int | None] = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, cap = item.partition(":")
+        if cap and not cap.isdigit():
+            raise ValueError(f"bad prompt count in {item!r}: expected NAME or NAME:COUNT")
+        mix[name] = int(cap) if cap else None
+    parse_source_list(",".join(mix))
+    return mix

@@ -123,3 +123,34 @@ def test_training_prompts_mix_sources_and_never_include_measuring_sets(tmp_path,
     for bad in (["user_oriented"], ["handwritten"], ["templates", "user_oriented"]):
         with pytest.raises(ValueError, match="measuring only"):
             P.training_prompts(bad)
+
+
+def test_gsm8k_and_clinc_parsers_take_only_the_prompts():
+    gsm = [json.dumps({"question": " Tom has 3 apples. How many? ", "answer": "3\n#### 3"}), ""]
+    assert P.parse_gsm8k(gsm) == ["Tom has 3 apples. How many?"]
+    clinc = json.dumps({"train": [["how do i say hi in french", "translate"]], "val": [["what time is it", "time"]],
+                        "oos_train": [["tell me a joke about cats", "oos"]], "test": [["never read", "x"]],
+                        "oos_test": [["never read either", "oos"]]}, indent=1).splitlines()
+    assert P.parse_clinc(clinc) == ["how do i say hi in french", "what time is it", "tell me a joke about cats"]
+
+
+def test_public_training_sources_have_recorded_hashes_and_are_trainable():
+    for name in ("gsm8k", "clinc_oos"):
+        source = P.PUBLIC_SOURCES[name]
+        assert source.role == "train" and len(source.sha256) == 64 and "commit" in source.origin
+
+
+def test_mix_caps_keep_a_fixed_growing_sample_of_each_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBKIT_PROMPTS_DIR", str(tmp_path))
+    monkeypatch.setitem(P.PUBLIC_SOURCES, "gsm8k", P.PublicSource(
+        "gsm8k", "g.jsonl", P.parse_gsm8k, "train", "test", "test"))
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps({"question": f"Word problem {i}?"}) + "\n" for i in range(300)))
+    assert P.parse_mix("templates:50, gsm8k") == {"templates": 50, "gsm8k": None}
+    small = P.training_prompts(["templates", "gsm8k"], caps={"templates": 50, "gsm8k": 20})
+    assert len(small) == 70
+    big = P.training_prompts(["templates", "gsm8k"], caps={"templates": 80, "gsm8k": 40})
+    assert set(small) <= set(big) and len(big) == 120  # a larger cap only adds prompts: distillation resumes
+    assert not set(big) & set(P.held_out_prompts("gsm8k"))
+    for bad in ("templates:x", "nope:3", ""):
+        with pytest.raises(ValueError):
+            P.parse_mix(bad)

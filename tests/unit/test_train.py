@@ -7,9 +7,16 @@ import torch
 from helpers import ToyTokenizer, hf_greedy, tiny_llama
 
 from nbkit.chat_format import user_prompt_ids
-from nbkit.medusa.distill import generate_answers
+from nbkit.medusa.distill import compute_dtype, distill_with_hidden, fast_bf16, generate_answers
 from nbkit.medusa.heads import MedusaHeads, load_heads, save_heads
-from nbkit.medusa.train import acceptance_table, active_vocab, compute_features, load_answers, train_heads
+from nbkit.medusa.train import (
+    acceptance_table,
+    active_vocab,
+    compute_features,
+    load_answers,
+    load_hidden_chunks,
+    train_heads,
+)
 
 PROMPTS = [f"prompt number {i} about {'abcdefgh'[i % 8] * (1 + i % 5)}" for i in range(24)]
 
@@ -76,3 +83,37 @@ def test_trained_heads_predict_far_better_than_untrained_ones(model, answers_fil
     assert reloaded.proposal_vocab.tolist() == sorted(vocab)
     again = acceptance_table(f, reloaded, lm_head)
     assert abs(again["top1_accuracy"][0] - trained["top1_accuracy"][0]) < 0.05
+
+
+def test_fused_distillation_gives_the_same_answers_and_features_as_the_two_pass_pipeline(model, answers_file,
+                                                                                         tmp_path):
+    """distill_with_hidden (one fp32 pass) = generate_answers + compute_features, and it resumes."""
+    tok = ToyTokenizer()
+    distill_with_hidden(model, tok, PROMPTS[:10], tmp_path, max_new_tokens=40, batch_size=4)
+    distill_with_hidden(model, tok, PROMPTS, tmp_path, max_new_tokens=40, batch_size=4)  # only the 14 new ones
+    fused = {json.loads(line)["prompt"]: json.loads(line)["answer_ids"] for line in (tmp_path / "answers.jsonl").open()}
+    assert len(fused) == len(PROMPTS) == sum(1 for _ in (tmp_path / "answers.jsonl").open())
+    two_pass = {r["prompt"]: r["answer_ids"] for r in map(json.loads, answers_file.open())}
+    assert all(fused[p] == two_pass[p] for p in PROMPTS)
+    keep = set(PROMPTS[3:9])
+    f = load_hidden_chunks(tmp_path, keep)
+    assert len(f.hidden) == len(f.next_tokens) == sum(len(fused[p]) for p in keep if len(fused[p]) > 1)
+    for prompt in PROMPTS[3:5]:  # spot-check against a plain forward over prompt + answer
+        p, a = user_prompt_ids(tok, prompt), fused[prompt]
+        with torch.inference_mode():
+            ref = model.model(input_ids=torch.tensor([p + a])).last_hidden_state[0, len(p) - 1 : len(p) + len(a) - 1]
+        rows = (f.next_tokens.unfold(0, len(a), 1) == torch.tensor(a)).all(-1).nonzero()
+        start = int(rows[0, 0])
+        torch.testing.assert_close(f.hidden[start : start + len(a)].float(), ref, atol=2e-2, rtol=2e-2)
+        assert (f.seq_end[start : start + len(a)] == start + len(a)).all()
+
+
+def test_warm_start_begins_from_the_given_heads(model, answers_file):
+    f = compute_features(model, load_answers(answers_file), batch_tokens=256)
+    init = MedusaHeads(model.config.hidden_size, 2, 2).eval()
+    lm_head = model.get_output_embeddings()
+    tuned = train_heads(f, lm_head, n_heads=2, n_layers=2, epochs=0.01, batch_size=16, lr=1e-9, negatives=8,
+                        log_every=10_000, init=init)
+    for (name, a), b in zip(tuned.state_dict().items(), init.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert fast_bf16() in (True, False) and compute_dtype() in (torch.float32, torch.bfloat16)
