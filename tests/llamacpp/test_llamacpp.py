@@ -3,7 +3,7 @@
 Exactness is checked in the runner's exact configuration (see nbkit/engine/llamacpp/runner.py): greedy
 Medusa output must equal plain greedy output token for token, for a request alone and for requests
 that share steps with others, finish early, and arrive late. The fast configuration's divergence
-rate is measured by scripts/bench_llamacpp.py, not asserted here.
+rate is measured by nbkit/bench/llamacpp.py, not asserted here.
 """
 
 import os

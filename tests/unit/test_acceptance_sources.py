@@ -1,26 +1,19 @@
-"""scripts/acceptance_heldout.py: per-source acceptance and head accuracy, on a tiny model and random heads."""
+"""nbkit.bench.acceptance (python -m nbkit.bench.acceptance): per-source acceptance and head accuracy, on a tiny model and random heads."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 from helpers import ToyTokenizer, random_heads, tiny_llama
 
+from nbkit.bench import acceptance
 from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "acceptance_heldout.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("acceptance_heldout", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return acceptance
 
 
 def test_measure_reports_acceptance_and_head_accuracy_per_source(script):

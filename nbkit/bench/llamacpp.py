@@ -1,6 +1,6 @@
 """The llama.cpp engine against llama.cpp's own peers, side by side in one run, on the same GGUF file.
 
-  python scripts/bench_llamacpp.py [--threads 1] [--formats Q8_0[,Q4_1]] [--tokens 64]
+  python -m nbkit.bench.llamacpp [--threads 1] [--formats Q8_0[,Q4_1]] [--tokens 64]
 
 Per format (Q8_0 = the engine's embedded default, a copy of the shipped Q4_1 file; Q4_1 = shipped):
   concurrency 1:  llama-cpp-python's high-level `Llama` | engine off (no heads) | engine with heads,
@@ -30,18 +30,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nbkit.chat_format import user_prompt_ids  # noqa: E402
-from nbkit.engine.loader import load_engine  # noqa: E402
-from nbkit.engine.request import SamplingParams  # noqa: E402
-from nbkit.engine.runner import TreeInput  # noqa: E402
-from nbkit.gguf.build import build_tools  # noqa: E402
-from nbkit.gguf.files import embedded_gguf, gguf_tokenizer  # noqa: E402
-from nbkit.medusa.heads import MedusaHeads, embedded_heads_dir  # noqa: E402
-from nbkit.medusa.prompts import distill_prompts  # noqa: E402
-from nbkit.medusa.trees import chain  # noqa: E402
-from nbkit.models import embedded_gguf_path  # noqa: E402
+from nbkit.chat_format import user_prompt_ids
+from nbkit.engine.loader import load_engine
+from nbkit.engine.request import SamplingParams
+from nbkit.engine.runner import TreeInput
+from nbkit.gguf.build import build_tools
+from nbkit.gguf.files import embedded_gguf, gguf_tokenizer
+from nbkit.medusa.heads import MedusaHeads, embedded_heads_dir
+from nbkit.medusa.prompts import distill_prompts
+from nbkit.medusa.trees import chain
+from nbkit.models import embedded_gguf_path
 
 
 def heads_arg():
@@ -215,8 +213,8 @@ def same(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m nbkit.bench.llamacpp")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--formats", default="Q8_0", help="Q8_0 is the engine's embedded default")
     ap.add_argument("--tokens", type=int, default=64)
@@ -226,90 +224,112 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--skip-server", action="store_true", help="a dry run without llama-server")
     ap.add_argument("--mode", choices=("exact", "fast"), default="exact", help="the llama.cpp engine's mode")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _engines(gguf: Path, heads: str, c: int, threads: int, exact: bool) -> dict:
+    off = load_engine("llamacpp", gguf, heads="none", max_batch=c, speculation="off", n_threads=threads,
+                      exact=exact)
+    # The same engine as `adaptive` with speculation off: heads loaded, hidden states on, probes run.
+    off_h = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="off", n_threads=threads,
+                        exact=exact)
+    ada = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="adaptive", n_threads=threads,
+                      exact=exact)
+    ada.prepare()  # calibration is not part of the timed runs
+    return {"engine_off": EnginePeer(off, "engine off"), "engine_off_heads": EnginePeer(off_h, "off, heads"),
+            "engine_adaptive": EnginePeer(ada, "engine adaptive")}
+
+
+def _run_format(gguf: Path, args, p1, p16, server: Path | None, heads: str) -> dict:
+    """c=1 against llama-cpp-python's Llama, c=16 against llama-server, every engine interleaved."""
+    c = args.concurrency
+    engines = _engines(gguf, heads, c, args.threads, args.mode == "exact")
+    llama = LlamaHighLevel(gguf, args.threads)
+    c1 = interleaved({"llama_high_level": llama, **engines}, p1, args.tokens, 1, 1)
+    llama.close()
+    peers16 = dict(engines)
+    if server:
+        peers16 = {"llama_server": LlamaServer(server, gguf, c, args.threads), **engines}
+        if gguf != embedded_gguf_path():  # the anchor: llama-server on the shipped Q4_1 file
+            peers16["llama_server_q4_1"] = LlamaServer(server, embedded_gguf_path(), c, args.threads)
+    c16 = interleaved(peers16, p16, args.tokens, c, c)
+    for peer in peers16.values():
+        if isinstance(peer, LlamaServer):
+            peer.close()
+    if not server:
+        c16["llama_server"] = {"tokens": 0, "seconds": 1.0, "tokens_per_s": float("nan"), "outputs": []}
+    for e in engines.values():
+        e.close()
+    return {f"c1_{k}": v for k, v in c1.items()} | {f"c16_{k}": v for k, v in c16.items()}
+
+
+def _divergence(r: dict) -> dict:
+    solo = r["c1_engine_off"]["outputs"]
+    return {
+        "c16_off_vs_c1_off": 1 - same(r["c16_engine_off"]["outputs"][: len(solo)], solo),
+        "c1_adaptive_vs_c1_off": 1 - same(r["c1_engine_adaptive"]["outputs"], solo),
+        "c16_adaptive_vs_c1_off": 1 - same(r["c16_engine_adaptive"]["outputs"][: len(solo)], solo),
+        "prompts": len(solo),
+    }
+
+
+def _ratios(r: dict) -> dict:
+    def tps(name: str) -> float:
+        return r[name]["tokens_per_s"]
+
+    ratios = {
+        "c1_off_vs_llama": tps("c1_engine_off") / tps("c1_llama_high_level"),
+        "c16_off_vs_server": tps("c16_engine_off") / tps("c16_llama_server"),
+        "c16_adaptive_vs_server": tps("c16_engine_adaptive") / tps("c16_llama_server"),
+        "c1_adaptive_vs_off": tps("c1_engine_adaptive") / tps("c1_engine_off"),
+        "c16_adaptive_vs_off": tps("c16_engine_adaptive") / tps("c16_engine_off"),
+        "c1_adaptive_vs_off_same_engine": tps("c1_engine_adaptive") / tps("c1_engine_off_heads"),
+        "c16_adaptive_vs_off_same_engine": tps("c16_engine_adaptive") / tps("c16_engine_off_heads"),
+    }
+    if "c16_llama_server_q4_1" in r:
+        ratios["c16_off_vs_server_on_shipped_q4_1"] = tps("c16_engine_off") / tps("c16_llama_server_q4_1")
+        ratios["c16_adaptive_vs_server_on_shipped_q4_1"] = tps("c16_engine_adaptive") / tps("c16_llama_server_q4_1")
+    return ratios
+
+
+def _print_format(r: dict) -> None:
+    for name, v in r.items():
+        if isinstance(v, dict) and "tokens_per_s" in v:
+            extra = f" trees {v['tree_choices']}" if v.get("tree_choices") else ""
+            print(f"   {name:24s} {v['tokens_per_s']:7.1f} tok/s ({v['tokens']} tokens, "
+                  f"{v['seconds']:.1f} s){extra}", flush=True)
+    print("   ratios", {k: round(x, 3) for k, x in r["ratios"].items()}, flush=True)
+    print("   divergence", r["divergence"], flush=True)
+    if "quality_vs_q4_1" in r:
+        print("   quality vs Q4_1", r["quality_vs_q4_1"], flush=True)
+
+
+def main() -> None:
+    args = _args()
     os.environ["NBKIT_LLAMA_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
-
     tokenizer = gguf_tokenizer(embedded_gguf_path())
     texts = distill_prompts()[1][: max(args.prompts_c1, args.prompts_c16)]
     prompts = [user_prompt_ids(tokenizer, t) for t in texts]
     p1, p16 = prompts[: args.prompts_c1], prompts[: args.prompts_c16]
     server = None if args.skip_server else build_tools(("llama-server",)) / "llama-server"
-    c = args.concurrency
     heads, heads_note = heads_arg()
     report = {"command": " ".join(sys.argv), "threads": args.threads, "tokens": args.tokens, "heads": heads_note,
               "machine": platform.processor() or platform.machine(), "load_before": os.getloadavg(),
-              "prompt_tokens_mean": sum(map(len, p16)) / len(p16), "formats": {}}
-    exact = args.mode == "exact"
-    report["mode"] = args.mode
+              "prompt_tokens_mean": sum(map(len, p16)) / len(p16), "formats": {}, "mode": args.mode}
     for fmt in args.formats.split(","):
         gguf = embedded_gguf(fmt)
         print(f"== {fmt}: {gguf}", flush=True)
-        off = load_engine("llamacpp", gguf, heads="none", max_batch=c, speculation="off", n_threads=args.threads,
-                          exact=exact)
-        # The same engine as `adaptive` with speculation off: heads loaded, hidden states on, probes run.
-        off_h = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="off", n_threads=args.threads,
-                          exact=exact)
-        ada = load_engine("llamacpp", gguf, heads=heads, max_batch=c, speculation="adaptive", n_threads=args.threads,
-                          exact=exact)
-        ada.prepare()  # calibration is not part of the timed runs
-        engines = {"engine_off": EnginePeer(off, "engine off"), "engine_off_heads": EnginePeer(off_h, "off, heads"),
-                   "engine_adaptive": EnginePeer(ada, "engine adaptive")}
-        llama = LlamaHighLevel(gguf, args.threads)
-        c1 = interleaved({"llama_high_level": llama, **engines}, p1, args.tokens, 1, 1)
-        llama.close()
-        peers16 = dict(engines)
-        if server:
-            peers16 = {"llama_server": LlamaServer(server, gguf, c, args.threads), **engines}
-            if gguf != embedded_gguf_path():  # the anchor: llama-server on the shipped Q4_1 file
-                peers16["llama_server_q4_1"] = LlamaServer(server, embedded_gguf_path(), c, args.threads)
-        c16 = interleaved(peers16, p16, args.tokens, c, c)
-        for peer in peers16.values():
-            if isinstance(peer, LlamaServer):
-                peer.close()
-        if not server:
-            c16["llama_server"] = {"tokens": 0, "seconds": 1.0, "tokens_per_s": float("nan"), "outputs": []}
-        for e in engines.values():
-            e.close()
-        r = {f"c1_{k}": v for k, v in c1.items()} | {f"c16_{k}": v for k, v in c16.items()}
-        solo = r["c1_engine_off"]["outputs"]
-        r["divergence"] = {
-            "c16_off_vs_c1_off": 1 - same(r["c16_engine_off"]["outputs"][: len(solo)], solo),
-            "c1_adaptive_vs_c1_off": 1 - same(r["c1_engine_adaptive"]["outputs"], solo),
-            "c16_adaptive_vs_c1_off": 1 - same(r["c16_engine_adaptive"]["outputs"][: len(solo)], solo),
-            "prompts": len(solo),
-        }
-        r["ratios"] = {
-            "c1_off_vs_llama": r["c1_engine_off"]["tokens_per_s"] / r["c1_llama_high_level"]["tokens_per_s"],
-            "c16_off_vs_server": r["c16_engine_off"]["tokens_per_s"] / r["c16_llama_server"]["tokens_per_s"],
-            "c16_adaptive_vs_server": r["c16_engine_adaptive"]["tokens_per_s"] / r["c16_llama_server"]["tokens_per_s"],
-            "c1_adaptive_vs_off": r["c1_engine_adaptive"]["tokens_per_s"] / r["c1_engine_off"]["tokens_per_s"],
-            "c16_adaptive_vs_off": r["c16_engine_adaptive"]["tokens_per_s"] / r["c16_engine_off"]["tokens_per_s"],
-            "c1_adaptive_vs_off_same_engine": r["c1_engine_adaptive"]["tokens_per_s"]
-            / r["c1_engine_off_heads"]["tokens_per_s"],
-            "c16_adaptive_vs_off_same_engine": r["c16_engine_adaptive"]["tokens_per_s"]
-            / r["c16_engine_off_heads"]["tokens_per_s"],
-        }
-        if "c16_llama_server_q4_1" in r:
-            r["ratios"]["c16_off_vs_server_on_shipped_q4_1"] = (r["c16_engine_off"]["tokens_per_s"]
-                                                               / r["c16_llama_server_q4_1"]["tokens_per_s"])
-            r["ratios"]["c16_adaptive_vs_server_on_shipped_q4_1"] = (r["c16_engine_adaptive"]["tokens_per_s"]
-                                                                    / r["c16_llama_server_q4_1"]["tokens_per_s"])
+        r = _run_format(gguf, args, p1, p16, server, heads)
+        r["divergence"], r["ratios"] = _divergence(r), _ratios(r)
         if gguf != embedded_gguf_path():
+            solo = r["c1_engine_off"]["outputs"]
             answers = [p + o for p, o in zip(p1[:4], solo[:4])]
             r["quality_vs_q4_1"] = agreement(embedded_gguf_path(), gguf, answers, args.threads)
             if "Q4_1" in report["formats"]:
-                r["quality_vs_q4_1"]["greedy_text_equal_c1"] = same(solo, report["formats"]["Q4_1"]["c1_engine_off"][
-                    "outputs"])
-        for name, v in r.items():
-            if isinstance(v, dict) and "tokens_per_s" in v:
-                extra = f" trees {v['tree_choices']}" if v.get("tree_choices") else ""
-                print(f"   {name:24s} {v['tokens_per_s']:7.1f} tok/s ({v['tokens']} tokens, "
-                      f"{v['seconds']:.1f} s){extra}", flush=True)
-        print("   ratios", {k: round(x, 3) for k, x in r["ratios"].items()}, flush=True)
-        print("   divergence", r["divergence"], flush=True)
-        if "quality_vs_q4_1" in r:
-            print("   quality vs Q4_1", r["quality_vs_q4_1"], flush=True)
+                q4 = report["formats"]["Q4_1"]["c1_engine_off"]["outputs"]
+                r["quality_vs_q4_1"]["greedy_text_equal_c1"] = same(solo, q4)
+        _print_format(r)
         report["formats"][fmt.upper()] = r
     report["load_after"] = os.getloadavg()
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """Per prompt source: mean accepted tokens per step (real greedy decoding with one tree) and head top-1/top-10.
 
-    python scripts/acceptance_heldout.py [--prompts templates,handwritten,user_oriented] [--n-prompts N]
+    python -m nbkit.bench.acceptance [--prompts templates,handwritten,user_oriented] [--n-prompts N]
         [--tree mc_sim_7b_63] [--max-tokens 128] [--concurrency 16] [--heads DIR[,DIR...]] [--out FILE]
 
 Tokens per step counts the bonus token (plain decoding = 1.0): decoded tokens / verification steps,
@@ -118,7 +118,7 @@ def main() -> None:
     plain = Engine(engine.runner.fresh(), engine.tokenizer, None, speculation="off", max_queue=1024)
     result = {"tree": args.tree, "max_tokens": args.max_tokens,
               "heads": {label: e.heads.config.get("trained_by") for label, e in engines.items()},
-              "command": "python scripts/acceptance_heldout.py " + " ".join(sys.argv[1:]), "sources": {}}
+              "command": "python -m nbkit.bench.acceptance " + " ".join(sys.argv[1:]), "sources": {}}
     for name, prompts in sources.items():
         ids = [engine.encode(p, chat=True) for p in prompts]
         cache = Path(args.reference_cache) / f"{name}-{len(ids)}" if args.reference_cache else None

@@ -1,6 +1,6 @@
 """The llama.cpp engine's exact (batch-invariant, lossless) mode against its fast mode, side by side in one run.
 
-  python scripts/bench_llamacpp_exact.py [--threads 1] [--tokens 64] [--out docs/bench/llamacpp_exact.json]
+  python -m nbkit.bench.llamacpp_exact [--threads 1] [--tokens 64] [--out docs/bench/llamacpp_exact.json]
 
 Embedded Q8_0 GGUF, shipped heads, greedy, 64-token answers to held-out chat prompts. For each mode
 (exact, fast) three engines: speculation off (no heads), adaptive, and the fixed tree mc_sim_7b_63.
@@ -26,19 +26,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_llamacpp import EnginePeer, heads_arg, interleaved  # noqa: E402
-
-from nbkit.chat_format import user_prompt_ids  # noqa: E402
-from nbkit.engine.llamacpp.runner import LlamaCppRunner  # noqa: E402
-from nbkit.engine.loader import load_engine  # noqa: E402
-from nbkit.engine.runner import TreeInput  # noqa: E402
-from nbkit.gguf.files import embedded_gguf, gguf_tokenizer  # noqa: E402
-from nbkit.medusa.prompts import distill_prompts  # noqa: E402
-from nbkit.medusa.trees import chain  # noqa: E402
-from nbkit.models import embedded_gguf_path  # noqa: E402
+from nbkit.bench.llamacpp import EnginePeer, heads_arg, interleaved
+from nbkit.chat_format import user_prompt_ids
+from nbkit.engine.llamacpp.runner import LlamaCppRunner
+from nbkit.engine.loader import load_engine
+from nbkit.engine.runner import TreeInput
+from nbkit.gguf.files import embedded_gguf, gguf_tokenizer
+from nbkit.medusa.prompts import distill_prompts
+from nbkit.medusa.trees import chain
+from nbkit.models import embedded_gguf_path
 
 MODES = ("exact", "fast")
 # exact_f16v: the exact mode with an f16 V cache, which must pad single-token ubatches (the knob's cost).
