@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from nbkit.bench import report_json
 from nbkit.engine.engine import Engine
 from nbkit.engine.loader import load_engine
 from nbkit.engine.request import SamplingParams
@@ -126,10 +127,7 @@ def main() -> None:
                                  cache)
         result["sources"][name] = by_heads[labels[0]] if len(labels) == 1 else by_heads
         print(name, json.dumps(result["sources"][name]), file=sys.stderr, flush=True)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    report_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ heads' training set. Medusa output is checked to be identical to plain greedy ou
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
 
+from nbkit.bench import report_json
 from nbkit.bench.closed_loop import machine_name
 from nbkit.chat_format import user_prompt_ids
 from nbkit.engine.engine import Engine
@@ -80,10 +80,7 @@ def main() -> None:
         "outputs_differing_from_plain": mismatches,
         "adaptive_tree_choices": engines.get("auto").policy.choices if "auto" in engines else None,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    report_json(result, args.out)
 
 
 if __name__ == "__main__":
