@@ -101,8 +101,10 @@ def build_tree(paths: list[list[int]] | list[tuple[int, ...]], name: str = "cust
     )
 
 
+@cache
 def chain(k: int) -> MedusaTree:
-    """A chain of k speculated tokens (each head's top-1); chain(0) is plain decoding."""
+    """A chain of k speculated tokens (each head's top-1); chain(0) is plain decoding. Cached (as are
+    `get_tree`'s): the engine asks for every request's tree every step, and a tree is read-only."""
     return build_tree([[0] * d for d in range(1, k + 1)], name=f"chain-{k}" if k else "none")
 
 
@@ -113,6 +115,7 @@ def published_paths() -> dict[str, list[list[int]]]:
     return json.loads(text)
 
 
+@cache
 def get_tree(name: str, n_heads: int | None = None) -> MedusaTree:
     """A tree by name: a published one ('mc_sim_7b_63', 'vicuna_7b_stage2'), 'chain-K', or 'none'.
 
