@@ -10,7 +10,7 @@ Per format (Q8_0 = the engine's embedded default, a copy of the shipped Q4_1 fil
 plus: the --mode's greedy divergence (c=16 vs c=1, adaptive vs off, same prompts), and for
 a requantized format its agreement with the shipped Q4_1 (greedy text, top-1 and KL per position).
 Every peer uses the same thread count and the same chat prompts (held-out distillation prompts),
-64-token greedy completions stopping at EOS. Writes bench-out/llamacpp.json.
+64-token greedy completions stopping at EOS. Writes bench-out/llamacpp.json (every figure, not the answers).
 """
 
 from __future__ import annotations
@@ -186,6 +186,20 @@ def interleaved(peers: dict, prompts: list[list[int]], tokens: int, concurrency:
     return res
 
 
+def without_outputs(report: dict) -> dict:
+    """`report` without any result's `outputs` (every answer's token ids): the match rates are computed from
+    them in memory; kept in the file they made it tens of thousands of lines."""
+    return {k: without_outputs(v) if isinstance(v, dict) else v for k, v in report.items() if k != "outputs"}
+
+
+def write_report(report: dict, out: str | Path) -> None:
+    """Write the report's settings, tok/s, ratios, tree choices and match rates (not the outputs) to `out`."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(without_outputs(report), indent=1))
+    print(f"wrote {path}")
+
+
 # ---- quality of a requantized copy ---------------------------------------------------------------
 def logits_along(gguf: Path, ids: list[int], threads: int) -> torch.Tensor:
     from nbkit.engine.llamacpp.runner import LlamaCppRunner
@@ -332,10 +346,7 @@ def main() -> None:
         _print_format(r)
         report["formats"][fmt.upper()] = r
     report["load_after"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

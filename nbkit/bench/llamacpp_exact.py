@@ -10,7 +10,8 @@ Embedded Q8_0 GGUF, shipped heads, greedy, 64-token answers to held-out chat pro
 Plus exact_f16v: exact mode with an f16 V cache (ubatches <= 63, padded single tokens), speculation off:
 the cost of the knob the default avoids; and the q8_0 V cache's logits against the f16 one (both exact).
 Reports tok/s per engine, exact/fast ratios, adaptive/off (the floor: >= 0.98 at 1 and 16), and the
-match rates per mode: tree vs off (same prompt, solo), and concurrent vs solo answers.
+match rates per mode: tree vs off (same prompt, solo), and concurrent vs solo answers. The JSON keeps every
+figure and the tree choices, not the answers' token ids (the match rates are computed from them in memory).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from nbkit.bench.llamacpp import EnginePeer, heads_arg, interleaved
+from nbkit.bench.llamacpp import EnginePeer, heads_arg, interleaved, write_report
 from nbkit.chat_format import user_prompt_ids
 from nbkit.engine.llamacpp.runner import LlamaCppRunner
 from nbkit.engine.loader import load_engine
@@ -158,10 +159,7 @@ def main() -> None:
     report["summary"]["v_cache_q8_0_vs_f16"] = kv_quality(gguf, answers, args.threads)
     report["load_after"] = os.getloadavg()
     print(json.dumps(report["summary"], indent=1), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_report(report, args.out)
 
 
 def print_block(c: int, res: dict) -> None:

@@ -5,7 +5,8 @@ Calibration times real forward passes in interleaved rounds (every shape once pe
 rounds), so a burst of load from elsewhere on a shared machine hits every shape alike. While serving,
 the engine feeds every step's time back (`observe`); the model keeps the calibration as its reference
 and reports `drift()`, the median ratio of observed to reference times, so the policy can re-measure
-when the machine has changed under it.
+when the machine has changed under it. A DeclaredCostModel (`CostModel.from_function`) is a price list
+taken as given: it never learns, never drifts, and the guard it gives the policy never intervenes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, chain
+from .guard import PassiveGuard, SpeculationGuard
 from .runner import Runner, TreeInput
 
 log = logging.getLogger("nbkit.engine")
@@ -34,7 +36,9 @@ class CostModel:
     """Seconds for one verification step as a function of tokens in the step (piecewise linear).
 
     Calibrated at start-up by timing real forward passes, then corrected online from the step
-    times the engine observes (exponential moving average per power-of-two bucket).
+    times the engine observes (exponential moving average per power-of-two bucket; ema 0 keeps the
+    figures as they are). The policy checks a CostModel's predictions with its guard; a price list that
+    is declared, not measured, is a DeclaredCostModel.
     """
 
     def __init__(self, points: dict[int, float], heads_cost: float | dict[int, float] = 0.0, ema: float = 0.1):
@@ -50,11 +54,10 @@ class CostModel:
         self._lock = threading.Lock()
         self.set_reference()
 
-    @property
-    def learns(self) -> bool:
-        """False for a declared price list (ema 0, e.g. `from_function`): the policy takes it as given, with
-        no guard and no re-measurement (tests, or an operator pinning the policy's behaviour)."""
-        return self.ema > 0
+    def guard(self) -> SpeculationGuard:
+        """A fresh guard for the policy that prices steps with this model: a measured model's predictions are
+        checked against the realized rates (a DeclaredCostModel's guard never intervenes)."""
+        return SpeculationGuard()
 
     def set_reference(self) -> None:
         """Take the current curve and shapes as the reference that `drift()` compares real steps with
@@ -106,9 +109,10 @@ class CostModel:
             return self.heads_points[first]
         return max(0.0, _lerp(self.heads_points, n_rows))
 
-    @classmethod
-    def from_function(cls, fn: Callable[[int], float], heads_cost: float = 0.0, max_tokens: int = 1024) -> CostModel:
-        return cls({n: fn(n) for n in _buckets(max_tokens)}, heads_cost, ema=0.0)
+    @staticmethod
+    def from_function(fn: Callable[[int], float], heads_cost: float = 0.0, max_tokens: int = 1024) -> DeclaredCostModel:
+        """A declared price list: fn(tokens) seconds at 1, 2, 4, ... max_tokens tokens."""
+        return DeclaredCostModel({n: fn(n) for n in _buckets(max_tokens)}, heads_cost)
 
     def __call__(self, n_tokens: int) -> float:
         return _curve(self.points, n_tokens)
@@ -129,6 +133,23 @@ class CostModel:
         scaled = seconds * self(bucket) / max(self(n_tokens), 1e-9)
         with self._lock:
             self.points[bucket] = (1 - self.ema) * self.points[bucket] + self.ema * scaled
+
+
+class DeclaredCostModel(CostModel):
+    """A declared price list (tests, or an operator pinning the policy's behaviour): taken as given. It learns
+    nothing from real steps, so it never drifts (no re-measurement), and its guard never intervenes."""
+
+    def __init__(self, points: dict[int, float], heads_cost: float | dict[int, float] = 0.0):
+        super().__init__(points, heads_cost, ema=0.0)
+
+    def guard(self) -> SpeculationGuard:
+        return PassiveGuard()
+
+    def observe(self, n_tokens: int, seconds: float, n_rows: int | None = None) -> None:
+        return None
+
+    def drift(self) -> float | None:
+        return None
 
 
 def _curve(points: dict[int, float], n_tokens: int) -> float:

@@ -15,14 +15,13 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from ..medusa.acceptance import accept, tree_candidates
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
+from .introspect import EngineIntrospection, new_counters
 from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
 from .runner import Runner, SlotOutput, TreeInput
@@ -31,19 +30,7 @@ from .threads import EngineThread
 log = logging.getLogger("nbkit.engine")
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    """What a server may promise its clients (the server reads these, never the runner or the policy)."""
-
-    max_total_tokens: int  # prompt + max_tokens, after the room kept for the largest tree
-    max_batch: int
-    max_queue: int
-    speculation: str  # "adaptive", "fixed" or "off"
-    heads: int | None  # Medusa heads (None: no heads)
-    numerics: dict | None = None  # llama.cpp: {"mode": "exact" or "fast", "guarantee": in words}; None: no modes
-
-
-class Engine(EngineThread):
+class Engine(EngineThread, EngineIntrospection):
     """Continuous-batching Medusa engine over a runner (torch or llama.cpp)."""
 
     def __init__(
@@ -78,10 +65,8 @@ class Engine(EngineThread):
         self.active: list[Request] = []
         self._ids = itertools.count(1)
         self._init_thread(max_restarts)
-        self.counters = {"steps": 0, "tokens": 0, "finished": 0, "cancelled": 0, "errors": 0, "rejected": 0,
-                         "prefill_tokens": 0, "step_seconds": 0.0, "spec_steps": 0, "spec_tokens": 0,
-                         "restarts": 0, "crashes": 0}
-        self.on_step: Callable[[dict], None] | None = None  # metrics hook, called from the engine thread
+        self.counters = new_counters()
+        self.on_step = None  # metrics hook (introspect.py), called from the engine thread
 
     # ---- life cycle -----------------------------------------------------------------------
     def prepare(self) -> Engine:
@@ -255,15 +240,6 @@ class Engine(EngineThread):
                 self.counters["spec_tokens"] += len(emitted[r.id])
         return commits, emitted
 
-    def _report_step(self, batch: int, chosen: MedusaTree, seconds: float, tokens: int) -> None:
-        if self.on_step is None:
-            return
-        try:
-            self.on_step({"batch": batch, "tree": chosen.name, "tree_size": chosen.size,
-                          "seconds": seconds, "tokens": tokens})
-        except Exception:  # metrics must never stop the engine
-            log.exception("the on_step hook failed")
-
     def _emit_safely(self, r: Request, tokens: list[int]) -> None:
         try:
             self._emit(r, tokens)
@@ -380,21 +356,3 @@ class Engine(EngineThread):
                                        r.accepted_tokens, None, time.monotonic() - r.created, error,
                                        error_type or "generation"))
         self.active.clear()
-
-    # ---- introspection --------------------------------------------------------------------
-    def limits(self) -> EngineLimits:
-        return EngineLimits(self.runner.max_context - self.tree_reserve, self.max_batch, self.max_queue,
-                            self.policy.mode, self.heads.n_heads if self.heads is not None else None,
-                            getattr(self.runner, "numerics", None))
-
-    def snapshot(self) -> dict:
-        """Counters, the speculation choice and acceptance statistics (the server turns these into metrics)."""
-        c = dict(self.counters)
-        return {
-            **c,
-            "running": len(self.active), "waiting": len(self.waiting),
-            "speculation": self.policy.mode, "last_tree": self.policy.last_choice.name,
-            "last_tree_size": self.policy.last_choice.size, "tree_choices": dict(self.policy.choices),
-            "mean_accepted_per_spec_step": c["spec_tokens"] / c["spec_steps"] if c["spec_steps"] else 0.0,
-            **self.stats.snapshot(), **self.policy.snapshot(),
-        }

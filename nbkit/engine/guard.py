@@ -20,9 +20,9 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from ..medusa.trees import MedusaTree
-from .costs import CostModel
 
 log = logging.getLogger("nbkit.engine")
 
@@ -35,6 +35,14 @@ PLAIN_SAMPLES = 9  # plain steps kept per batch size (median)
 DRIFT_LIMIT = 1.3  # observed / reference step time beyond this (or below its inverse) triggers a re-measure
 REMEASURE_ROUNDS = 3
 REMEASURE_COOLDOWN = 512  # steps between re-measurements
+
+
+class MeasuredCosts(Protocol):
+    """What the re-measurement needs of a cost model (costs.CostModel)."""
+
+    def drift(self) -> float | None: ...
+
+    def install(self, shapes: dict[tuple[int, int], float]) -> None: ...
 
 
 class SpeculationGuard:
@@ -103,6 +111,20 @@ class SpeculationGuard:
                 else round(self.last_ratio, 3)}
 
 
+class PassiveGuard(SpeculationGuard):
+    """The guard of a declared price list (costs.DeclaredCostModel), whose prices are taken as given: it never
+    stops speculation, never asks for a plain step and keeps no record (its snapshot stays at 0 back-offs)."""
+
+    def allows(self, step: int) -> bool:
+        return True
+
+    def wants_plain(self, step: int, n_rows: int) -> bool:
+        return False
+
+    def record(self, step: int, n_rows: int, speculated: bool, tokens: int, seconds: float, probed: bool) -> None:
+        return None
+
+
 class Remeasure:
     """Alternates plain and tree shapes on the running batch for a few rounds when step times drift."""
 
@@ -116,7 +138,7 @@ class Remeasure:
     def active(self) -> bool:
         return bool(self.queue)
 
-    def maybe_start(self, step: int, cost: CostModel, shapes: Callable[[], list[MedusaTree]]) -> None:
+    def maybe_start(self, step: int, cost: MeasuredCosts, shapes: Callable[[], list[MedusaTree]]) -> None:
         """Queue REMEASURE_ROUNDS rounds over the trees `shapes()` gives (plain first) when the cost model
         has drifted."""
         if self.queue or step - self.last < REMEASURE_COOLDOWN:
@@ -133,7 +155,7 @@ class Remeasure:
     def next_tree(self) -> MedusaTree:
         return self.queue.pop(0)
 
-    def record(self, n_rows: int, size: int, seconds: float, cost: CostModel) -> None:
+    def record(self, n_rows: int, size: int, seconds: float, cost: MeasuredCosts) -> None:
         """One re-measured step (verification seconds); the medians go to the model after the last."""
         self.times.setdefault((n_rows, size), []).append(seconds)
         if self.queue:

@@ -15,9 +15,10 @@ picks big trees; on a CPU under load small ones or none.
 
 Two checks run on top (guard.py): the guard compares the realized rate of speculative steps with
 measured plain steps and backs off when speculation loses; and when real step times drift from the
-cost model, a few interleaved rounds of plain and tree steps re-measure it. Both correct a MEASURED
-cost model; a declared price list (`CostModel.from_function`, ema 0) is taken as given. `calibrate()` (costs.py)
-measures the cost curve on the runner at start-up.
+cost model, a few interleaved rounds of plain and tree steps re-measure it. The cost model gives the
+policy its guard and says when it has drifted, so a declared price list (`DeclaredCostModel`, from
+`CostModel.from_function`), which never drifts and whose guard never intervenes, is taken as given with
+no special case here. `calibrate()` (costs.py) measures the cost curve on the runner at start-up.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from ..medusa.trees import MedusaTree, chain, subtree
 from .costs import CostModel, calibrate
 from .estimates import AcceptanceStats, RequestAcceptance, TreeTable, shrunk_lower_bounds
-from .guard import Remeasure, SpeculationGuard
+from .guard import Remeasure
 
 __all__ = ["AcceptanceStats", "CostModel", "RequestAcceptance", "SpeculationPolicy", "calibrate"]
 
@@ -53,7 +54,8 @@ class SpeculationPolicy:
 
     def __init__(self, base_tree: MedusaTree, stats: AcceptanceStats, cost: CostModel,
                  mode: str = "adaptive", fixed: MedusaTree | None = None, max_leaves: int | None = None):
-        self.base_tree, self.stats, self.cost, self.mode, self.fixed = base_tree, stats, cost, mode, fixed
+        self.base_tree, self.stats, self.mode, self.fixed = base_tree, stats, mode, fixed
+        self.cost = cost  # and its guard
         self.max_leaves = max_leaves  # total leaf budget per step (llama.cpp sequence ids), None = no limit
         self.none = chain(0)
         self._trees: list[MedusaTree] = []
@@ -63,11 +65,20 @@ class SpeculationPolicy:
         self._refresh_in = 0
         self._prices: dict[int, list[float]] = {}  # rows -> seconds per candidate tree (heads excluded)
         self._prices_age, self._prices_version = 0, -1
-        self.guard, self.remeasure = SpeculationGuard(), Remeasure()
+        self.remeasure = Remeasure()
         self.steps = 0
         self._remeasuring = False
         self.last_choice = self.none
         self.choices: dict[str, int] = {}
+
+    @property
+    def cost(self) -> CostModel:
+        return self._cost
+
+    @cost.setter
+    def cost(self, model: CostModel) -> None:
+        """A cost model comes with the guard that checks it (engine.prepare() replaces the placeholder)."""
+        self._cost, self.guard = model, model.guard()
 
     def candidates(self) -> list[MedusaTree]:
         """[none, best sub-trees of the base tree by size], rebuilt from the statistics every REBUILD_EVERY steps."""
@@ -113,7 +124,7 @@ class SpeculationPolicy:
         if self.remeasure.active:
             tree, self._remeasuring = self.remeasure.next_tree(), True
             return self._record(tree), [tree.size > 1] * len(requests)
-        if self.cost.learns and (not self.guard.allows(self.steps) or self.guard.wants_plain(self.steps, n_rows)):
+        if not self.guard.allows(self.steps) or self.guard.wants_plain(self.steps, n_rows):
             return self._record(self.none), [False] * len(requests)
         tree, use = self._best(n_rows, requests)
         return self._record(tree), use
@@ -123,7 +134,7 @@ class SpeculationPolicy:
         """What a step really did (the engine calls this after every decoding step): feeds the guard and
         the re-measurement. tree_size: the largest tree in the step; seconds: heads to commit."""
         self.steps += 1
-        if self.mode != "adaptive" or not self.cost.learns:
+        if self.mode != "adaptive":
             return
         if self._remeasuring:
             self.remeasure.record(n_rows, tree_size, verify_seconds, self.cost)

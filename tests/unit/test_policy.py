@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import OracleHeads, ToyTokenizer, hf_greedy, tiny_llama
 
-from nbkit.engine.costs import CostModel, calibrate
+from nbkit.engine.costs import CostModel, DeclaredCostModel, calibrate
 from nbkit.engine.engine import Engine
 from nbkit.engine.estimates import AcceptanceStats, RequestAcceptance, shrunk_lower_bounds
 from nbkit.engine.guard import SpeculationGuard
@@ -191,6 +191,27 @@ def test_drift_triggers_an_interleaved_remeasurement(model, refs, oracle):
     assert cost.step(1, 1) > 0.002  # the medians replaced the stale 0.1 ms
     sizes = [size for remeasuring, size in order if remeasuring]
     assert sizes[0] == 1 and sizes[1] > 1 and sizes.count(1) == 3  # plain first, then trees, 3 rounds
+
+
+def test_a_declared_price_list_is_taken_as_given_a_measured_one_is_guarded():
+    """The same prices, declared or measured, and speculative steps that really lose (1 token for 2x a plain
+    step's time): the measured model's guard backs off to plain steps, the declared one's never intervenes."""
+    prices = {1: 0.010, 2: 0.0105, 4: 0.011, 64: 0.02}
+    for cost, guarded in ((DeclaredCostModel(prices), False), (CostModel(prices, ema=0.1), True)):
+        stats = AcceptanceStats(4, measured=[[0.9] + [0.0] * 9] + [[0.0] * 10] * 3)
+        policy = SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, cost)
+        own = _observed(400, 0.9)
+        for _ in range(9):
+            policy.plan(1, [own])
+            policy.record_step(1, 1, 0.010, 0.010, 1, probed=False)
+        trees = []
+        for _ in range(30):
+            tree, _use = policy.plan(1, [own])
+            trees.append(tree.size)
+            policy.record_step(1, tree.size, 0.020, 0.020, 1, probed=False)
+        assert trees[0] > 1, trees
+        assert (policy.snapshot()["guard_backoffs"] > 0) == guarded, (cost, policy.snapshot())
+        assert (trees[-1] == 1) == guarded, trees
 
 
 class BurstyRunner:
