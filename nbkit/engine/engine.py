@@ -57,7 +57,7 @@ class Engine(EngineThread, EngineIntrospection):
         self.cost_model = cost_model
         self.policy = SpeculationPolicy(
             self.base_tree, self.stats, cost_model or CostModel({1: 1.0}), mode="fixed" if fixed else speculation,
-            fixed=fixed, max_leaves=runner.max_leaves,
+            fixed=fixed, max_leaves=runner.max_leaves, recomputes_accepted=runner.recomputes_accepted,
         )
         # Every slot keeps room in its context for the largest tree it may verify (+1: the root's next token).
         self.tree_reserve = max(self.base_tree.size, fixed.size if fixed else 1) + 1
@@ -173,6 +173,7 @@ class Engine(EngineThread, EngineIntrospection):
         start = time.perf_counter()
         try:  # everything shared by the batch: a failure fails the batch's requests, not the engine
             chosen, trees, inputs, probed = self._plan(running)
+            carried = sum(r.carried for r in running) if self.runner.recomputes_accepted else 0
             t0 = time.perf_counter()
             results = self._verify(inputs)
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
@@ -191,9 +192,9 @@ class Engine(EngineThread, EngineIntrospection):
         # The cost model learns what this step shape costs (forward to KV compaction); the guard what it yielded.
         seconds, q = time.perf_counter() - t0, max(t.size for t in trees.values())
         tokens = sum(map(len, emitted.values()))
-        if self.cost_model is not None:
-            self.cost_model.observe(len(results) * q, seconds, n_rows=len(results))
-        self.policy.record_step(len(results), q, seconds, time.perf_counter() - start, tokens, probed)
+        if self.cost_model is not None:  # a step that also decoded last step's accepted tokens has no (rows, T) shape
+            self.cost_model.observe(len(results) * q + carried, seconds, n_rows=None if carried else len(results))
+        self.policy.record_step(len(results), q, seconds, time.perf_counter() - start, tokens, probed, carried)
         self.counters["steps"] += 1
         self.counters["step_seconds"] += seconds
         for r in running:
@@ -203,13 +204,15 @@ class Engine(EngineThread, EngineIntrospection):
 
     def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput], bool]:
         """The policy's tree, each request's tree, the verification inputs (head top-k included), probed?"""
-        spec = [r for r in running if r.params.speculate and r.params.tree is None and self.heads is not None]
+        # A request whose hidden state is not known yet (a runner that returns none from prefill) waits a step.
+        ready = [r for r in running if r.hidden is not None and self.heads is not None]
+        spec = [r for r in ready if r.params.speculate and r.params.tree is None]
         chosen, use = self.policy.plan(len(running), [r.acceptance for r in spec])
-        speculating = {r.id for r, u in zip(spec, use) if u}
-        trees = {r.id: get_tree(r.params.tree, self.heads.n_heads if self.heads else 0) if r.params.tree is not None
-                 else chosen if r.id in speculating else chain(0) for r in running}
+        speculating = {r.id for r, u in zip(spec, use) if u} | {r.id for r in ready if r.params.tree is not None}
+        trees = {r.id: (chosen if r.params.tree is None else get_tree(r.params.tree, self.heads.n_heads))
+                 if r.id in speculating else chain(0) for r in running}
         probe = self.policy.probe_due(self.counters["steps"], len(self.active))
-        need = [r for r in running if trees[r.id].size > 1 or (probe and r.params.speculate)]
+        need = [r for r in ready if trees[r.id].size > 1 or (probe and r.params.speculate)]
         topk = self._head_topk(need)
         inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
@@ -230,6 +233,7 @@ class Engine(EngineThread, EngineIntrospection):
                 continue
             commits[r.slot] = nodes
             r.hidden = hidden[nodes[-1]]
+            r.carried = len(nodes) - 1
             r.steps += 1
             r.accepted_tokens += len(emitted[r.id])
             if tree.size > 1:
@@ -292,7 +296,7 @@ class Engine(EngineThread, EngineIntrospection):
             except Exception as err:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
                 continue
-            r.hidden = hidden
+            r.hidden = hidden if hidden.numel() else None
             r.pending = first[0]
             self._emit_safely(r, first)
 

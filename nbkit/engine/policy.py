@@ -53,10 +53,14 @@ class SpeculationPolicy:
     """Chooses the tree for the next step. mode: 'adaptive', 'off', or 'fixed' (with `fixed`)."""
 
     def __init__(self, base_tree: MedusaTree, stats: AcceptanceStats, cost: CostModel,
-                 mode: str = "adaptive", fixed: MedusaTree | None = None, max_leaves: int | None = None):
+                 mode: str = "adaptive", fixed: MedusaTree | None = None, max_leaves: int | None = None,
+                 recomputes_accepted: bool = False):
         self.base_tree, self.stats, self.mode, self.fixed = base_tree, stats, mode, fixed
         self.cost = cost  # and its guard
         self.max_leaves = max_leaves  # total leaf budget per step (llama.cpp sequence ids), None = no limit
+        # The runner decodes accepted speculative tokens again next step (llama.cpp exact mode): a tree's price
+        # includes them.
+        self.recomputes_accepted = recomputes_accepted
         self.none = chain(0)
         self._trees: list[MedusaTree] = []
         self._table: TreeTable | None = None
@@ -120,7 +124,7 @@ class SpeculationPolicy:
             return self._record(self.none), [False] * len(requests)
         if self.mode == "fixed":
             return self._record(self.fixed), [True] * len(requests)
-        self.remeasure.maybe_start(self.steps, self.cost, self._remeasure_trees)
+        self.remeasure.maybe_start(self.steps, self.cost, lambda: self._remeasure_trees(n_rows))
         if self.remeasure.active:
             tree, self._remeasuring = self.remeasure.next_tree(), True
             return self._record(tree), [tree.size > 1] * len(requests)
@@ -130,19 +134,22 @@ class SpeculationPolicy:
         return self._record(tree), use
 
     def record_step(self, n_rows: int, tree_size: int, verify_seconds: float, seconds: float, tokens: int,
-                    probed: bool) -> None:
+                    probed: bool, carried: int = 0) -> None:
         """What a step really did (the engine calls this after every decoding step): feeds the guard and
-        the re-measurement. tree_size: the largest tree in the step; seconds: heads to commit."""
+        the re-measurement. tree_size: the largest tree in the step; seconds: heads to commit; carried:
+        tokens accepted last step that this step decoded again (a runner that recomputes them)."""
         self.steps += 1
         if self.mode != "adaptive":
             return
         if self._remeasuring:
-            self.remeasure.record(n_rows, tree_size, verify_seconds, self.cost)
+            if not carried:  # a step that also paid for the last one's tokens is not the shape it claims
+                self.remeasure.record(n_rows, tree_size, verify_seconds, self.cost)
             if tree_size > 1:
                 return
         if tree_size > 1 and self.last_choice.size == 1:
             return  # a request's own fixed tree ran, not the policy's choice: neither side of the guard
-        self.guard.record(self.steps, n_rows, tree_size > 1, tokens, seconds, probed)
+        # The recomputed tokens are speculation's cost: the step that pays for them counts on its side.
+        self.guard.record(self.steps, n_rows, tree_size > 1 or carried > 0, tokens, seconds, probed)
 
     def snapshot(self) -> dict:
         return {**self.guard.snapshot(), "remeasurements": self.remeasure.count}
@@ -152,9 +159,16 @@ class SpeculationPolicy:
         self.choices[tree.name] = self.choices.get(tree.name, 0) + 1
         return tree
 
-    def _remeasure_trees(self) -> list[MedusaTree]:
+    def _remeasure_trees(self, n_rows: int) -> list[MedusaTree]:
+        """Plain decoding and the small trees that could pay at all: a tree whose price over plain exceeds the
+        tokens it yields at the point estimate of acceptance is not re-measured (drift moves every price by
+        the re-measured ones' median ratio, so it would stay out of reach, and every step of it loses)."""
         trees = self._trees or self.candidates()
-        picked = [t for t in trees if len(t.paths) in REMEASURE_SIZES]
+        q, _ = self.stats.counts()
+        expected = self._table.expected(q.nan_to_num(0.0)[None])[0].tolist()
+        plain = self.cost.step(n_rows, 1)
+        picked = [t for c, t in enumerate(trees) if len(t.paths) in REMEASURE_SIZES
+                  and expected[c] * plain > self._price(n_rows, t, n_rows * (expected[c] - 1.0))]
         if self.last_choice.size > 1 and self.last_choice.name not in {t.name for t in picked}:
             picked.append(self.last_choice)
         return [self.none] + picked
@@ -203,7 +217,19 @@ class SpeculationPolicy:
             k = sum(use)
             if k == 0 or (self.max_leaves is not None and k * trees[c].n_leaves > self.max_leaves):
                 continue
-            rate = (n_rows + sum(g[c] for g, u in zip(gains, use) if u)) / (prices[c] + self.cost.heads(k))
+            gain = sum(g[c] for g, u in zip(gains, use) if u)
+            rate = (n_rows + gain) / (prices[c] + self._carry_price(n_rows, trees[c], gain) + self.cost.heads(k))
             if rate > best_rate:
                 best, best_use, best_rate = trees[c], use, rate
         return best, best_use
+
+    def _carry_price(self, n_rows: int, tree: MedusaTree, gain: float) -> float:
+        """Seconds of decoding the `gain` accepted tokens again next step, on a runner that recomputes them."""
+        if not self.recomputes_accepted or gain <= 0:
+            return 0.0
+        base = n_rows * tree.size
+        return max(0.0, self.cost(base + gain) - self.cost(base))
+
+    def _price(self, n_rows: int, tree: MedusaTree, gain: float) -> float:
+        """Seconds of a step of n_rows with `tree`, including the recomputed tokens of `gain` accepted ones."""
+        return self.cost.step(n_rows, tree.size) + self._carry_price(n_rows, tree, gain)

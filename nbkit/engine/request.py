@@ -264,7 +264,8 @@ class Request:
     n_prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
     pending: int | None = None  # last emitted token, not yet in the KV cache (the next tree's root)
-    hidden: torch.Tensor | None = None  # final-norm hidden state that produced `pending`
+    hidden: torch.Tensor | None = None  # final-norm hidden state that produced `pending` (None: not yet known)
+    carried: int = 0  # speculative tokens accepted last step (a runner that recomputes them decodes them again)
     steps: int = 0
     accepted_tokens: int = 0
     first_token_at: float | None = None

@@ -31,8 +31,9 @@ class TreeInput:
 
 
 # What prefill and verify return per slot: (logits fp32 on the CPU or the runner's device, hidden
-# states in the runner's dtype). Prefill: [V] and [H] of the chunk's last token; verify: [T, V] and
-# [T, H], one row per tree node.
+# states in the runner's dtype). Prefill: [V] and [H] of the chunk's last token, or an EMPTY hidden
+# when the runner does not compute it there (llama.cpp: the engine then waits for the first verify
+# step's before the request's heads run); verify: [T, V] and [T, H], one row per tree node.
 SlotOutput = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -44,6 +45,9 @@ class Runner(Protocol):
     device: torch.device  # where hidden states live (the Medusa heads run there)
     dtype: torch.dtype
     hidden_size: int
+    # True when verify() decodes a step's accepted speculative tokens again in the next step (llama.cpp's
+    # exact mode keeps cells in position order that way): the policy prices trees with that cost.
+    recomputes_accepted: bool
 
     @property
     def lm_head(self) -> nn.Module:

@@ -106,6 +106,7 @@ class TorchRunner:
         self.kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
+        self.recomputes_accepted = False
         self.vocab_size = cfg.vocab_size
         self.capacity = 0
         # The buffers are allocated at the first forward pass, in the thread that runs the engine

@@ -101,7 +101,7 @@ class LlamaContext:
         """Logits [R, V] fp32 (CPU) and hidden [R, H] (runner device/dtype) of output rows `rows` of the last decode."""
         ptr = self.lib.llama_get_logits(self._ctx)
         logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n_out, self.vocab_size))[rows])
-        if not self.want_hidden:
+        if not (self.want_hidden and self._embeddings_on):
             return logits, torch.empty(len(rows), 0, device=self.device, dtype=self.dtype)
         eptr = self.lib.llama_get_embeddings(self._ctx)
         hidden = torch.from_numpy(np.ctypeslib.as_array(eptr, shape=(n_out, self.hidden_size))[rows])

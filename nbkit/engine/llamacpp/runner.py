@@ -17,8 +17,9 @@ the rejected branches' cells. `seq_keep` is never used (it would drop every othe
 has 256 sequence ids; those that are not homes form the leaf budget (`max_leaves`) the policy respects.
 
 The context runs with embeddings on, so every output row also gives the final-norm hidden state the
-Medusa heads read. Prompts are prefilled with embeddings off (otherwise every prompt token would be
-an output row) and only their last token is decoded with embeddings on.
+Medusa heads read. Prompts are prefilled with embeddings off (with them on, llama.cpp makes every
+prompt token an output row) and prefill returns no hidden state: the request's first verification
+step gives the first one. Its heads start one step later; a prompt costs one decode instead of two.
 
 Exactness (docs/measurements.md explains what was measured): with flash attention a token's logits
 are bit-identical whatever else is in the batch as long as ggml's plain kernel runs (each query row
@@ -81,6 +82,7 @@ class LlamaCppRunner(LlamaContext):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.exact, self.want_hidden = exact, hidden
+        self.recomputes_accepted = exact  # the carry: accepted nodes are decoded again next step
         if exact and flash_attn is False:
             raise ValueError("the exact configuration needs flash attention (the only placement-invariant path)")
         self._load_model(n_gpu_layers)
@@ -186,9 +188,10 @@ class LlamaCppRunner(LlamaContext):
     # ---- forward passes -----------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, chunks: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Append prompt chunks to their slots, all slots in one decode; {slot: (logits [V], hidden [H])} of
-        each chunk's last token. With hidden states on, the chunks minus their last tokens go first with
-        embeddings off (else every prompt token would be an output row), then the last tokens."""
+        """Append prompt chunks to their slots, all slots in one decode; {slot: (logits [V], hidden)} of each
+        chunk's last token. hidden is EMPTY (the contract's "not computed here"): with embeddings on, llama.cpp
+        would make every prompt token an output row, and a second decode of the last token alone costs
+        more than the heads gain from speculating one step earlier."""
         runs = []  # (slot, first position, tokens)
         for slot, chunk in chunks.items():
             if not chunk:
@@ -200,14 +203,8 @@ class LlamaCppRunner(LlamaContext):
             carry = self._carry[slot]
             runs.append((slot, self.lengths[slot] - len(carry), carry + list(chunk)))
         try:
-            if self.want_hidden:
-                self._set_embeddings(False)
-                self._decode_runs([(slot, start, toks[:-1]) for slot, start, toks in runs])
-                self._set_embeddings(True)
-                runs_out = [(slot, start + len(toks) - 1, toks[-1:]) for slot, start, toks in runs]
-            else:
-                runs_out = runs
-            logits, hidden = self._decode_runs(runs_out, last_out=True)
+            self._set_embeddings(False)
+            logits, _ = self._decode_runs(runs, last_out=True)
         except Exception:
             for slot, start, _ in runs:
                 self.lib.llama_memory_seq_rm(self._mem, slot, start, -1)
@@ -215,22 +212,20 @@ class LlamaCppRunner(LlamaContext):
         for slot, start, toks in runs:
             self._carry[slot] = []
             self.lengths[slot] = start + len(toks)
-        return {slot: (logits[i], hidden[i]) for i, (slot, _, _) in enumerate(runs)}
+        none = torch.empty(0, device=self.device, dtype=self.dtype)
+        return {slot: (logits[i], none) for i, (slot, _, _) in enumerate(runs)}
 
     def _decode_runs(self, runs: list[tuple[int, int, list[int]]], last_out: bool = False):
-        """Decode runs of tokens (slot, first position, tokens) in as few decodes as n_batch allows.
-
-        With last_out, returns (logits [R, V], hidden [R, H]) of each run's last token, in run order."""
+        """Decode runs of tokens (slot, first position, tokens) in as few decodes as n_batch allows, with
+        embeddings off. With last_out, returns (logits [R, V], an empty hidden) of each run's last token."""
         b, row, outs = self._batch, 0, []
 
         def flush():
             b.struct.n_tokens = row
             self._decode()
             if last_out:
-                flagged = np.flatnonzero(b.output[:row])
-                # With embeddings on every token is an output row; otherwise only the flagged ones.
-                rows, n_out = (flagged, row) if self._embeddings_on else (np.arange(len(flagged)), len(flagged))
-                outs.append(self._outputs(rows, n_out))
+                n_out = int(b.output[:row].sum())  # embeddings are off: only the flagged tokens are output rows
+                outs.append(self._outputs(np.arange(n_out), n_out))
 
         for slot, start, toks in runs:
             i = 0

@@ -1,0 +1,100 @@
+"""What the policy prices beyond the verification pass itself: tokens a runner decodes again (llama.cpp's
+exact mode re-decodes accepted speculative tokens next step), re-measurement limited to trees that could
+pay, and a runner that has no hidden state after prefill (the request's heads start one step later)."""
+
+from __future__ import annotations
+
+import torch
+from helpers import OracleHeads, ToyTokenizer, hf_greedy, tiny_llama
+
+from nbkit.engine.costs import CostModel
+from nbkit.engine.engine import Engine
+from nbkit.engine.estimates import AcceptanceStats, RequestAcceptance
+from nbkit.engine.policy import SpeculationPolicy
+from nbkit.engine.request import SamplingParams
+from nbkit.engine.torch_runner import TorchRunner
+from nbkit.medusa.trees import get_tree
+
+PROMPT = [5, 6, 7, 8, 9]
+
+
+def _policy(q00: float, points: dict[int, float], recomputes: bool = False) -> SpeculationPolicy:
+    stats = AcceptanceStats(4, measured=[[q00] + [0.0] * 9] + [[0.0] * 10] * 3)
+    return SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, CostModel(points, ema=0.1),
+                             recomputes_accepted=recomputes)
+
+
+def _observed(n: int, hit_rate: float) -> RequestAcceptance:
+    req = RequestAcceptance(4)
+    for i in range(n):
+        req.observe([(0, 0)] if i < n * hit_rate else [(0, None)])
+    return req
+
+
+def test_a_tree_is_priced_with_the_tokens_the_runner_decodes_again():
+    """1.9 tokens for 1.4x a plain step pays; decoding the 0.9 accepted token again next step (curve: a third
+    token costs a full step more) does not."""
+    points = {1: 0.010, 2: 0.014, 3: 0.024, 4: 0.034, 64: 0.64}
+    for recomputes, speculates in ((False, True), (True, False)):
+        policy = _policy(0.9, points, recomputes)
+        policy.record_step(1, 1, 0.010, 0.010, 1, probed=False)  # the guard knows the plain rate
+        tree, use = policy.plan(1, [_observed(400, 0.9)])
+        assert (tree.size > 1) == speculates and use == [speculates], (recomputes, tree.name)
+
+
+def _drifted_queue(points: dict[int, float]) -> list[int]:
+    """The tree sizes a re-measurement queues after step times drift 5x (acceptance: head 0's top-1 at 0.5)."""
+    policy = _policy(0.5, points)
+    policy.record_step(1, 1, 0.010, 0.010, 1, probed=False)
+    for _ in range(32):  # the drift shows on 64-token steps, so the small shapes keep their prices
+        policy.cost.observe(64, 5 * points[64], n_rows=1)
+    policy.plan(1, [None])
+    assert policy.remeasure.count == 0 and policy.remeasure.active
+    return [policy.last_choice.size] + [t.size for t in policy.remeasure.queue]
+
+
+def test_remeasurement_leaves_out_trees_that_cannot_pay():
+    """Where two tokens cost 4x one (llama.cpp on a CPU), no tree can pay at 1.5 tokens a step: only plain
+    steps are re-measured. Where trees are cheap, the small ones are re-measured too."""
+    dear = _drifted_queue({1: 0.010, 2: 0.040, 4: 0.050, 64: 0.5})
+    assert dear == [1, 1, 1]
+    cheap = _drifted_queue({1: 0.010, 2: 0.0105, 4: 0.011, 64: 0.02})
+    assert cheap.count(1) == 3 and {2, 3, 5} <= set(cheap)
+
+
+def test_a_plain_step_that_decodes_accepted_tokens_again_is_speculations_cost():
+    policy = _policy(0.5, {1: 0.010, 2: 0.014, 64: 0.64})
+    policy.record_step(1, 1, 0.013, 0.013, 1, probed=False, carried=1)
+    assert policy.guard.plain_seconds(1) is None and len(policy.guard.window) == 1
+    policy.record_step(1, 1, 0.010, 0.010, 1, probed=False)
+    assert policy.guard.plain_seconds(1) == 0.010
+
+
+class NoPrefillHidden:
+    """A real runner whose prefill returns an empty hidden state (as llama.cpp's does)."""
+
+    def __init__(self, runner: TorchRunner):
+        self.runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def prefill(self, chunks):
+        return {slot: (logits, torch.empty(0)) for slot, (logits, _) in self.runner.prefill(chunks).items()}
+
+
+def test_heads_start_at_the_first_verify_step_when_prefill_gives_no_hidden_state():
+    model = tiny_llama()
+    ref = hf_greedy(model, PROMPT, 40)
+    heads = OracleHeads(model)
+    heads.register(PROMPT, ref)
+    engine = Engine(NoPrefillHidden(TorchRunner(model, max_slots=1)), ToyTokenizer(), heads,
+                    speculation="mc_sim_7b_63")
+    handle = engine.submit(PROMPT, SamplingParams(max_tokens=40))
+    (req,) = engine.waiting
+    sizes = []
+    while handle.finished is None:
+        engine.step()
+        sizes.append(req.spec_steps)
+    assert handle.result().token_ids == ref
+    assert req.steps > 2 and req.spec_steps == req.steps - 1  # every step but the first verified the tree
