@@ -37,6 +37,7 @@ __all__ = ["AcceptanceStats", "CostModel", "RequestAcceptance", "SpeculationPoli
 log = logging.getLogger("nbkit.engine")
 
 PROBE_EVERY = 8  # steps between acceptance probes for requests that are not speculating
+PROBE_BUDGET = 0.01  # share of decoding time the probes may take
 SUBTREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 63)
 REMEASURE_SIZES = (1, 2, 4)  # speculated nodes of the sub-trees re-measured on drift (plus the current pick)
 REBUILD_EVERY = 256  # steps between rebuilds of the candidate trees from the statistics (a rebuild is dear)
@@ -68,6 +69,7 @@ class SpeculationPolicy:
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None  # the global (q, trials) read last
         self._refresh_in = 0
         self._prices: dict[int, list[float]] = {}  # rows -> seconds per candidate tree (heads excluded)
+        self._reach: dict[int, set[int]] = {}  # rows -> candidates that could pay (see _reachable)
         self._prices_age, self._prices_version = 0, -1
         self.remeasure = Remeasure()
         self.steps = 0
@@ -94,18 +96,21 @@ class SpeculationPolicy:
             self._table_version += 1
             self._refresh_in = REBUILD_EVERY
             self._prices.clear()
+            self._reach.clear()
         self._refresh_in -= 1
         return self._trees
 
     def probe_due(self, step: int, n_active: int) -> bool:
         """While no tree runs, the heads still look ahead now and then so the acceptance statistics
-        stay current; probes are spaced by the heads' measured cost so they stay a small part of decoding."""
+        stay current; probes are spaced by the heads' measured cost so they stay a small part of decoding
+        (a quarter of that where no tree could pay even at the point estimate of acceptance)."""
         if self.mode != "adaptive":
             return False
         every = PROBE_EVERY
         if self.cost.heads_cost > 0:
             step_cost = max(self.cost(n_active), 1e-6)
-            every = max(PROBE_EVERY, round(100 * self.cost.heads(n_active) / step_cost))
+            budget = PROBE_BUDGET if self._reachable(max(n_active, 1)) else PROBE_BUDGET / 4
+            every = max(PROBE_EVERY, round(self.cost.heads(n_active) / step_cost / budget))
         return step % every == 0
 
     def choose(self, n_rows: int, n_speculative: int) -> MedusaTree:
@@ -163,21 +168,30 @@ class SpeculationPolicy:
         """Plain decoding and the small trees that could pay at all: a tree whose price over plain exceeds the
         tokens it yields at the point estimate of acceptance is not re-measured (drift moves every price by
         the re-measured ones' median ratio, so it would stay out of reach, and every step of it loses)."""
-        trees = self._trees or self.candidates()
-        q, _ = self.stats.counts()
-        expected = self._table.expected(q.nan_to_num(0.0)[None])[0].tolist()
-        plain = self.cost.step(n_rows, 1)
-        picked = [t for c, t in enumerate(trees) if len(t.paths) in REMEASURE_SIZES
-                  and expected[c] * plain > self._price(n_rows, t, n_rows * (expected[c] - 1.0))]
+        reach = self._reachable(n_rows)
+        picked = [t for c, t in enumerate(self._trees) if len(t.paths) in REMEASURE_SIZES and c in reach]
         if self.last_choice.size > 1 and self.last_choice.name not in {t.name for t in picked}:
             picked.append(self.last_choice)
         return [self.none] + picked
+
+    def _reachable(self, n_rows: int) -> set[int]:
+        """Candidates that beat plain decoding for n_rows at the point estimate of acceptance (every row
+        speculating, heads not counted): the optimistic side, refreshed with the step prices."""
+        trees = self._trees or self.candidates()
+        if n_rows not in self._reach:
+            q, _ = self.stats.counts()
+            expected = self._table.expected(q.nan_to_num(0.0)[None])[0].tolist()
+            plain = self.cost.step(n_rows, 1)
+            self._reach[n_rows] = {c for c, t in enumerate(trees) if c > 0 and expected[c] * plain
+                                   > self._price(n_rows, t, n_rows * (expected[c] - 1.0))}
+        return self._reach[n_rows]
 
     def _step_prices(self, n_rows: int) -> list[float]:
         """Seconds of a step of n_rows for every candidate tree, reused for RECHOOSE_EVERY steps."""
         self._prices_age += 1
         if self._prices_age >= RECHOOSE_EVERY or self._prices_version != self.cost.version:
             self._prices.clear()
+            self._reach.clear()
             self._prices_age, self._prices_version = 0, self.cost.version
         if n_rows not in self._prices:
             self._prices[n_rows] = [self.cost.step(n_rows, t.size) for t in self._trees]

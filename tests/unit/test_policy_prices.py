@@ -98,3 +98,14 @@ def test_heads_start_at_the_first_verify_step_when_prefill_gives_no_hidden_state
         sizes.append(req.spec_steps)
     assert handle.result().token_ids == ref
     assert req.steps > 2 and req.spec_steps == req.steps - 1  # every step but the first verified the tree
+
+
+def test_probes_are_rarer_where_no_tree_could_pay():
+    """Heads at 10% of a plain step: probes take 1% of decoding while trees are within reach, a quarter of
+    that where two tokens cost 4x one."""
+    counts = []
+    for points in ({1: 0.010, 2: 0.0105, 4: 0.011, 64: 0.02}, {1: 0.010, 2: 0.040, 4: 0.050, 64: 0.5}):
+        stats = AcceptanceStats(4, measured=[[0.5] + [0.0] * 9] + [[0.0] * 10] * 3)
+        policy = SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, CostModel(points, heads_cost=0.001))
+        counts.append(sum(policy.probe_due(step, 1) for step in range(4000)))
+    assert counts == [400, 100]  # every 10th step (10% x 1/10 = 1%), every 40th
