@@ -49,6 +49,7 @@ class RunResult:
     tree_choices: dict = field(default_factory=dict)
     guard_backoffs: int = 0  # times the speculation guard found speculation losing and stopped it
     remeasurements: int = 0  # cost-model re-measurements after step times drifted
+    round_tokens_per_s: list = field(default_factory=list)  # per interleaved round (for per-round ratios)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -155,6 +156,7 @@ def interleaved(make_engine, prompts: list[list[int]], concurrency: int, n_reque
     rounds = max(1, min(rounds, n_requests))
     served: dict[str, list] = {s: [] for s in speculations}
     seconds = dict.fromkeys(speculations, 0.0)
+    per_round: dict[str, list[float]] = {s: [] for s in speculations}
     choices: dict[str, dict] = {s: {} for s in speculations}
     checks = {s: {"guard_backoffs": 0, "remeasurements": 0} for s in speculations}
     first = 0
@@ -166,6 +168,7 @@ def interleaved(make_engine, prompts: list[list[int]], concurrency: int, n_reque
             engine.stop()
             served[spec] += results
             seconds[spec] += took
+            per_round[spec].append(round(sum(r.completion_tokens for r in results) / took, 2))
             for tree, k in engine.policy.choices.items():
                 choices[spec][tree] = choices[spec].get(tree, 0) + k
             for key, v in engine.policy.snapshot().items():
@@ -177,6 +180,7 @@ def interleaved(make_engine, prompts: list[list[int]], concurrency: int, n_reque
     for run in runs:
         run.guard_backoffs, run.remeasurements = checks[run.speculation]["guard_backoffs"], \
             checks[run.speculation]["remeasurements"]
+        run.round_tokens_per_s = per_round[run.speculation]
     return runs
 
 
@@ -212,6 +216,10 @@ def ratios(runs: list[RunResult]) -> dict:
         for name in (f"c{c}-adaptive", f"c{c}-mc_sim_7b_63"):
             if base and name in by:
                 out[f"{name.split('-', 1)[1]}_over_off_c{c}"] = round(by[name].tokens_per_s / base.tokens_per_s, 3)
+                pairs = list(zip(by[name].round_tokens_per_s, base.round_tokens_per_s))
+                if len(pairs) > 1:  # each round ran both back to back on the same prompts: robust to drift
+                    out[f"{name.split('-', 1)[1]}_over_off_c{c}_round_median"] = round(
+                        statistics.median(a / b for a, b in pairs), 3)
     if "mixed-static" in by and "mixed-continuous" in by:
         s, c = by["mixed-static"], by["mixed-continuous"]
         out["continuous_over_static_throughput"] = round(c.tokens_per_s / s.tokens_per_s, 3)
@@ -266,7 +274,13 @@ def machine_name() -> str:
         pass
     import os
 
-    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+    name = platform.processor() or platform.machine()
+    try:  # the CPU's model name says more than its architecture (an AMX Xeon and an AVX2 EPYC differ 4x here)
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} CPU x{os.cpu_count()}"
 
 
 def register_cli(sub) -> None:
@@ -368,9 +382,14 @@ def source_table(result: dict) -> str:
     """Markdown: one row per prompt source, speculation/off per concurrency (the figures issue 14 floors)."""
     per = result.get("per_source") or {result.get("prompts", "?"): {k: v for k, v in result["ratios"].items()
                                                                    if "_over_off_c" in k}}
-    keys = sorted({k for r in per.values() for k in r}, key=lambda k: (k.split("_over_off_c")[0],
-                                                                        int(k.split("_over_off_c")[1])))
-    head = "| source | " + " | ".join(k.replace("_over_off_c", "/off c") for k in keys) + " |"
+    def order(key: str) -> tuple:
+        spec, rest = key.split("_over_off_c")
+        concurrency, _, suffix = rest.partition("_")
+        return spec, suffix, int(concurrency)
+
+    keys = sorted({k for r in per.values() for k in r}, key=order)
+    head = "| source | " + " | ".join(k.replace("_over_off_c", "/off c").replace("_round_median", " (round median)")
+                                     for k in keys) + " |"
     rows = [head, "|" + " --- |" * (len(keys) + 1)]
     for source, r in per.items():
         rows.append(f"| {source} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")

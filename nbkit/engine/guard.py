@@ -28,7 +28,7 @@ log = logging.getLogger("nbkit.engine")
 
 GUARD_WINDOW = 24  # speculative steps the guard judges over
 GUARD_MIN = 12  # ... and at least this many before it judges
-GUARD_FLOOR = 1.0  # realized / plain below this is a loss
+GUARD_FLOOR = 1.03  # realized / plain below this: speculation stops (break-even has only risk to offer)
 BACKOFF_FIRST, BACKOFF_MAX = 64, 4096  # steps without speculation after a loss (doubling)
 PLAIN_REFRESH = 128  # steps after which a batch size's plain rate is re-measured by one plain step
 PLAIN_SAMPLES = 9  # plain steps kept per batch size (median)

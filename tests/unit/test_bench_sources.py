@@ -47,10 +47,12 @@ def test_run_sources_reports_each_source_side_by_side(make_engine):
     assert set(result["by_source"]) == {"templates", "handwritten"}
     assert result["prompts"] == "templates" and result["runs"] == result["by_source"]["templates"]["runs"]
     for source, ratios in result["per_source"].items():
-        assert set(ratios) == {"adaptive_over_off_c1", "adaptive_over_off_c2"}, source
+        # totals, and the median of the per-round ratios (each of the 2 rounds ran both back to back)
+        assert set(ratios) == {f"adaptive_over_off_c{c}{s}" for c in (1, 2) for s in ("", "_round_median")}, source
         assert all(v > 0 for v in ratios.values())
     for r in result["by_source"]["handwritten"]["runs"]:
         assert r["requests"] == 2 and r["output_tokens"] > 0
+        assert len(r["round_tokens_per_s"]) == 2 and all(v > 0 for v in r["round_tokens_per_s"])
     assert sum("handwritten" in line for line in seen) == 4  # 2 concurrencies x 2 speculations
 
 
