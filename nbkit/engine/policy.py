@@ -119,6 +119,7 @@ class SpeculationPolicy:
             return self._record(self.none)
         if self.mode == "fixed":
             return self._record(self.fixed)
+        self._age_prices()
         return self._record(self._best(n_rows, [None] * n_speculative)[0])
 
     def plan(self, n_rows: int, requests: list[RequestAcceptance | None]) -> tuple[MedusaTree, list[bool]]:
@@ -133,7 +134,9 @@ class SpeculationPolicy:
         if self.remeasure.active:
             tree, self._remeasuring = self.remeasure.next_tree(), True
             return self._record(tree), [tree.size > 1] * len(requests)
-        if not self.guard.allows(self.steps) or self.guard.wants_plain(self.steps, n_rows):
+        self._age_prices()
+        if (not self.guard.allows(self.steps) or self.guard.wants_plain(self.steps, n_rows)
+                or not self._reachable(n_rows)):  # nothing pays even at the point estimate: skip the pricing
             return self._record(self.none), [False] * len(requests)
         tree, use = self._best(n_rows, requests)
         return self._record(tree), use
@@ -186,13 +189,16 @@ class SpeculationPolicy:
                                    > self._price(n_rows, t, n_rows * (expected[c] - 1.0))}
         return self._reach[n_rows]
 
-    def _step_prices(self, n_rows: int) -> list[float]:
-        """Seconds of a step of n_rows for every candidate tree, reused for RECHOOSE_EVERY steps."""
+    def _age_prices(self) -> None:
+        """Step prices and reachability are reused for RECHOOSE_EVERY plans, or until the cost model changes."""
         self._prices_age += 1
         if self._prices_age >= RECHOOSE_EVERY or self._prices_version != self.cost.version:
             self._prices.clear()
             self._reach.clear()
             self._prices_age, self._prices_version = 0, self.cost.version
+
+    def _step_prices(self, n_rows: int) -> list[float]:
+        """Seconds of a step of n_rows for every candidate tree (see _age_prices)."""
         if n_rows not in self._prices:
             self._prices[n_rows] = [self.cost.step(n_rows, t.size) for t in self._trees]
         return self._prices[n_rows]
