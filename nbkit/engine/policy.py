@@ -135,8 +135,9 @@ class SpeculationPolicy:
             tree, self._remeasuring = self.remeasure.next_tree(), True
             return self._record(tree), [tree.size > 1] * len(requests)
         self._age_prices()
-        if (not self.guard.allows(self.steps) or self.guard.wants_plain(self.steps, n_rows)
-                or not self._reachable(n_rows)):  # nothing pays even at the point estimate: skip the pricing
+        # (No shortcut on _reachable here: a request the heads know well may pay where the global estimate
+        # does not, and only _best weighs each request's own evidence.)
+        if not self.guard.allows(self.steps) or self.guard.wants_plain(self.steps, n_rows):
             return self._record(self.none), [False] * len(requests)
         tree, use = self._best(n_rows, requests)
         return self._record(tree), use
