@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
-from helpers import OracleHeads, ToyTokenizer, hf_greedy, tiny_llama
+from helpers import OracleHeads, ToyTokenizer, head0_stats, hf_greedy, observed, tiny_llama
 
 from nbkit.engine.costs import CostModel, DeclaredCostModel, calibrate
 from nbkit.engine.engine import Engine
-from nbkit.engine.estimates import AcceptanceStats, RequestAcceptance, shrunk_lower_bounds
+from nbkit.engine.estimates import AcceptanceStats, shrunk_lower_bounds
 from nbkit.engine.guard import SpeculationGuard
 from nbkit.engine.policy import SpeculationPolicy
 from nbkit.engine.request import SamplingParams
@@ -59,20 +59,14 @@ class SlowRunner:
 
 
 def _policy(q00: float, two_tokens: float) -> SpeculationPolicy:
-    stats = AcceptanceStats(4, measured=[[q00] + [0.0] * 9] + [[0.0] * 10] * 3)
+    stats = head0_stats(q00)
     return SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, CostModel({1: 0.010, 2: two_tokens, 4: 0.05}, ema=0.0))
 
 
-def _observed(n: int, hit_rate: float) -> RequestAcceptance:
-    req = RequestAcceptance(4)
-    for i in range(n):
-        req.observe([(0, 0)] if i < n * hit_rate else [(0, None)])
-    return req
-
 
 def test_lower_bound_rises_with_a_requests_own_evidence():
-    stats = AcceptanceStats(4, measured=[[0.5] + [0.0] * 9] + [[0.0] * 10] * 3)
-    lo = shrunk_lower_bounds(*stats.counts(), [None, _observed(20, 0.5), _observed(400, 0.5)])[:, 0, 0]
+    stats = head0_stats(0.5)
+    lo = shrunk_lower_bounds(*stats.counts(), [None, observed(20, 0.5), observed(400, 0.5)])[:, 0, 0]
     assert 0.3 < lo[0] < lo[1] < lo[2] < 0.5  # same estimate (0.5), more evidence, tighter bound
 
 
@@ -82,8 +76,8 @@ def test_few_observations_do_not_clear_the_margin_many_do():
     policy = _policy(0.5, 0.0135)
     policy.record_step(1, 1, 0.010, 0.010, 1, probed=False)  # the guard knows the plain rate: it lets the model decide
     assert policy.plan(1, [None])[0].size == 1
-    assert policy.plan(1, [_observed(10, 0.5)])[0].size == 1
-    tree, use = policy.plan(1, [_observed(400, 0.5)])
+    assert policy.plan(1, [observed(10, 0.5)])[0].size == 1
+    tree, use = policy.plan(1, [observed(400, 0.5)])
     assert tree.size > 1 and use == [True]
 
 
@@ -200,7 +194,7 @@ def test_a_declared_price_list_is_taken_as_given_a_measured_one_is_guarded():
     for cost, guarded in ((DeclaredCostModel(prices), False), (CostModel(prices, ema=0.1), True)):
         stats = AcceptanceStats(4, measured=[[0.9] + [0.0] * 9] + [[0.0] * 10] * 3)
         policy = SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, cost)
-        own = _observed(400, 0.9)
+        own = observed(400, 0.9)
         for _ in range(9):
             policy.plan(1, [own])
             policy.record_step(1, 1, 0.010, 0.010, 1, probed=False)

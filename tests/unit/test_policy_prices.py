@@ -5,11 +5,10 @@ pay, and a runner that has no hidden state after prefill (the request's heads st
 from __future__ import annotations
 
 import torch
-from helpers import OracleHeads, ToyTokenizer, hf_greedy, tiny_llama
+from helpers import OracleHeads, ToyTokenizer, head0_stats, hf_greedy, observed, tiny_llama
 
 from nbkit.engine.costs import CostModel
 from nbkit.engine.engine import Engine
-from nbkit.engine.estimates import AcceptanceStats, RequestAcceptance
 from nbkit.engine.policy import SpeculationPolicy
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.torch_runner import TorchRunner
@@ -19,16 +18,10 @@ PROMPT = [5, 6, 7, 8, 9]
 
 
 def _policy(q00: float, points: dict[int, float], recomputes: bool = False) -> SpeculationPolicy:
-    stats = AcceptanceStats(4, measured=[[q00] + [0.0] * 9] + [[0.0] * 10] * 3)
+    stats = head0_stats(q00)
     return SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, CostModel(points, ema=0.1),
                              recomputes_accepted=recomputes)
 
-
-def _observed(n: int, hit_rate: float) -> RequestAcceptance:
-    req = RequestAcceptance(4)
-    for i in range(n):
-        req.observe([(0, 0)] if i < n * hit_rate else [(0, None)])
-    return req
 
 
 def test_a_tree_is_priced_with_the_tokens_the_runner_decodes_again():
@@ -38,7 +31,7 @@ def test_a_tree_is_priced_with_the_tokens_the_runner_decodes_again():
     for recomputes, speculates in ((False, True), (True, False)):
         policy = _policy(0.9, points, recomputes)
         policy.record_step(1, 1, 0.010, 0.010, 1, probed=False)  # the guard knows the plain rate
-        tree, use = policy.plan(1, [_observed(400, 0.9)])
+        tree, use = policy.plan(1, [observed(400, 0.9)])
         assert (tree.size > 1) == speculates and use == [speculates], (recomputes, tree.name)
 
 
@@ -105,7 +98,7 @@ def test_probes_are_rarer_where_no_tree_could_pay():
     that where two tokens cost 4x one."""
     counts = []
     for points in ({1: 0.010, 2: 0.0105, 4: 0.011, 64: 0.02}, {1: 0.010, 2: 0.040, 4: 0.050, 64: 0.5}):
-        stats = AcceptanceStats(4, measured=[[0.5] + [0.0] * 9] + [[0.0] * 10] * 3)
+        stats = head0_stats(0.5)
         policy = SpeculationPolicy(get_tree("mc_sim_7b_63", 4), stats, CostModel(points, heads_cost=0.001))
         counts.append(sum(policy.probe_due(step, 1) for step in range(4000)))
     assert counts == [400, 100]  # every 10th step (10% x 1/10 = 1%), every 40th
