@@ -30,15 +30,20 @@ from .runner import Runner, TreeInput
 log = logging.getLogger("nbkit.engine")
 
 DRIFT_WINDOW = 32  # recent steps whose observed / reference time ratio is the drift
+SHAPE_EMA = 0.025  # how fast a tree shape's figure follows what the level leaves of its error (slow: a property)
 
 
 class CostModel:
     """Seconds for one verification step as a function of tokens in the step (piecewise linear).
 
     Calibrated at start-up by timing real forward passes, then corrected online from the step
-    times the engine observes (exponential moving average per power-of-two bucket; ema 0 keeps the
-    figures as they are). The policy checks a CostModel's predictions with its guard; a price list that
-    is declared, not measured, is a DeclaredCostModel.
+    times the engine observes (ema 0 keeps the figures as they are). A price is a shape's own figure times
+    the machine's current `level`: every observed step moves the level (a shared machine slows down and
+    speeds up every shape alike), and a shape's own figure keeps only the slow remainder of its error. Were
+    each shape to follow its own observations, the plain step, observed at every step, would follow the
+    machine while tree shapes kept the prices of the moment they last ran, and under a burst of load
+    trees would look cheap next to plain decoding. The policy checks a CostModel's predictions with its
+    guard; a price list that is declared, not measured, is a DeclaredCostModel.
     """
 
     def __init__(self, points: dict[int, float], heads_cost: float | dict[int, float] = 0.0, ema: float = 0.1):
@@ -51,6 +56,7 @@ class CostModel:
         self.ema = ema
         self.measured: dict[tuple[int, int], float] = {}  # (rows, tokens per row) -> seconds, from real steps
         self.version = 0  # bumped when a shape is measured for the first time (cached choices go stale)
+        self.level = 1.0  # the machine's speed now relative to the figures above (every price is multiplied by it)
         self._lock = threading.Lock()
         self.set_reference()
 
@@ -63,8 +69,18 @@ class CostModel:
         """Take the current curve and shapes as the reference that `drift()` compares real steps with
         (after calibration and after every re-measurement)."""
         with self._lock:
+            self._fold_level()
             self.reference = (dict(self.points), dict(self.measured))
             self.ratios: deque[float] = deque(maxlen=DRIFT_WINDOW)
+
+    def _fold_level(self) -> None:
+        """Make the current level part of every figure (the level is then 1); the caller holds the lock."""
+        if self.level != 1.0:
+            self.points = {n: v * self.level for n, v in self.points.items()}
+            self.measured = {k: v * self.level for k, v in self.measured.items()}
+            self.heads_points = {n: v * self.level for n, v in self.heads_points.items()}
+            self.heads_cost *= self.level
+            self.level = 1.0
 
     def drift(self) -> float | None:
         """Median of observed / reference seconds over the last DRIFT_WINDOW steps (None: too few yet)."""
@@ -83,6 +99,7 @@ class CostModel:
         shapes that were not re-measured follow the machine too; the new state becomes the reference."""
         ratios = [v / max(self.step(*k), 1e-9) for k, v in shapes.items()]
         with self._lock:
+            self._fold_level()
             if ratios:
                 scale = statistics.median(ratios)
                 self.points = {n: v * scale for n, v in self.points.items()}
@@ -95,19 +112,19 @@ class CostModel:
         (16 rows x 2 tokens costs more than 1 row x 32), else the calibrated curve."""
         known = self.measured.get((n_rows, per_row))
         if known is not None:
-            return known
+            return known * self.level
         # Between two measured row counts with the same tokens per row: interpolate in rows.
         by_rows = {r: v for (r, t), v in list(self.measured.items()) if t == per_row}
         if by_rows and min(by_rows) < n_rows < max(by_rows):
-            return _lerp(by_rows, n_rows)
+            return _lerp(by_rows, n_rows) * self.level
         return self(n_rows * per_row)
 
     def heads(self, n_rows: int) -> float:
         """Seconds for the heads on n_rows hidden states (linear between the measured row counts)."""
         first = min(self.heads_points)
         if len(self.heads_points) == 1 or n_rows <= first:
-            return self.heads_points[first]
-        return max(0.0, _lerp(self.heads_points, n_rows))
+            return self.heads_points[first] * self.level
+        return max(0.0, _lerp(self.heads_points, n_rows)) * self.level
 
     @staticmethod
     def from_function(fn: Callable[[int], float], heads_cost: float = 0.0, max_tokens: int = 1024) -> DeclaredCostModel:
@@ -115,24 +132,33 @@ class CostModel:
         return DeclaredCostModel({n: fn(n) for n in _buckets(max_tokens)}, heads_cost)
 
     def __call__(self, n_tokens: int) -> float:
-        return _curve(self.points, n_tokens)
+        return _curve(self.points, n_tokens) * self.level
 
     def observe(self, n_tokens: int, seconds: float, n_rows: int | None = None) -> None:
-        """Fold a measured step time into its shape's record and the nearest bucket of the curve."""
+        """Fold a measured step time into the level; a step of several tokens per row (or of no single shape,
+        n_rows None: the curve's nearest bucket) also folds what is left of its error into its own figure.
+        Plain steps set the scale: what they show is the machine's speed, never their own price next to a
+        tree's. A shape seen for the first time takes the time as its figure at the current level."""
         if self.ema <= 0 or n_tokens <= 0:
             return
-        if n_rows:
-            key = (n_rows, n_tokens // n_rows)
+        key = (n_rows, n_tokens // n_rows) if n_rows else None
+        if key is not None:
             self.ratios.append(seconds / max(self._reference_seconds(*key), 1e-9))
-            with self._lock:
-                old = self.measured.get(key)
-                self.measured[key] = seconds if old is None else (1 - 2 * self.ema) * old + 2 * self.ema * seconds
-                if old is None:
-                    self.version += 1
-        bucket = min(self.points, key=lambda x: abs(math.log2(x) - math.log2(n_tokens)))
-        scaled = seconds * self(bucket) / max(self(n_tokens), 1e-9)
         with self._lock:
-            self.points[bucket] = (1 - self.ema) * self.points[bucket] + self.ema * scaled
+            if key is not None and key not in self.measured:
+                self.measured[key] = seconds / self.level
+                self.version += 1
+                return
+            base = self.measured[key] if key is not None else _curve(self.points, n_tokens)
+            self.level *= (1 - self.ema) + self.ema * seconds / max(base * self.level, 1e-12)
+            if (key[1] if key is not None else n_tokens) == 1:
+                return
+            rest = (1 - SHAPE_EMA) + SHAPE_EMA * seconds / max(base * self.level, 1e-12)
+            if key is not None:
+                self.measured[key] = base * rest
+            else:
+                bucket = min(self.points, key=lambda x: abs(math.log2(x) - math.log2(n_tokens)))
+                self.points[bucket] *= rest
 
 
 class DeclaredCostModel(CostModel):

@@ -55,6 +55,49 @@ def test_remeasurement_leaves_out_trees_that_cannot_pay():
     assert cheap.count(1) == 3 and {2, 3, 5} <= set(cheap)
 
 
+def test_a_burst_of_load_moves_every_price_alike():
+    """Plain steps, the only ones running, take twice their calibrated time for a while: every shape's price
+    follows (the heads' too), so a tree is still priced at what it costs next to a plain step."""
+    cost = CostModel({1: 0.010, 2: 0.017, 4: 0.021, 64: 0.3}, heads_cost={1: 0.002}, ema=0.1)
+    cost.measured.update({(1, 1): 0.010, (1, 2): 0.017})
+    cost.set_reference()
+    before = [cost.step(1, t) / cost.step(1, 1) for t in (2, 3, 5)] + [cost.heads(1) / cost.step(1, 1)]
+    for _ in range(60):
+        cost.observe(1, 0.020, n_rows=1)
+    assert abs(cost.step(1, 1) / 0.020 - 1) < 0.05
+    after = [cost.step(1, t) / cost.step(1, 1) for t in (2, 3, 5)] + [cost.heads(1) / cost.step(1, 1)]
+    assert all(abs(a / b - 1) < 0.05 for a, b in zip(after, before)), (before, after)
+    for _ in range(60):  # and back
+        cost.observe(1, 0.010, n_rows=1)
+    assert abs(cost.step(1, 2) / 0.017 - 1) < 0.05
+
+
+def test_a_tree_shape_learns_its_price_next_to_plain_steps():
+    """Calibrated at 1.7x a plain step, two tokens really cost 2.5x: seen beside plain steps, the price moves
+    there while the plain step keeps its own."""
+    cost = CostModel({1: 0.010, 2: 0.017, 64: 0.3}, ema=0.1)
+    cost.measured.update({(1, 1): 0.010, (1, 2): 0.017})
+    cost.set_reference()
+    for _ in range(80):
+        cost.observe(1, 0.010, n_rows=1)
+        cost.observe(2, 0.025, n_rows=1)
+    assert 2.0 < cost.step(1, 2) / cost.step(1, 1) < 2.6  # from 1.7, most of the way in 80 pairs
+    assert abs(cost.step(1, 1) / 0.010 - 1) < 0.15
+
+
+def test_no_tree_becomes_reachable_because_the_machine_slowed_down():
+    """Two tokens cost 1.7x one and head 0 hits half the time (1.5 tokens a step): no tree can pay, before or
+    during a burst of load that only plain steps saw."""
+    policy = _policy(0.5, {1: 0.010, 2: 0.017, 4: 0.021, 8: 0.024, 64: 0.3})
+    policy.cost.measured.update({(1, 1): 0.010, (1, 2): 0.017, (1, 4): 0.021})
+    policy.cost.set_reference()
+    assert policy._reachable(1) == set()
+    for _ in range(60):
+        policy.cost.observe(1, 0.025, n_rows=1)
+    policy._reach.clear()
+    assert policy._reachable(1) == set()
+
+
 def test_a_plain_step_that_decodes_accepted_tokens_again_is_speculations_cost():
     policy = _policy(0.5, {1: 0.010, 2: 0.014, 64: 0.64})
     policy.record_step(1, 1, 0.013, 0.013, 1, probed=False, carried=1)
