@@ -138,8 +138,7 @@ class CostModel:
         """Fold a measured step time into the level; a step of several tokens per row (or of no single shape,
         n_rows None: the curve's nearest bucket) also folds what is left of its error into its own figure.
         Plain steps set the scale: what they show is the machine's speed, never their own price next to a
-        tree's. A shape seen for the first time starts at the price the model gave it: one step's time,
-        perhaps taken in a burst, is not its price (a plain one would keep it)."""
+        tree's. A shape seen for the first time takes the time as its figure at the current level."""
         if self.ema <= 0 or n_tokens <= 0:
             return
         key = (n_rows, n_tokens // n_rows) if n_rows else None
@@ -147,8 +146,9 @@ class CostModel:
             self.ratios.append(seconds / max(self._reference_seconds(*key), 1e-9))
         with self._lock:
             if key is not None and key not in self.measured:
-                self.measured[key] = self.step(*key) / self.level
+                self.measured[key] = seconds / self.level
                 self.version += 1
+                return
             base = self.measured[key] if key is not None else _curve(self.points, n_tokens)
             self.level *= (1 - self.ema) + self.ema * seconds / max(base * self.level, 1e-12)
             if (key[1] if key is not None else n_tokens) == 1:

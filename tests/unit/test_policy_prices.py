@@ -72,19 +72,6 @@ def test_a_burst_of_load_moves_every_price_alike():
     assert abs(cost.step(1, 2) / 0.017 - 1) < 0.05
 
 
-def test_a_batch_size_first_seen_in_a_burst_keeps_the_calibrated_price():
-    """A 12-row plain step first runs during a burst (3x): its price stays between the calibrated 1 and
-    16 rows (times the machine's level), so 12-row trees do not look cheap next to it afterwards."""
-    cost = CostModel({1: 0.010, 2: 0.017, 64: 0.3}, ema=0.1)
-    cost.measured.update({(1, 1): 0.010, (16, 1): 0.040, (1, 2): 0.017, (16, 2): 0.060})
-    cost.set_reference()
-    calibrated = cost.step(12, 2) / cost.step(12, 1)
-    cost.observe(12, 3 * cost.step(12, 1), n_rows=12)
-    for _ in range(40):
-        cost.observe(1, 0.010, n_rows=1)
-    assert abs(cost.step(12, 2) / cost.step(12, 1) / calibrated - 1) < 0.05
-
-
 def test_a_tree_shape_learns_its_price_next_to_plain_steps():
     """Calibrated at 1.7x a plain step, two tokens really cost 2.5x: seen beside plain steps, the price moves
     there while the plain step keeps its own."""
