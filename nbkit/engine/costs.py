@@ -219,7 +219,7 @@ def calibrate(runner: Runner, heads: MedusaHeads | None, max_batch: int, max_tre
     slots: list[int] = []
     try:
         points = _time_sizes(runner, slots, sizes, max_tree, repeats)
-        rows_shapes = _time_full_batches(runner, slots, max_batch, repeats) if max_batch > 1 else {}
+        rows_shapes = _time_batches(runner, slots, batch_rows(max_batch), repeats) if max_batch > 1 else {}
         heads_cost = _time_heads(runner, heads, max_batch, repeats) if heads is not None else {}
     finally:
         for s in slots:
@@ -251,12 +251,19 @@ def _time_sizes(runner: Runner, slots: list[int], sizes: list[int], max_tree: in
     return _interleaved_medians({n: (lambda b=shapes[n]: runner.verify(b)) for n in sizes}, repeats)
 
 
-def _time_full_batches(runner: Runner, slots: list[int], max_batch: int, repeats: int) -> dict[tuple[int, int], float]:
-    """Full batches of short trees (what the policy weighs under load): many rows of a few tokens cost
-    more than one row of as many tokens, so these shapes are timed as they are, plain and trees
-    alternating in every round."""
-    _grow_slots(runner, slots, max_batch)
-    shapes = {(max_batch, n): [TreeInput(s, chain(n - 1), [1] * n) for s in slots[:max_batch]] for n in (1, 2, 3, 4)}
+def batch_rows(max_batch: int) -> list[int]:
+    """Row counts whose short trees calibration times: the full batch, and 4 rows between it and one. A
+    batch size in between is priced by interpolating in rows, and cost is far from linear in rows (a 4 x 2
+    step costs well under the 1.67x a 4 x 1 one that 1 and 16 rows interpolate to on an AVX2 CPU)."""
+    return sorted({r for r in (4, max_batch) if 1 < r <= max_batch})
+
+
+def _time_batches(runner: Runner, slots: list[int], rows: list[int], repeats: int) -> dict[tuple[int, int], float]:
+    """Batches of short trees (what the policy weighs under load): many rows of a few tokens cost more
+    than one row of as many tokens, so these shapes are timed as they are, plain and trees alternating in
+    every round."""
+    _grow_slots(runner, slots, max(rows))
+    shapes = {(r, n): [TreeInput(s, chain(n - 1), [1] * n) for s in slots[:r]] for r in rows for n in (1, 2, 3, 4)}
     return _interleaved_medians({k: (lambda b=b: runner.verify(b)) for k, b in shapes.items()}, repeats)
 
 

@@ -237,3 +237,27 @@ def test_calibration_medians_over_interleaved_rounds_survive_a_burst():
     for n in (1, 2, 4, 8):  # the burst hit every size in two of its seven rounds at most: medians ignore it
         assert cost(n) < 0.001 * n + 0.015, (n, cost(n))
     assert cost(8) > cost(1)
+
+
+class RowsRunner(BurstyRunner):
+    """A fake runner whose cost is not linear in rows: one row pays 1.7x for a second token, while up to 4 rows
+    cost what one does and a second token adds 10%; past 4 rows the cost grows with the rows."""
+
+    max_slots = 16
+
+    def __init__(self):
+        self.calls, self.free_slots = 0, list(range(16))
+
+    def verify(self, batch: list[TreeInput]):
+        rows, t = len(batch), max(len(b.tokens) for b in batch)
+        extra = 0.7 if rows == 1 else 0.1
+        time.sleep(0.002 * max(1.0, rows / 4) * (1 + extra * min(t - 1, 1) + 0.1 * max(t - 2, 0)))
+        return {}
+
+
+def test_calibration_times_a_middle_batch_size_so_it_is_not_interpolated():
+    """Interpolating between 1 and 16 rows would price a 4 x 2 step at ~1.4x a 4 x 1 one; calibrated, it is 1.1x."""
+    cost = calibrate(RowsRunner(), None, max_batch=16, max_tree=4, repeats=3, max_tokens=16)
+    assert {(4, t) for t in (1, 2, 3, 4)} <= set(cost.measured)
+    assert cost.step(4, 2) / cost.step(4, 1) < 1.25
+    assert cost.step(1, 2) / cost.step(1, 1) > 1.5
