@@ -79,7 +79,7 @@ class CostModel:
             self.points = {n: v * self.level for n, v in self.points.items()}
             self.measured = {k: v * self.level for k, v in self.measured.items()}
             self.heads_points = {n: v * self.level for n, v in self.heads_points.items()}
-            self.heads_cost *= self.level
+            self.heads_cost = max(self.heads_points.values())
             self.level = 1.0
 
     def drift(self) -> float | None:
@@ -151,7 +151,8 @@ class CostModel:
                 return
             base = self.measured[key] if key is not None else _curve(self.points, n_tokens)
             self.level *= (1 - self.ema) + self.ema * seconds / max(base * self.level, 1e-12)
-            if (key[1] if key is not None else n_tokens) == 1:
+            per_row = key[1] if key is not None else n_tokens
+            if per_row == 1:
                 return
             rest = (1 - SHAPE_EMA) + SHAPE_EMA * seconds / max(base * self.level, 1e-12)
             if key is not None:
