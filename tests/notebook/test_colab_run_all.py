@@ -225,7 +225,7 @@ def check_server(url: str, mirror: Path, ids: list[int], want: list[int], specul
         info = http.get("/info").json()
         assert (info["heads"], info["speculation"]) == (5, "fixed" if speculation else "adaptive"), info
         answers = {}
-        # "default": the notebook's SPECULATION (see PARAMS); clients may not force a tree on this server.
+        # "default": the notebook's SPECULATION (see SPECULATION above); clients may not force a tree on this server.
         for name, extra in {"default": {}, "plain": {"speculate": False}}.items():
             r = http.post("/generate", json={"prompt": PROMPT, "max_tokens": MAX_TOKENS, **extra})
             assert r.status_code == 200, r.text
