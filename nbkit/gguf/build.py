@@ -77,7 +77,7 @@ def source_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=root(), prefix="src.tmp"))
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            _extract(tar, tmp)
         (tmp / f"llama_cpp_python-{VERSION}").rename(path)
     except FileExistsError:
         pass  # another process finished first
@@ -87,6 +87,26 @@ def source_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract with tarfile's "data" filter; a Python without it (before 3.11.4: Debian 12 ships 3.11.2) gets
+    the filter's main refusals checked here: no member or link target outside `dest`, no device files."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    inside = dest.resolve()
+    for member in tar.getmembers():
+        target = (inside / member.name).resolve()
+        if member.issym():
+            linked = (target.parent / member.linkname).resolve()
+        elif member.islnk():
+            linked = (inside / member.linkname).resolve()
+        else:
+            linked = target
+        if member.isdev() or not (target.is_relative_to(inside) and linked.is_relative_to(inside)):
+            raise BuildError(f"refusing to unpack {member.name!r}: it would land outside {dest}")
+    tar.extractall(dest)
 
 
 def vendor_dir() -> Path:

@@ -88,3 +88,54 @@ def test_build_cli_reports_errors(monkeypatch, capsys):
     monkeypatch.setattr(build, "install_bindings", fail)
     assert main(["build"]) == 1
     assert "no C/C++ compiler found" in capsys.readouterr().out
+
+
+def _sdist(path, members: dict[str, str | None], links: dict[str, str] | None = None) -> None:
+    """A tar.gz with `members` (name -> text, None for a folder) and symlinks (name -> target)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in members.items():
+            info = tarfile.TarInfo(name)
+            if text is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(text.encode())
+                tar.addfile(info, io.BytesIO(text.encode()))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+
+
+@pytest.mark.parametrize("filters", [True, False], ids=["data-filter", "python-3.11.2"])
+def test_the_sdist_unpacks_with_or_without_tarfile_filters(cache, monkeypatch, filters):
+    """Debian 12's Python 3.11.2 has no extraction filters (3.11.4 added them): unpacking must still work."""
+    import tarfile
+
+    if not filters:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    top = f"llama_cpp_python-{build.VERSION}"
+    _sdist(build.root() / build.SDIST, {top: None, f"{top}/vendor/llama.cpp/CMakeLists.txt": "project(llama)"},
+           {f"{top}/vendor/llama.cpp/CMakeLists.link": "CMakeLists.txt"})
+    src = build.source_dir()
+    assert (src / "vendor" / "llama.cpp" / "CMakeLists.txt").read_text() == "project(llama)"
+    assert (src / "vendor" / "llama.cpp" / "CMakeLists.link").read_text() == "project(llama)"
+    assert [p.name for p in build.root().iterdir() if p.name.startswith("src.tmp")] == []
+
+
+@pytest.mark.parametrize(("members", "links"), [
+    ({"../outside.txt": "x"}, {}),
+    ({}, {"llama_cpp_python/escape": "../../outside.txt"}),
+], ids=["dot-dot", "symlink-out"])
+def test_an_archive_that_escapes_is_refused_without_tarfile_filters(cache, monkeypatch, members, links):
+    import tarfile
+
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    _sdist(build.root() / build.SDIST, members, links)
+    with pytest.raises(build.BuildError, match="outside"):
+        build.source_dir()
+    assert not (build.root().parent / "outside.txt").exists()
+    assert not (build.root() / "src").exists()
