@@ -105,7 +105,7 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
         else:
             linked = target
         if member.isdev() or not (target.is_relative_to(inside) and linked.is_relative_to(inside)):
-            raise BuildError(f"refusing to unpack {member.name!r}: it would land outside {dest}")
+            raise BuildError(f"refusing to unpack {member.name!r}: a device file, or a path outside {dest}")
     tar.extractall(dest)
 
 
