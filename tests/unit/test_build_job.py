@@ -163,6 +163,15 @@ def test_nothing_to_build_for_torch_or_when_installed(cache, monkeypatch, capsys
     hub.Prepared("m.gguf", None, "llamacpp", build=job).wait_for_engine()
 
 
+def test_a_cpu_without_the_baseline_is_refused_in_the_cell_before_any_build(cache, monkeypatch):
+    (cache / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
+    monkeypatch.setattr(build, "CPUINFO", str(cache / "cpuinfo"))
+    monkeypatch.setattr(build, "installed_bindings", lambda: None)
+    with pytest.raises(build.BuildError, match="lacks avx2"):
+        build_job.ensure_engine(LLAMACPP, CPU, command=[sys.executable, "-c", "raise SystemExit(0)"])
+    assert build_job._jobs == {}  # nothing was started
+
+
 def test_the_child_imports_this_checkout(cache):
     env = build_job._child_env()
     assert env["PYTHONPATH"].split(":")[0] == str(Path(build_job.__file__).resolve().parents[2])
