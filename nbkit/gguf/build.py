@@ -5,13 +5,17 @@ convert_hf_to_gguf.py, gguf-py), so pinning that one version pins all of them to
 and any machine that reaches PyPI (Colab included) can build it.
 
 Everything lands under `$NBKIT_CACHE_DIR/llama-cpp/<version>/`: the sdist, its unpacked source, one
-wheel per build flavour (`wheels/cpu-avx2-py311/`, `wheels/cuda90-py311/`) and CMake build folders for
+wheel per build flavour (`wheels/cpu-avx2-py311/`, `wheels/cuda90-avx2-cu12.8-py311/`) and CMake build folders for
 the tools. Every step first looks for its result and returns at once when it is there, so calling
 `install_bindings()` from a notebook cell or `make setup` twice costs nothing the second time.
 
-CPU flags: `-march=native` compiles an AMX path that dies with "Illegal instruction" on some VMs, so the
-CPU build names its instruction sets (AVX2/FMA/F16C/BMI2) instead. CUDA: the architecture comes from the
-GPU (T4 75, A100 80, L4 89, H100 90); "native" fails on a machine without a GPU.
+CPU flags: ggml's default `-march=native` compiles for the building machine's CPU (an AMX or AVX-512 path)
+and the binary dies with "Illegal instruction" on another VM, so EVERY build, the CUDA one included (its
+CPU code runs too: sampling, the host side of each op), names one baseline of instruction sets instead
+(AVX/AVX2/FMA/F16C/BMI2: Intel since Haswell, AMD since Zen) with GGML_NATIVE off. That baseline is part of the
+wheel's cache key, and a machine whose /proc/cpuinfo lacks one of its flags is refused before a cached
+wheel is installed. CUDA: the architecture comes from the GPU (T4 75, A100 80, L4 89, H100 90); "native"
+fails on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; vendors ggml-org/llama.cpp at 0c1e57098
 SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
-CPU_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-             "-DGGML_BMI2=ON"]
+# The x86 baseline every wheel is compiled for, as /proc/cpuinfo names the flags, and its name in cache keys.
+CPU_BASELINE = ("avx", "avx2", "fma", "f16c", "bmi2")
+BASELINE_NAME = "avx2"  # rename it whenever CPU_BASELINE changes: wheels built for another baseline must not match
+CPU_FLAGS = ["-DGGML_NATIVE=OFF", *(f"-DGGML_{flag.upper()}=ON" for flag in CPU_BASELINE)]
+CPUINFO = "/proc/cpuinfo"  # where Linux lists this CPU's flags
 COMMON_FLAGS = ["-DLLAVA_BUILD=OFF"]
 TOOLS = ("llama-quantize", "llama-server")
 
@@ -161,13 +168,36 @@ def detect_cuda_arch() -> str:
 
 
 def cmake_args(cuda: bool = False, cuda_arch: str | None = None) -> list[str]:
+    """CMake flags: the CPU baseline always (ggml's default is -march=native), plus the GPU's architecture."""
     if cuda:
-        return ["-DGGML_CUDA=on", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch or detect_cuda_arch()}", *COMMON_FLAGS]
+        arch = cuda_arch or detect_cuda_arch()
+        return ["-DGGML_CUDA=on", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", *CPU_FLAGS, *COMMON_FLAGS]
     return [*CPU_FLAGS, *COMMON_FLAGS]
 
 
 def flavour(cuda: bool = False, cuda_arch: str | None = None) -> str:
-    return f"cuda{cuda_arch or detect_cuda_arch()}" if cuda else "cpu-avx2"
+    return f"cuda{cuda_arch or detect_cuda_arch()}" if cuda else f"cpu-{BASELINE_NAME}"
+
+
+def missing_cpu_flags(cpuinfo: str | os.PathLike | None = None) -> list[str]:
+    """The baseline's instruction sets this CPU lacks ([] where it cannot tell: no /proc, not an x86 CPU)."""
+    try:
+        text = Path(cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() == "flags"), None)
+    if line is None:  # ARM ("Features") or an unusual kernel: the x86 baseline says nothing there
+        return []
+    have = set(line.split(":", 1)[1].split())
+    return [flag for flag in CPU_BASELINE if flag not in have]
+
+
+def require_baseline(cpuinfo: str | os.PathLike | None = None) -> None:
+    """Refuse (BuildError) to install or build a wheel for a baseline this CPU lacks: it would die with SIGILL."""
+    if lacking := missing_cpu_flags(cpuinfo):
+        raise BuildError(f"this CPU lacks {', '.join(lacking)} (per {cpuinfo or CPUINFO}): the llama.cpp wheels "
+                         f"are built for the {BASELINE_NAME} baseline ({', '.join(CPU_BASELINE)}) and would die "
+                         "with 'Illegal instruction' here; use the torch engine (ENGINE='torch') on this machine")
 
 
 def _check_toolchain(cuda: bool) -> dict[str, str]:
@@ -226,14 +256,15 @@ def cuda_toolkit_version() -> str | None:
 
 
 def wheel_tag(cuda: bool = False, cuda_arch: str | None = None) -> str:
-    """What a built wheel depends on: flavour (GPU architecture), CUDA toolkit version, Python version.
+    """What a built wheel depends on: GPU architecture, CPU baseline, CUDA toolkit version, Python version.
 
-    e.g. `cuda75-cu12.8-py313` (a T4 on Colab) or `cpu-avx2-py311`; the llama-cpp-python version is the folder
-    above it. A wheel is only reused where all of these match."""
+    e.g. `cuda75-avx2-cu12.8-py313` (a T4 on Colab) or `cpu-avx2-py311`; the llama-cpp-python version is the
+    folder above it. A wheel is only reused where all of these match (a CUDA wheel keyed without a baseline
+    was built with -march=native: it never matches)."""
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     if not cuda:
         return f"{flavour()}-{py}"
-    return f"{flavour(True, cuda_arch)}-cu{cuda_toolkit_version() or 'unknown'}-{py}"
+    return f"{flavour(True, cuda_arch)}-{BASELINE_NAME}-cu{cuda_toolkit_version() or 'unknown'}-{py}"
 
 
 def _copy_atomic(src: Path, dest: Path) -> Path:
@@ -265,6 +296,7 @@ def wheel(cuda: bool = False, cuda_arch: str | None = None, cache: str | os.Path
 
     `cache`: a folder that outlives the machine (Google Drive in Colab): a wheel there with the same
     `wheel_tag()` is copied instead of building, and a new build is saved there."""
+    require_baseline()  # before any wheel is handed out: a cached one would crash this CPU too
     tag = wheel_tag(cuda, cuda_arch)
     out = root() / "wheels" / tag
     found = sorted(out.glob("llama_cpp_python-*.whl"))

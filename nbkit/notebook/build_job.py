@@ -267,6 +267,7 @@ def ensure_engine(plan, env=None, wheel_cache: str | os.PathLike | None = None, 
     log_file = build.root() / "logs" / f"background-{flavour}.log"
     if command is None and build.installed_bindings() == (build.VERSION, cuda):
         return BuildJob(flavour, log_file, note=f"llama-cpp-python {build.VERSION} already installed")
+    build.require_baseline()  # here, in the cell, not minutes later in the background job's log
     cache = wheel_cache_dir(wheel_cache, drive_root)
     build.source_dir()  # the converter lives in the same source: the download/convert cells need it now
     job = start_build(cuda, arch, cache, command)

@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 
 from ..models import is_embedded
-from .env import Environment, Plan, detect, resolve_plan, sizes_from_config
+from .env import CUDA_OVERHEAD_GIB, Environment, Plan, PlanError, detect, resolve_plan, sizes_from_config
 from .hub import download_config
+from .variants import match_heads
 
 CPU_MAX_PARAMS_B = 2.0  # above this, a model on a CPU is too slow to be the default (vicuna-7b: 6.74)
+MIN_KV_TOKENS = 2048  # one full vicuna-v1.3 conversation: choose_plan itself says "does NOT fit" below it
 
 
 # SmolLM2-135M-Instruct, the embedded model (30 layers, hidden 576, 3 KV heads of 64, vocab 49152).
@@ -42,7 +44,10 @@ def fit_model(model, heads, env: Environment | None = None, allow_cpu: bool = Fa
     """(model, heads) to serve here: on a machine without a GPU a big model (vicuna-7b: 13.5 GB to download,
     far too slow on a CPU) becomes the embedded SmolLM2 with its own heads, with a printed note.
 
-    `allow_cpu=True` (notebook parameter ALLOW_CPU, or $NBKIT_ALLOW_CPU=1) keeps the requested model."""
+    `allow_cpu=True` (notebook parameter ALLOW_CPU, or $NBKIT_ALLOW_CPU=1) keeps the requested model.
+    HEADS="auto" becomes the published heads of MODEL, and heads published for another base are refused
+    (variants.match_heads), on any machine."""
+    heads = match_heads(model, heads)
     env = env or detect()
     if env.gpu is not None or allow_cpu:
         return model, heads
@@ -59,5 +64,25 @@ def plan_for(engine: str = "auto", quantization: str = "auto", env: Environment 
              model: str | os.PathLike | None = None) -> Plan:
     """env.resolve_plan for the notebook's MODEL, sized from its config.json (only that file is fetched).
 
-    Raises env.PlanError, with the arithmetic, for a plan that cannot fit the GPU."""
-    return resolve_plan(engine, quantization, env=env or detect(), sizes=model_sizes(model))
+    Raises env.PlanError, with the arithmetic, for a plan that cannot fit the GPU, or whose KV cache would
+    not hold one MIN_KV_TOKENS conversation."""
+    env = env or detect()
+    sizes = model_sizes(model)
+    return _refuse_without_one_conversation(resolve_plan(engine, quantization, env=env, sizes=sizes), sizes, env)
+
+
+def _refuse_without_one_conversation(plan: Plan, sizes: dict, env: Environment) -> Plan:
+    """choose_plan's last resort gives the KV cache whatever memory is left and calls fewer than 2048 tokens
+    "does NOT fit", yet that plan passes Plan.fits() (its KV is the remainder): refuse it, with the arithmetic."""
+    if plan.memory_gib is None:
+        return plan
+    per_token = sizes.get("kv_mib_per_token", 0.5)  # choose_plan's default: vicuna-7b's f16 K and V
+    tokens = int(plan.kv_gib * 1024 / per_token)
+    if tokens >= MIN_KV_TOKENS:
+        return plan
+    raise PlanError(
+        f"{plan.engine}/{plan.quantization} does not fit {env.gpu.name if env.gpu else 'this GPU'}: "
+        f"{plan.memory_gib:.1f} GiB - {plan.weights_gib:.1f} weights - {plan.heads_gib:.1f} heads - "
+        f"{CUDA_OVERHEAD_GIB:.0f} overhead leaves {plan.kv_gib:.1f} GiB of KV cache = {tokens} tokens at "
+        f"{per_token:.2f} MiB each, fewer than one {MIN_KV_TOKENS}-token conversation. Nothing was downloaded. "
+        "Use a GPU with more memory (Runtime > Change runtime type) or a smaller model.")

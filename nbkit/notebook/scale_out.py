@@ -49,7 +49,11 @@ def export_heads(model: str | None, heads: str | None, out_dir: str | Path = "vl
     from ..medusa.vllm import serve_command
     from ..models import is_embedded
     from .hub import download_heads
+    from .variants import match_heads
 
+    heads = match_heads(model, heads)  # "auto": the published heads of MODEL
+    if heads is None:
+        raise ValueError(f"no Medusa heads to export: {model} has no published heads; set HEADS to a hub id or folder")
     embedded_model = is_embedded(model)
     heads_path = "embedded" if is_embedded(heads) else str(download_heads(str(heads)))
     base_name = EMBEDDED_BASE if embedded_model else str(model)

@@ -22,6 +22,28 @@ def test_cpu_flags_name_instruction_sets_instead_of_native():
     assert not any("native" in f and "NATIVE" not in f for f in flags)
 
 
+def test_the_cuda_build_names_the_same_cpu_baseline_instead_of_native():
+    """Old: the CUDA flags were only GGML_CUDA + the architecture, so ggml compiled -march=native for the CPU code
+    and the wheel, cached on Drive, died with 'Illegal instruction' on the next Colab VM's CPU."""
+    flags = build.cmake_args(cuda=True, cuda_arch="75")
+    assert "-DGGML_NATIVE=OFF" in flags and "-DCMAKE_CUDA_ARCHITECTURES=75" in flags
+    assert {f"-DGGML_{f.upper()}=ON" for f in build.CPU_BASELINE} <= set(flags)
+    assert set(build.CPU_FLAGS) <= set(flags) and set(build.CPU_FLAGS) <= set(build.cmake_args())
+
+
+INTEL_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c bmi1 bmi2 avx512f\n\nprocessor\t: 1\n"
+OLD_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 sse4_2 avx\n"
+ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n"
+
+
+@pytest.mark.parametrize(("text", "lacking"), [(INTEL_CPUINFO, []), (OLD_CPUINFO, ["avx2", "fma", "f16c", "bmi2"]),
+                                               (ARM_CPUINFO, [])], ids=["avx512-vm", "sandy-bridge", "arm"])
+def test_missing_cpu_flags_reads_proc_cpuinfo(tmp_path, text, lacking):
+    (tmp_path / "cpuinfo").write_text(text)
+    assert build.missing_cpu_flags(tmp_path / "cpuinfo") == lacking
+    assert build.missing_cpu_flags(tmp_path / "absent") == []  # no /proc (macOS): cannot tell, nothing refused
+
+
 @pytest.mark.parametrize(("cap", "arch"), [("7.5", "75"), ("8.0", "80"), ("9.0", "90")])
 def test_cuda_architecture_comes_from_the_gpu(monkeypatch, cap, arch):
     monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, f"{cap}\n", ""))

@@ -163,6 +163,15 @@ def test_nothing_to_build_for_torch_or_when_installed(cache, monkeypatch, capsys
     hub.Prepared("m.gguf", None, "llamacpp", build=job).wait_for_engine()
 
 
+def test_a_cpu_without_the_baseline_is_refused_in_the_cell_before_any_build(cache, monkeypatch):
+    (cache / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
+    monkeypatch.setattr(build, "CPUINFO", str(cache / "cpuinfo"))
+    monkeypatch.setattr(build, "installed_bindings", lambda: None)
+    with pytest.raises(build.BuildError, match="lacks avx2"):
+        build_job.ensure_engine(LLAMACPP, CPU, command=[sys.executable, "-c", "raise SystemExit(0)"])
+    assert build_job._jobs == {}  # nothing was started
+
+
 def test_the_child_imports_this_checkout(cache):
     env = build_job._child_env()
     assert env["PYTHONPATH"].split(":")[0] == str(Path(build_job.__file__).resolve().parents[2])
@@ -197,7 +206,7 @@ def test_wheel_key_names_version_cuda_architecture_and_python(monkeypatch):
         a, 0, "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.8, V12.8.93\n", ""))
     monkeypatch.setattr(build, "find_nvcc", lambda: "/usr/local/cuda/bin/nvcc")
     assert build.cuda_toolkit_version() == "12.8"
-    assert build.wheel_tag(True, "75") == f"cuda75-cu12.8-{py}"
+    assert build.wheel_tag(True, "75") == f"cuda75-avx2-cu12.8-{py}"  # old: no CPU baseline in the key
     assert build.cached_wheel(Path("/nonexistent"), build.wheel_tag(True, "75")) is None
 
 
@@ -209,8 +218,8 @@ def test_drive_cache_first_session_saves_second_installs_in_seconds(cache, fake_
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
 
     build.install_bindings(cuda=True, cuda_arch="75", cache=wheels)  # first session: builds, saves
-    assert fake_builds == [f"wheel-cuda75-cu12.8-{py}", "install", "install-deps"]
-    saved = list((wheels / build.VERSION / f"cuda75-cu12.8-{py}").glob("*.whl"))
+    assert fake_builds == [f"wheel-cuda75-avx2-cu12.8-{py}", "install", "install-deps"]
+    saved = list((wheels / build.VERSION / f"cuda75-avx2-cu12.8-{py}").glob("*.whl"))
     assert len(saved) == 1 and saved[0].read_bytes() == b"built"
 
     monkeypatch.setenv("NBKIT_CACHE_DIR", str(cache / "fresh-machine"))  # second session: a new VM, same Drive
@@ -230,7 +239,31 @@ def test_a_wheel_for_another_gpu_or_cuda_is_not_reused(cache, fake_builds, monke
     monkeypatch.setattr(build, "cuda_toolkit_version", lambda: "12.8")
     fake_builds.clear()
     build.wheel(cuda=True, cuda_arch="75", cache=wheels)
-    assert fake_builds and fake_builds[0].startswith("wheel-cuda75-cu12.8")
+    assert fake_builds and fake_builds[0].startswith("wheel-cuda75-avx2-cu12.8")
+
+
+def test_a_native_wheel_cached_by_the_old_key_is_not_reused(cache, fake_builds):
+    """Old: the key was `cuda75-cu12.8-pyXY`, and the wheel under it was built with -march=native on some other
+    Colab VM: installing it here can die with 'Illegal instruction'. It must be rebuilt, portable."""
+    wheels = cache / "wheels"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    native = wheels / build.VERSION / f"cuda75-cu12.8-{py}" / f"llama_cpp_python-{build.VERSION}-cp3-linux.whl"
+    native.parent.mkdir(parents=True)
+    native.write_bytes(b"native")
+    whl = build.wheel(cuda=True, cuda_arch="75", cache=wheels)
+    assert fake_builds == [f"wheel-cuda75-avx2-cu12.8-{py}"] and whl.read_bytes() == b"built"
+
+
+def test_a_cached_wheel_is_refused_on_a_cpu_without_its_baseline(cache, fake_builds, monkeypatch):
+    wheels = cache / "wheels"
+    build.wheel(cuda=True, cuda_arch="75", cache=wheels)  # saved on "Drive" by a VM with AVX2
+    monkeypatch.setenv("NBKIT_CACHE_DIR", str(cache / "old-cpu-vm"))
+    (cache / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
+    monkeypatch.setattr(build, "CPUINFO", str(cache / "cpuinfo"))
+    fake_builds.clear()
+    with pytest.raises(build.BuildError, match="lacks avx2, fma, f16c, bmi2.*Illegal instruction"):
+        build.install_bindings(cuda=True, cuda_arch="75", cache=wheels)
+    assert fake_builds == [] and not (cache / "old-cpu-vm" / "llama-cpp" / build.VERSION / "wheels").exists()
 
 
 def test_drive_is_mounted_in_colab_and_refused_elsewhere(cache, monkeypatch):
