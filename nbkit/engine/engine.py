@@ -291,7 +291,9 @@ class Engine(EngineThread, EngineIntrospection):
         if not requests or self.heads is None:
             return {}
         hidden = torch.stack([r.hidden for r in requests])
-        top = self.heads.topk(hidden, self.runner.lm_head, TOPK).cpu()  # [N, heads, k]
+        # Heads with their own lm_head never touch the runner's (llama.cpp would dequantize a dense copy).
+        lm_head = self.runner.lm_head if self.heads.shared_lm_head else None
+        top = self.heads.topk(hidden, lm_head, TOPK).cpu()  # [N, heads, k]
         for r, t in zip(requests, top):
             r.probes.append((len(r.output_ids), t))
         return {r.id: t for r, t in zip(requests, top)}
