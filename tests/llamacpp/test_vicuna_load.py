@@ -53,3 +53,26 @@ def test_eight_long_requests_with_a_fixed_tree_all_succeed(vicuna_mirror):
         assert r.json()["usage"]["prompt_tokens"] == PROMPT_TOKENS
     assert info["kv_cells"] == engine.runner.kv_cells
     assert engine.counters["errors"] == 0 and engine.policy.choices.get("mc_sim_7b_63", 0) > 0
+
+
+def test_the_memory_arithmetic_matches_the_real_gguf_and_llama_cpps_kv_report(vicuna_mirror):
+    """sizing.runner_bytes from config.json alone: the weights equal the Q8_0 GGUF's tensor bytes, and the KV
+    cache equals what llama.cpp reports it allocated (the same arithmetic the plan's checks use at 7b/13b)."""
+    import json
+    import re
+
+    from gguf import GGUFReader
+
+    from nbkit.engine.llamacpp.sizing import ModelShape, runner_bytes
+
+    pytest.importorskip("llama_cpp", reason="the llama.cpp bindings are not installed")
+    prepared = hub.prepare(BASE_ID, HEADS_ID, SimpleNamespace(engine="llamacpp", quantization="q8_0"),
+                           mirror=vicuna_mirror)
+    shape = ModelShape.from_config(json.loads((vicuna_mirror / BASE_ID / "config.json").read_text()))
+    engine = load_engine("llamacpp", prepared.model, heads=prepared.heads, max_batch=4)
+    runner = engine.runner
+    got = runner_bytes(shape, "q8_0", runner.n_ctx, runner.k_type, runner.v_type)
+    assert got["weights"] == sum(int(t.n_bytes) for t in GGUFReader(prepared.model).tensors)
+    reported = [float(m.group(1)) for line in runner.kv_log
+                if (m := re.search(r"size =\s*([\d.]+) MiB \(\s*\d+ cells", line))]
+    assert reported and abs(reported[0] - got["kv"] / 2**20) < 0.01
