@@ -151,6 +151,13 @@ def test_admission_by_cells_never_fills_the_context():
         peak = max(peak, len(engine.active))
     assert [h.result().finish_reason for h in handles] == ["length"] * 3
     assert peak == 2
+    runner = engine.runner  # exact mode parks a finished slot's cells until the context is idle
+    a, b = runner.alloc(), runner.alloc()
+    runner.prefill({a: [5] * 30, b: [6] * 40})
+    runner.free(a)
+    assert runner.kv_parked == 30
+    runner.free(b)
+    assert runner.kv_parked == 0 and runner.seq_ranges() == {}
     with pytest.raises(ValueError, match="exceeds"):
         engine.submit([7] * 500, SamplingParams(max_tokens=20))
 

@@ -63,3 +63,18 @@ def test_kv_cells_follow_the_budget_and_never_exceed_every_slot_at_full_context(
     assert context_cells(16, 2048, per_cell, 4 * GIB + 2**20) == 8192  # rounded down to llama.cpp's 256
     with pytest.raises(ValueError, match="fewer than 256"):
         context_cells(16, 2048, per_cell, 100 * 2**20)
+
+
+def test_the_mode_follows_the_device_and_the_head_size():
+    from nbkit.engine.llamacpp.sizing import choose_mode
+
+    cpu = choose_mode(None, on_cpu=True, head_dim=128, kv_type="f16", v_type=None, flash_attn=None)
+    assert (cpu.exact, cpu.k_type, cpu.v_type) == (True, "f16", "q8_0") and "CPU" in cpu.reason
+    gpu = choose_mode(None, on_cpu=False, head_dim=128, kv_type="f16", v_type=None, flash_attn=None)
+    assert (gpu.exact, gpu.v_type) == (False, "f16") and "GPU" in gpu.reason
+    small = choose_mode(None, on_cpu=True, head_dim=16, kv_type="f16", v_type=None, flash_attn=None)
+    assert (small.exact, small.v_type) == (True, "f16") and "head size 16" in small.reason
+    asked = choose_mode(True, on_cpu=False, head_dim=128, kv_type="f16", v_type=None, flash_attn=None)
+    assert asked.exact and asked.reason == "set by the caller"
+    with pytest.raises(ValueError, match="flash attention"):
+        choose_mode(True, on_cpu=True, head_dim=128, kv_type="f16", v_type=None, flash_attn=False)
