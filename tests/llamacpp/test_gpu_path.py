@@ -173,3 +173,11 @@ def test_own_lm_head_heads_never_dequantize_the_gguf_lm_head(monkeypatch, own):
     engine.prepare()
     engine.generate([1, 9690, 198, 2683], SamplingParams(max_tokens=6, ignore_eos=True))
     assert (len(calls) == 0) == own
+
+
+def test_a_file_llama_cpp_cannot_load_is_refused_with_its_reason(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all" * 100)
+    with pytest.raises(ValueError) as err:
+        LlamaCppRunner(junk, max_slots=1, n_ctx=256, hidden=False)
+    assert "could not load" in str(err.value) and "magic" in str(err.value).lower()
