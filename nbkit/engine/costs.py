@@ -285,7 +285,8 @@ def _interleaved_medians(calls: dict, repeats: int) -> dict:
 def _time_heads(runner: Runner, heads: MedusaHeads, max_batch: int, repeats: int) -> dict[int, float]:
     """Seconds per heads call (top-k proposals) for 1 row and for a full batch, interleaved."""
     calls = {}
+    lm_head = runner.lm_head if heads.shared_lm_head else None  # own-lm_head heads never read the runner's
     for rows in sorted({1, max_batch}):
         hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
-        calls[rows] = lambda hidden=hidden: heads.topk(hidden, runner.lm_head, TOPK)
+        calls[rows] = lambda hidden=hidden: heads.topk(hidden, lm_head, TOPK)
     return _interleaved_medians(calls, repeats)

@@ -21,6 +21,7 @@ import torch
 from ..medusa.acceptance import accept, tree_candidates
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
+from .budget import fit_trees
 from .introspect import EngineIntrospection, new_counters
 from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
@@ -83,16 +84,16 @@ class Engine(EngineThread, EngineIntrospection):
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        reserve = self.tree_reserve
-        if params.tree is not None:
-            tree = get_tree(params.tree, self.heads.n_heads if self.heads else 0)
-            if params.tree != "none" and self.heads is None:
-                raise ValueError("this engine has no Medusa heads: tree must be 'none'")
-            reserve = max(reserve, tree.size + 1)
-        limit = self.runner.max_context - reserve
+        if params.tree not in (None, "none") and self.heads is None:
+            raise ValueError("this engine has no Medusa heads: tree must be 'none'")
+        limit = self.runner.max_context - self._tree_reserve(params)
         if len(prompt_ids) + params.max_tokens > limit:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context limit of {limit} tokens")
+        cells = getattr(self.runner, "kv_cells", None)
+        if cells is not None and len(prompt_ids) + params.max_tokens + self._tree_reserve(params) > cells:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) + the tree's "
+                             f"room exceed the {cells} KV cells all requests share")
         if self.dead or (self._thread is not None and not self._thread.is_alive()) or self._stopping:
             raise EngineStopped(self.dead or "the engine is not running")
         try:
@@ -115,6 +116,12 @@ class Engine(EngineThread, EngineIntrospection):
             self.waiting.append(req)
             self._cond.notify_all()
         return handle
+
+    def _tree_reserve(self, params: SamplingParams) -> int:
+        """Context a request keeps free for the largest tree it may verify (+1: the root's next token)."""
+        if params.tree is None:
+            return self.tree_reserve
+        return max(self.tree_reserve, get_tree(params.tree, self.heads.n_heads if self.heads else 0).size + 1)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False) -> Finished:
         """Run one request to the end. Without a started thread the caller's thread drives the steps."""
@@ -157,13 +164,29 @@ class Engine(EngineThread, EngineIntrospection):
             if not self._admits_new_work():
                 return
             while self.waiting and len(self.active) < self.max_batch:
-                req = self.waiting.popleft()
-                if req.handle.cancelled:
-                    self._finish(req, "cancelled")
+                if self.waiting[0].handle.cancelled:
+                    self._finish(self.waiting.popleft(), "cancelled")
                     continue
+                if not self._cells_free(self.waiting[0]):
+                    break  # FIFO: it waits for the cells of requests that finish
+                req = self.waiting.popleft()
                 req.slot = self.runner.alloc()
                 req.acceptance = self.stats.request_stats()
                 self.active.append(req)
+
+    def _reserved(self, req: Request) -> int:
+        """KV cells a request may hold at most: its prompt, max_tokens and the room for its largest tree."""
+        return len(req.prompt_ids) + req.params.max_tokens + self._tree_reserve(req.params)
+
+    def _cells_free(self, req: Request) -> bool:
+        """Whether `req` fits in a runner whose slots share one KV cache (`kv_cells`) beside the active
+        requests' reservations and the cells the runner parks (`kv_parked`). FIFO: the head of the queue waits
+        for cells, and no later request passes it (it would starve a long prompt)."""
+        cells = getattr(self.runner, "kv_cells", None)
+        if cells is None:
+            return True
+        held = sum(map(self._reserved, self.active)) + getattr(self.runner, "kv_parked", 0)
+        return held + self._reserved(req) <= cells
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.active if r.handle.cancelled]:
@@ -209,14 +232,21 @@ class Engine(EngineThread, EngineIntrospection):
         spec = [r for r in ready if r.params.speculate and r.params.tree is None]
         chosen, use = self.policy.plan(len(running), [r.acceptance for r in spec])
         speculating = {r.id for r, u in zip(spec, use) if u} | {r.id for r in ready if r.params.tree is not None}
-        trees = {r.id: (chosen if r.params.tree is None else get_tree(r.params.tree, self.heads.n_heads))
-                 if r.id in speculating else chain(0) for r in running}
+        trees = self._fit({r.id: (chosen if r.params.tree is None else get_tree(r.params.tree, self.heads.n_heads))
+                           if r.id in speculating else chain(0) for r in running}, running)
         probe = self.policy.probe_due(self.counters["steps"], len(self.active))
         need = [r for r in ready if trees[r.id].size > 1 or (probe and r.params.speculate)]
         topk = self._head_topk(need)
         inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
         return chosen, trees, inputs, probe
+
+    def _fit(self, trees: dict[int, MedusaTree], running: list[Request]) -> dict[int, MedusaTree]:
+        """Each request's tree cut to the runner's sequence-id and batch-token budgets (budget.py)."""
+        carried = [r.carried if self.runner.recomputes_accepted else 0 for r in running]
+        fitted = fit_trees([trees[r.id] for r in running], carried, getattr(self.runner, "n_batch", None),
+                           self.runner.max_leaves)
+        return {r.id: t for r, t in zip(running, fitted)}
 
     def _accept_all(self, running: list[Request], trees: dict[int, MedusaTree], inputs: list[TreeInput],
                     results: dict[int, SlotOutput]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
@@ -261,7 +291,9 @@ class Engine(EngineThread, EngineIntrospection):
         if not requests or self.heads is None:
             return {}
         hidden = torch.stack([r.hidden for r in requests])
-        top = self.heads.topk(hidden, self.runner.lm_head, TOPK).cpu()  # [N, heads, k]
+        # Heads with their own lm_head never touch the runner's (llama.cpp would dequantize a dense copy).
+        lm_head = self.runner.lm_head if self.heads.shared_lm_head else None
+        top = self.heads.topk(hidden, lm_head, TOPK).cpu()  # [N, heads, k]
         for r, t in zip(requests, top):
             r.probes.append((len(r.output_ids), t))
         return {r.id: t for r, t in zip(requests, top)}

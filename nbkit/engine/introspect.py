@@ -25,7 +25,8 @@ class EngineLimits:
     max_queue: int
     speculation: str  # "adaptive", "fixed" or "off"
     heads: int | None  # Medusa heads (None: no heads)
-    numerics: dict | None = None  # llama.cpp: {"mode": "exact" or "fast", "guarantee": in words}; None: no modes
+    # llama.cpp: {"mode": "exact" or "fast", "guarantee" and "mode_reason" in words, "kv_cells"}; None: no modes
+    numerics: dict | None = None
 
 
 def new_counters() -> dict:

@@ -28,8 +28,9 @@ def load_engine(
 
     heads: a folder/file of Medusa heads, 'embedded', 'none', a MedusaHeads, or None (the shipped heads
     with the embedded model, else none). kind="torch" also takes dtype; kind="llamacpp" takes exact
-    (default True: greedy output independent of the tree and the batch; False = the fast mode, see
-    README), kv_type, v_type, n_ctx, n_threads and n_gpu_layers. Every other keyword goes to Engine.
+    (True: greedy output independent of the tree and the batch; False = the fast mode, see README;
+    default None: exact on a CPU, fast with GPU offload), kv_budget_bytes (the plan's KV budget), kv_type,
+    v_type, n_ctx, n_threads and n_gpu_layers. Every other keyword goes to Engine.
 
     A hub id as model or heads (`lmsys/vicuna-7b-v1.3`) is fetched first, once, into the cache (from
     $NBKIT_HUB_MIRROR when set), and the engine is named by that id, which is what clients send.
@@ -90,9 +91,9 @@ def _load_torch(model, heads, device, dtype, max_batch, engine_kwargs) -> Engine
 
 
 def _llamacpp_engine(
-    model, heads, device, max_batch: int = 16, speculation: str = "adaptive", exact: bool = True,
+    model, heads, device, max_batch: int = 16, speculation: str = "adaptive", exact: bool | None = None,
     n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None,
-    kv_type: str = "f16", v_type: str | None = None, **engine_kwargs,
+    kv_type: str = "f16", v_type: str | None = None, kv_budget_bytes: int | None = None, **engine_kwargs,
 ) -> Engine:
     """`model` a GGUF file, an HF folder (converted once), or None for the embedded SmolLM2 (Q8_0 copy)."""
     from ..gguf.files import gguf_tokenizer, resolve_gguf
@@ -104,7 +105,7 @@ def _llamacpp_engine(
     has_heads = isinstance(heads, MedusaHeads) or resolve_heads(heads, model) is not None
     runner = LlamaCppRunner(gguf_file, max_slots=max_batch, n_ctx=n_ctx, exact=exact, n_threads=n_threads,
                             n_gpu_layers=n_gpu_layers, device=device, dtype=dtype, hidden=has_heads,
-                            kv_type=kv_type, v_type=v_type)
+                            kv_type=kv_type, v_type=v_type, kv_budget_bytes=kv_budget_bytes)
     heads_obj = _heads(heads, model, runner.hidden_size, device, dtype)
     if heads_obj is None and speculation not in ("adaptive", "off"):
         raise ValueError(f"speculation {speculation!r} needs Medusa heads")

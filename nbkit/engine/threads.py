@@ -146,9 +146,14 @@ class EngineThread:
     def _restart_after(self, delay: float) -> bool:
         """Reset the runner and wait out the back-off; False = stay dead (stopping, or the reset failed)."""
         try:
-            fresh = getattr(self.runner, "fresh", None)
+            old = self.runner
+            fresh = getattr(old, "fresh", None)
             if fresh is not None:  # a clean KV cache: the crash may have left slots half-written
+                # The old KV cache goes first (a second one may not fit the card); the old runner keeps its
+                # model for fresh() to share, and lets go of it after.
+                _call_if_present(old, "close_context")
                 self.runner = fresh()
+                _call_if_present(old, "close")
         except BaseException:
             log.exception("the runner could not be reset: the engine stays dead")
             return False
@@ -160,3 +165,9 @@ class EngineThread:
             self.dead = None
         log.warning("engine restarted (restart %d)", self.counters["restarts"])
         return True
+
+
+def _call_if_present(obj, name: str) -> None:
+    method = getattr(obj, name, None)
+    if method is not None:
+        method()

@@ -352,19 +352,20 @@ def open_tunnel(
 def serve(
     prepared, provider: str = "auto", port: int = 8000, api_key: str | None = None, *,
     ngrok_authtoken: str | None = None, ngrok_path: str | None = None, ngrok_config: str | None = None,
-    show: bool = True, llama_mode: str = "exact", **server_kwargs,
+    show: bool = True, llama_mode: str = "auto", **server_kwargs,
 ) -> Tunnel:
     """Start (or replace) the server for `prepared` (hub.prepare) with the right API key, then open the tunnel.
 
     A public URL gets a generated key when none is given (the same one on re-runs); the key is printed only
-    if it was generated. llama_mode ("exact" or "fast") is the llama.cpp engine's numerics (README).
+    if it was generated. llama_mode ("exact", "fast", or "auto": exact on a CPU, fast with GPU offload) is
+    the llama.cpp engine's numerics (README).
     `server_kwargs` go to nbkit.server.launch.start_server (speculation, max_batch, ...)."""
     from ..server.launch import start_server
 
-    if llama_mode not in ("exact", "fast"):
-        raise ValueError(f"LLAMA_MODE must be 'exact' or 'fast', not {llama_mode!r}")
+    if llama_mode not in ("auto", "exact", "fast"):
+        raise ValueError(f"LLAMA_MODE must be 'auto', 'exact' or 'fast', not {llama_mode!r}")
     if prepared.engine == "llamacpp":
-        server_kwargs["exact"] = llama_mode == "exact"
+        server_kwargs["exact"] = {"auto": None, "exact": True, "fast": False}[llama_mode]
 
     if _current is not None:  # switching kind, or a re-run: nothing stays published while servers change
         _current.close()

@@ -28,9 +28,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (then 429)")
     p.add_argument("--speculation", default="adaptive", help="adaptive, off, or a fixed tree name")
-    p.add_argument("--llama-mode", choices=("exact", "fast"), default="exact",
+    p.add_argument("--llama-mode", choices=("auto", "exact", "fast"), default="auto",
                    help="llama.cpp engine: exact = greedy output independent of the tree and of the batch "
-                        "(measured cost: README); fast = no such guarantee")
+                        "(measured cost: README); fast = no such guarantee; auto = exact on a CPU, fast with "
+                        "GPU offload (exact's ubatch caps are specific to ggml's CPU kernels)")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
@@ -52,9 +53,12 @@ def read_keys(given: list[str] | None, key_file: str | None) -> list[str] | None
     return keys or None
 
 
+LLAMA_MODES = {"auto": None, "exact": True, "fast": False}  # --llama-mode -> the runner's `exact`
+
+
 def llama_kwargs(args) -> dict:
     """The llama.cpp engine's options (the torch engine takes none of them)."""
-    return {"exact": args.llama_mode == "exact"} if args.engine == "llamacpp" else {}
+    return {"exact": LLAMA_MODES[args.llama_mode]} if args.engine == "llamacpp" else {}
 
 
 def cmd_serve(args) -> int:

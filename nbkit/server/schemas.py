@@ -262,8 +262,11 @@ class Info(BaseModel):
     status: str
     heads: int | None = Field(description="Medusa heads (None = no heads)")
     speculation: str | None
-    mode: str | None = Field(None, description="llama.cpp engine: 'exact' (the default) or 'fast'")
+    mode: str | None = Field(None, description="llama.cpp engine: 'exact' (the default on a CPU) or 'fast'")
     guarantee: str | None = Field(None, description="what the llama.cpp mode promises for greedy output")
+    mode_reason: str | None = Field(None, description="why the llama.cpp engine serves that mode")
+    kv_cells: int | None = Field(None, description="llama.cpp engine: KV cells all requests share (they wait "
+                                                   "for cells rather than fail)")
     max_concurrent_requests: int | None = Field(description="requests decoded together (slots)")
     max_queue: int | None
     max_input_tokens: int | None

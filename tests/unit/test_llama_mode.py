@@ -15,9 +15,11 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["serve", *argv])
 
 
-def test_serve_cli_defaults_to_the_exact_mode():
-    assert parse().llama_mode == "exact"
-    assert llama_kwargs(parse("--engine", "llamacpp")) == {"exact": True}
+def test_serve_cli_defaults_to_the_auto_mode():
+    # auto: exact on a CPU, fast with GPU offload (the runner decides, nbkit/engine/llamacpp/sizing.py)
+    assert parse().llama_mode == "auto"
+    assert llama_kwargs(parse("--engine", "llamacpp")) == {"exact": None}
+    assert llama_kwargs(parse("--engine", "llamacpp", "--llama-mode", "exact")) == {"exact": True}
     assert llama_kwargs(parse("--engine", "llamacpp", "--llama-mode", "fast")) == {"exact": False}
     assert llama_kwargs(parse("--engine", "torch", "--llama-mode", "fast")) == {}  # the torch engine has no modes
     with pytest.raises(SystemExit):
@@ -25,5 +27,5 @@ def test_serve_cli_defaults_to_the_exact_mode():
 
 
 def test_notebook_serve_refuses_an_unknown_mode_before_starting_anything():
-    with pytest.raises(ValueError, match="LLAMA_MODE must be 'exact' or 'fast'"):
+    with pytest.raises(ValueError, match="LLAMA_MODE must be 'auto', 'exact' or 'fast'"):
         serve(SimpleNamespace(engine="llamacpp"), llama_mode="quick")

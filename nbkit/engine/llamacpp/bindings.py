@@ -5,23 +5,64 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections import deque
 
 import numpy as np
 
 _BACKEND_READY = False
 
 
-def _print_errors(level: int, text: bytes, user_data) -> None:
-    if level == 4:  # GGML_LOG_LEVEL_ERROR (the bindings' own callback maps WARN to ERROR and prints it)
-        print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
+# llama.cpp's recent log lines (every level): a failed call returns only NULL, and its reason is in the log.
+_LOG_LINES = 400
+_log_tail: deque[str] = deque(maxlen=_LOG_LINES)
+_partial: list[str] = []
+_logged = [0]  # lines logged so far (a list: the callback updates it without a global statement)
+_GGML_LOG_DEBUG, _GGML_LOG_ERROR, _GGML_LOG_CONT = 1, 4, 5
+_level = [0]  # the level of the line being written (GGML_LOG_LEVEL_CONT continues it)
 
 
-_log_errors_only = None  # the ctypes callback; a module global so it is never garbage-collected
+def _keep_log(level: int, text: bytes, user_data) -> None:
+    """Keep every line above debug level (log_since reads them) and print errors, or everything with
+    NBKIT_LLAMA_VERBOSE=1."""
+    chunk = text.decode("utf-8", "replace")
+    if level != _GGML_LOG_CONT:
+        _level[0] = level
+    if _level[0] == _GGML_LOG_ERROR or os.environ.get("NBKIT_LLAMA_VERBOSE") == "1":
+        print(chunk, end="", file=sys.stderr, flush=True)
+    if _level[0] == _GGML_LOG_DEBUG:  # thousands of lines per context: nothing a failure is explained by
+        return
+    _partial.append(chunk)
+    if chunk.endswith("\n"):
+        _log_tail.append("".join(_partial).rstrip("\n"))
+        _logged[0] += 1
+        _partial.clear()
+
+
+_log_callback = None  # the ctypes callback; a module global so it is never garbage-collected (else a segfault)
+
+
+def log_count() -> int:
+    """Lines llama.cpp has logged so far: a mark for log_since."""
+    return _logged[0]
+
+
+def log_since(mark: int) -> list[str]:
+    """The lines logged after `mark` (log_count() before a call) that are still kept."""
+    return list(_log_tail)[max(0, len(_log_tail) - (_logged[0] - mark)):]
+
+
+def failure_reason(lines: list[str]) -> str:
+    """What llama.cpp said about a failure: its error lines among `lines` (else the last three lines)."""
+    keys = ("error", "fail", "does not", "unsupported", "invalid", "cannot", "could not", "out of memory")
+    said = [ln.strip() for ln in lines if ln.strip() and any(k in ln.lower() for k in keys)]
+    said = said or [ln.strip() for ln in lines if ln.strip()][-3:]
+    return "; ".join(said[-4:]) or "llama.cpp logged no reason"
 
 
 def llama_cpp_module():
-    """The low-level bindings, with llama.cpp's own logging quietened; a clear error if they are missing."""
-    global _BACKEND_READY, _log_errors_only
+    """The low-level bindings, with llama.cpp's log kept (log_since) and quietened; a clear error if they are
+    missing."""
+    global _BACKEND_READY, _log_callback
     try:
         import llama_cpp
     except ImportError as err:
@@ -30,9 +71,8 @@ def llama_cpp_module():
             "(CPU) or `python -m nbkit build --cuda` (GPU); `make setup` installs the CPU build."
         ) from err
     if not _BACKEND_READY:
-        if os.environ.get("NBKIT_LLAMA_VERBOSE") != "1":
-            _log_errors_only = llama_cpp.llama_log_callback(_print_errors)
-            llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
+        _log_callback = llama_cpp.llama_log_callback(_keep_log)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _BACKEND_READY = True
     return llama_cpp

@@ -12,7 +12,9 @@ import os
 import numpy as np
 import torch
 
-from .bindings import cpu_threads
+from .bindings import cpu_threads, failure_reason, log_count, log_since
+from .model import acquire_model, release_model
+from .sizing import choose_mode, kv_bytes_per_cell
 
 log = logging.getLogger("nbkit.engine")
 
@@ -27,8 +29,9 @@ class LlamaContext:
 
     @property
     def numerics(self) -> dict:
-        """{"mode", "guarantee"}: what the server's /info shows."""
-        return {"mode": self.mode, "guarantee": self.guarantee}
+        """{"mode", "guarantee", "mode_reason", "kv_cells"}: what the server's /info shows."""
+        return {"mode": self.mode, "guarantee": self.guarantee, "mode_reason": self.mode_reason,
+                "kv_cells": self.kv_cells}
 
     @property
     def mode(self) -> str:
@@ -46,16 +49,40 @@ class LlamaContext:
                 "requests share the batch" + where)
 
     def _load_model(self, n_gpu_layers: int | None) -> None:
+        """The process's one copy of the model (model.py): a fresh() runner shares the weights."""
         lib = self.lib
-        mparams = lib.llama_model_default_params()
         if n_gpu_layers is None:
             n_gpu_layers = 999 if lib.llama_supports_gpu_offload() else 0
-        mparams.n_gpu_layers = n_gpu_layers
         self.on_cpu = n_gpu_layers == 0
-        self._model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
-        if not self._model:
-            raise ValueError(f"llama.cpp could not load {self.model_path} (not a GGUF model file?)")
+        self._shared = acquire_model(lib, self.model_path, n_gpu_layers)
+        self._model = self._shared.pointer
         self._vocab = lib.llama_model_get_vocab(self._model)
+
+    def _choose_mode(self, exact: bool | None, kv_type: str, v_type: str | None, flash_attn: bool | None) -> None:
+        """Exact or fast, and the cache types (sizing.choose_mode), from the device and the model's head size."""
+        lib, model = self.lib, self._model
+        n_head = max(1, lib.llama_model_n_head(model))
+        head_dim = lib.llama_model_n_embd(model) // n_head
+        mode = choose_mode(exact, self.on_cpu, head_dim, kv_type, v_type, flash_attn)
+        self.exact, self.k_type, self.v_type, self.mode_reason = mode.exact, mode.k_type, mode.v_type, mode.reason
+        self.recomputes_accepted = self.exact  # the carry: accepted nodes are decoded again next step
+        # With K and V of one type (f32 is read as f16) ggml's flash attention tiles ubatches of >= 64 tokens
+        # and splits a single token's cells across threads: exact mode then needs ubatches of <= 63 tokens and
+        # pads single tokens. K and V of different types rule both paths out: full ubatches, no padding.
+        self._pad_single = self.exact and self.k_type.replace("f32", "f16") == self.v_type.replace("f32", "f16")
+        kv_dim = lib.llama_model_n_head_kv(model) * head_dim
+        self.kv_bytes_per_cell = kv_bytes_per_cell(lib.llama_model_n_layer(model), kv_dim, self.k_type, self.v_type)
+
+    def _sequence_ids(self, max_slots: int) -> None:
+        """Homes [0, max_slots), leaves after them; exact mode keeps the last two ids for the padding token
+        (scratch) and the cells of finished slots (retired)."""
+        self.n_seq_max = min(256, self.lib.llama_max_parallel_sequences())
+        reserved = 2 if self.exact else 0
+        if max_slots + reserved >= self.n_seq_max:
+            raise ValueError(f"max_slots must be below {self.n_seq_max - reserved} (llama.cpp's sequence-id limit)")
+        self.scratch, self.retired = (self.n_seq_max - 1, self.n_seq_max - 2) if self.exact else (None, None)
+        self.max_slots = max_slots
+        self.max_leaves = self.n_seq_max - max_slots - reserved
 
     def _create_context(self, n_ctx: int, n_threads: int | None, hidden: bool, flash_attn: bool | None,
                         k_type: str, v_type: str) -> None:
@@ -75,18 +102,26 @@ class LlamaContext:
                                    None: lib.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
         types = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0}
         cparams.type_k, cparams.type_v = types[k_type], types[v_type]
+        mark = log_count()
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            lib.llama_model_free(self._model)
-            raise RuntimeError("llama.cpp could not create a context (out of memory? try a smaller n_ctx)")
+            self.close()  # this runner's reference to the model
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells (K {k_type}, V {v_type}): "
+                               f"{failure_reason(log_since(mark))}")
+        self.kv_log = [ln for ln in log_since(mark) if "llama_kv_cache" in ln]  # what llama.cpp allocated
 
-    def close(self) -> None:
+    def close_context(self) -> None:
+        """Free the context (its KV cache) and keep the model: fresh() then builds a new one over it."""
         if getattr(self, "_ctx", None):
             self.lib.llama_free(self._ctx)
             self._ctx = None
-        if getattr(self, "_model", None):
-            self.lib.llama_model_free(self._model)
-            self._model = None
+
+    def close(self) -> None:
+        """Free the context and this runner's reference to the shared model."""
+        self.close_context()
+        if getattr(self, "_shared", None) is not None:
+            release_model(self.lib, self._shared)
+            self._shared = self._model = None
 
     def __del__(self):
         with contextlib.suppress(Exception):  # interpreter shutdown: the bindings may be gone already
@@ -120,6 +155,7 @@ class LlamaContext:
                 # Full: give the retired cells back (cell order may break from here on) and try again.
                 log.warning("llama.cpp context full: releasing finished requests' cells (exactness may suffer)")
                 self.lib.llama_memory_seq_rm(self._mem, self.retired, -1, -1)
+                self.kv_parked = 0
                 rc = self.lib.llama_decode(self._ctx, b.struct)
         finally:
             if padded:

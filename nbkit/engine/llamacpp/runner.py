@@ -26,7 +26,7 @@ are bit-identical whatever else is in the batch as long as ggml's plain kernel r
 alone over the cells in cell order) and the sequence's cells lie in position order. Without flash
 attention the sums depend on the absolute cell index, and a last-bit difference can change greedy text.
 With K and V caches of one type ggml leaves the plain kernel for ubatches of >= 64 tokens (tiles) and
-for a single token over >= 512 cells (split across threads). `exact=True`, the default, therefore runs
+for a single token over >= 512 cells (split across threads). `exact=True`, the default on a CPU, therefore runs
 flash attention on with an f16 K cache and a q8_0 V cache (types that differ: the plain kernel always),
 and keeps cells in order: permanent tokens (roots, and last step's accepted nodes, decoded again) go
 before all speculative nodes, speculative cells are dropped after each step, and a finished slot's cells
@@ -34,7 +34,13 @@ are parked on a "retired" id until the context is idle. The price: accepted spec
 computed twice. With `v_type="f16"` (and on a GPU, whose kernels this analysis does not cover) exact mode
 instead caps ubatches at 63 tokens and pads a single-token ubatch with a dummy token on a scratch id
 (dearer on a CPU: docs/bench/llamacpp_exact.md). `exact=False` (flash
-attention auto, f16 cache, 512-token ubatches, no cell order) is the fast mode, with no such guarantee.
+attention auto, f16 cache, 512-token ubatches, no cell order) is the fast mode, with no such guarantee;
+it is the default with GPU offload (sizing.choose_mode says why), where the start-up self-check compares
+tree and plain logits on the device.
+
+The context's cells are sized from the plan (sizing.context_cells): every slot at the model's full
+context, or the plan's KV budget. `kv_cells` says how many all slots share: the engine admits requests
+only while their reserved tokens fit, so a decode never finds the cache full.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from ..runner import TreeInput
 from .bindings import Batch, llama_cpp_module
 from .context import LlamaContext
 from .lm_head import Int8LmHead, gguf_lm_head
+from .sizing import context_cells
 
 EXACT_UBATCH = 63  # ggml-cpu switches to tiled flash attention at 64 query rows (GGML_FA_TILE_Q)
 
@@ -59,8 +66,9 @@ EXACT_UBATCH = 63  # ggml-cpu switches to tiled flash attention at 64 query rows
 class LlamaCppRunner(LlamaContext):
     """Forward passes for a batch of slots on a GGUF model through llama.cpp's low-level API (runner.Runner).
 
-    model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); otherwise
-    the fast one. flash_attn: None = on when exact, llama.cpp's auto otherwise; off is the most accurate
+    model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); False the
+    fast one; None (default) exact on a CPU, fast with GPU offload. kv_budget_bytes: the plan's KV budget
+    (None: the CPU default size). flash_attn: None = on when exact, llama.cpp's auto otherwise; off is the most accurate
     single-request path (flash attention reads K/V as f16) but not placement-invariant. kv_type: "f16"
     or "f32" (under flash attention llama.cpp casts K/V to f16 anyway). device/dtype: where the hidden
     states go (the Medusa heads and `lm_head` run there). hidden=False skips the hidden states (no
@@ -68,50 +76,49 @@ class LlamaCppRunner(LlamaContext):
     """
 
     def __init__(self, model_path: str | os.PathLike, max_slots: int = 16, n_ctx: int | None = None,
-                 exact: bool = True, n_threads: int | None = None, n_gpu_layers: int | None = None,
+                 exact: bool | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  hidden: bool = True, n_batch: int | None = None, flash_attn: bool | None = None,
-                 kv_type: str = "f16", v_type: str | None = None):
+                 kv_type: str = "f16", v_type: str | None = None, kv_budget_bytes: int | None = None):
         self._settings = dict(n_ctx=n_ctx, exact=exact, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                               device=device, dtype=dtype, hidden=hidden, n_batch=n_batch, flash_attn=flash_attn,
-                              kv_type=kv_type, v_type=v_type)
-        lib = self.lib = llama_cpp_module()
+                              kv_type=kv_type, v_type=v_type, kv_budget_bytes=kv_budget_bytes)
+        self.lib = llama_cpp_module()
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.model_path}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.exact, self.want_hidden = exact, hidden
-        self.recomputes_accepted = exact  # the carry: accepted nodes are decoded again next step
-        if exact and flash_attn is False:
-            raise ValueError("the exact configuration needs flash attention (the only placement-invariant path)")
+        self.want_hidden = hidden
         self._load_model(n_gpu_layers)
-        self.k_type, self.v_type = k_type, v_type = _cache_types(exact, kv_type, v_type, flash_attn, self.on_cpu)
-        # With K and V of one type (f32 is read as f16) ggml's flash attention tiles ubatches of >= 64 tokens
-        # and splits a single token's cells across threads: exact mode then needs ubatches of <= 63 tokens and
-        # pads single tokens. K and V of different types rule both paths out: full ubatches, no padding.
-        self._pad_single = exact and k_type.replace("f32", "f16") == v_type.replace("f32", "f16")
+        try:
+            self._build(max_slots, n_ctx, exact, n_threads, hidden, n_batch, flash_attn, kv_type, v_type,
+                        kv_budget_bytes)
+        except BaseException:
+            self.close()  # this runner's reference to the shared model
+            raise
+
+    def _build(self, max_slots, n_ctx, exact, n_threads, hidden, n_batch, flash_attn, kv_type, v_type,
+               kv_budget_bytes) -> None:
+        """Everything after the model: the mode, the sequence ids, the context sized from the plan, the slots."""
+        lib = self.lib
+        self._choose_mode(exact, kv_type, v_type, flash_attn)
         self.vocab_size = lib.llama_vocab_n_tokens(self._vocab)
         self.hidden_size = lib.llama_model_n_embd(self._model)
         n_ctx_train = lib.llama_model_n_ctx_train(self._model)
-
-        # Sequence ids: homes [0, max_slots), leaves after them; exact mode keeps the last two ids for
-        # the padding token (scratch) and the cells of finished slots (retired).
-        self.n_seq_max = min(256, lib.llama_max_parallel_sequences())
-        reserved = 2 if exact else 0
-        if max_slots + reserved >= self.n_seq_max:
-            raise ValueError(f"max_slots must be below {self.n_seq_max - reserved} (llama.cpp's sequence-id limit)")
-        self.scratch, self.retired = (self.n_seq_max - 1, self.n_seq_max - 2) if exact else (None, None)
-        self.max_slots = max_slots
-        self.max_leaves = self.n_seq_max - max_slots - reserved
-        n_ctx = n_ctx or min(n_ctx_train, max(4096, 256 * max_slots))
+        self._sequence_ids(max_slots)
+        n_ctx = n_ctx or context_cells(max_slots, n_ctx_train, self.kv_bytes_per_cell, kv_budget_bytes)
         self.n_batch = min(n_batch or max(512, 64 * max_slots), n_ctx - 1)
         self.n_ubatch = min(self.n_batch, EXACT_UBATCH if self._pad_single else 512)
 
-        quantized = "q8_0" in (k_type, v_type)
-        self._create_context(n_ctx, n_threads, hidden, True if exact or quantized else flash_attn, k_type, v_type)
+        quantized = "q8_0" in (self.k_type, self.v_type)
+        self._create_context(n_ctx, n_threads, hidden, True if self.exact or quantized else flash_attn,
+                             self.k_type, self.v_type)
         self.n_ctx = lib.llama_n_ctx(self._ctx)
-        self.max_context = min(n_ctx_train, self.n_ctx)
+        # Cells every request shares (the engine admits by them); exact mode's padding token needs one.
+        self.kv_cells = self.n_ctx - (1 if self._pad_single else 0)
+        self.kv_parked = 0  # cells of finished requests parked on the retired id (exact mode)
+        self.max_context = min(n_ctx_train, self.kv_cells)
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = Batch(lib, self.n_batch + 1, self.n_seq_max)
         self._embeddings_on = hidden
@@ -125,7 +132,8 @@ class LlamaCppRunner(LlamaContext):
         self.eos_token_ids = {lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)} - {-1}
 
     def fresh(self, max_slots: int | None = None) -> LlamaCppRunner:
-        """A new runner (own context and KV cache) over the same GGUF file and settings."""
+        """A new runner (own context and KV cache) over the same GGUF file and settings, sharing this one's
+        loaded model (model.py: never a second copy of the weights)."""
         runner = LlamaCppRunner(self.model_path, max_slots or self.max_slots, **self._settings)
         runner._lm_head = self._lm_head  # share the dequantized output weights
         return runner
@@ -156,12 +164,14 @@ class LlamaCppRunner(LlamaContext):
         self._drop_speculative(slot)
         if self.exact:  # park the cells: a hole below running slots' cells would break their cell order
             lib.llama_memory_seq_cp(mem, slot, self.retired, -1, -1)
+            self.kv_parked += self.kv_length(slot)
         lib.llama_memory_seq_rm(mem, slot, -1, -1)
         self.lengths[slot] = 0
         self._carry[slot] = []
         self._free_slots.append(slot)
         if self.exact and len(self._free_slots) == self.max_slots:
             lib.llama_memory_seq_rm(mem, self.retired, -1, -1)  # idle: nothing left whose order matters
+            self.kv_parked = 0
 
     def length(self, slot: int) -> int:
         return self.lengths[slot]
@@ -367,19 +377,6 @@ class LlamaCppRunner(LlamaContext):
                 lib.llama_memory_seq_rm(mem, leaf, -1, -1)
             self._free_leaves.extend(p.leaves)
             self.lengths[slot] = new_len
-
-def _cache_types(exact: bool, kv_type: str, v_type: str | None, flash_attn: bool | None,
-                 on_cpu: bool) -> tuple[str, str]:
-    """(K, V) cache types. kv_type is K's (and V's unless v_type is given). Exact mode on the CPU defaults
-    to a q8_0 V cache (the analysis is of ggml-cpu's kernels; on a GPU exact mode keeps f16)."""
-    types = ("f16", "f32", "q8_0")
-    if kv_type not in types or (v_type is not None and v_type not in types):
-        raise ValueError(f"kv_type and v_type must be one of {types}")
-    v_type = v_type or ("q8_0" if exact and on_cpu and kv_type != "q8_0" else kv_type)
-    if "q8_0" in (kv_type, v_type) and flash_attn is False:
-        raise ValueError("a q8_0 KV cache needs flash attention")
-    return kv_type, v_type
-
 
 @dataclass
 class _Pending:
