@@ -170,10 +170,14 @@ class Engine(EngineThread, EngineIntrospection):
             self._finish(req, "cancelled")
 
     def _decode(self, running: list[Request]) -> None:
+        # The clock is read with the device idle (a GPU returns from a call once its work is queued): without
+        # it a step is charged the prefill queued before it, and not its own commit.
+        self.runner.synchronize()
         start = time.perf_counter()
         try:  # everything shared by the batch: a failure fails the batch's requests, not the engine
             chosen, trees, inputs, probed = self._plan(running)
             carried = sum(r.carried for r in running) if self.runner.recomputes_accepted else 0
+            self.runner.synchronize()
             t0 = time.perf_counter()
             results = self._verify(inputs)
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
@@ -190,6 +194,7 @@ class Engine(EngineThread, EngineIntrospection):
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
             return
         # The cost model learns what this step shape costs (forward to KV compaction); the guard what it yielded.
+        self.runner.synchronize()
         seconds, q = time.perf_counter() - t0, max(t.size for t in trees.values())
         tokens = sum(map(len, emitted.values()))
         if self.cost_model is not None:  # a step that also decoded last step's accepted tokens has no (rows, T) shape
