@@ -25,6 +25,7 @@ from .introspect import EngineIntrospection, new_counters
 from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
 from .runner import Runner, SlotOutput, TreeInput
+from .selfcheck import SelfCheck, run_self_check
 from .threads import EngineThread
 
 log = logging.getLogger("nbkit.engine")
@@ -37,7 +38,7 @@ class Engine(EngineThread, EngineIntrospection):
         self, runner: Runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
         speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
         prefill_budget: int = 256, cost_model: CostModel | None = None,
-        model_name: str = "model", max_restarts: int | None = None,
+        model_name: str = "model", max_restarts: int | None = None, self_check: bool = False,
     ):
         self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
         self.model_name = model_name
@@ -67,10 +68,18 @@ class Engine(EngineThread, EngineIntrospection):
         self._init_thread(max_restarts)
         self.counters = new_counters()
         self.on_step = None  # metrics hook (introspect.py), called from the engine thread
+        # The start-up self-check (selfcheck.py): prepare() runs it when asked (load_engine asks by default,
+        # so every served model is checked on its device); its result goes to /info.
+        self.run_self_check = self_check
+        self.self_check: SelfCheck | None = None
+        self.trees_refused: str | None = None  # why requests may not ask for a tree (a failed self-check)
 
     # ---- life cycle -----------------------------------------------------------------------
     def prepare(self) -> Engine:
-        """Measure the forward cost once (adaptive speculation needs it)."""
+        """Check once that decoding is lossless on this device (falling back to a mode that is), then
+        measure the forward cost once (adaptive speculation needs it)."""
+        if self.run_self_check and self.self_check is None:
+            self.self_check = run_self_check(self)
         if self.policy.mode == "adaptive" and self.cost_model is None:
             self.cost_model = calibrate(self.runner, self.heads, self.max_batch, max_tree=self.base_tree.size)
             self.policy.cost = self.cost_model
@@ -88,6 +97,8 @@ class Engine(EngineThread, EngineIntrospection):
             tree = get_tree(params.tree, self.heads.n_heads if self.heads else 0)
             if params.tree != "none" and self.heads is None:
                 raise ValueError("this engine has no Medusa heads: tree must be 'none'")
+            if params.tree != "none" and self.trees_refused:
+                raise ValueError(f"speculation is off: {self.trees_refused}; tree must be 'none'")
             reserve = max(reserve, tree.size + 1)
         limit = self.runner.max_context - reserve
         if len(prompt_ids) + params.max_tokens > limit:
