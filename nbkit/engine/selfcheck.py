@@ -117,7 +117,7 @@ def check_runner(runner: Runner, heads, tree: MedusaTree | None, prompts: list[l
     start = time.perf_counter()
     refs = [_reference(runner, p, new_tokens) for p in prompts]
     scale = max(float(row.abs().max()) for ref in refs for row in ref.logits)
-    tolerance = RELATIVE_NOISE.get(runner.dtype, RELATIVE_NOISE[torch.float16]) * max(1.0, scale)
+    tolerance = RELATIVE_NOISE.get(noise_dtype(runner), RELATIVE_NOISE[torch.float16]) * max(1.0, scale)
     ways = {"plain_batched": (chain(0), True)} if batch else {}
     if tree is not None and tree.size > 1:
         ways["tree_alone"] = (tree, False)
@@ -132,6 +132,12 @@ def check_runner(runner: Runner, heads, tree: MedusaTree | None, prompts: list[l
     passed = all(r.passed for r in runs.values())
     return SelfCheck(passed, tolerance, runs, str(runner.device), str(runner.dtype).replace("torch.", ""),
                      time.perf_counter() - start)
+
+
+def noise_dtype(runner: Runner) -> torch.dtype:
+    """The precision a runner's logits carry: llama.cpp keeps K and V in f16 or q8_0 (its flash attention reads
+    them as f16 even from an f32 cache), whatever dtype it hands the hidden states back in."""
+    return torch.float16 if getattr(runner, "k_type", None) is not None else runner.dtype
 
 
 def _reference(runner: Runner, prompt: list[int], n: int) -> Reference:
@@ -234,7 +240,9 @@ def run_self_check(engine) -> SelfCheck:
             engine.trees_refused = f"the self-check failed on this device ({', '.join(failed)})"
             check.fallback = ", ".join(filter(None, [check.fallback, "speculation off"]))
         check.fallback = f"{check.fallback}: {', '.join(failed)} failed"
-        log.error("self-check failed: %s", check.to_dict())
     check.served = policy.mode
-    log.info("%s", check.describe())
+    if check.passed:
+        log.info("%s", check.describe())
+    else:
+        log.error("%s: %s", check.describe(), check.to_dict())
     return check
