@@ -16,6 +16,7 @@ bindings installed in the venv are used; the JSON says so): `make test` runs it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     heads = MedusaHeads(model.config.hidden_size, N_HEADS).to(device=model.device, dtype=torch.float16).eval()
     result["torch"] = torch_steps(model, tokenizer, heads, args)
     del model
+    gc.collect()  # the torch engine and its KV cache go before llama.cpp loads the same weights
     if args.device == "cuda":
         torch.cuda.empty_cache()
     result["llamacpp"] = {"cuda_build": finish_cuda_build(proc, build, build_log)}

@@ -75,7 +75,7 @@ def llama_steps(work: Path, tokenizer, heads, args) -> dict:
     prompts = [tokenizer(p)["input_ids"] for p in random_model.PROMPTS]
     gguf, conversion = to_q8_0(work)
     reference = llama_python(gguf, prompts[0], args.tokens, gpu)
-    modes = {name: engine_mode(gguf, heads.float(), exact, prompts, args.tokens, gpu)
+    modes = {name: engine_mode(gguf, heads, exact, prompts, args.tokens, gpu)
              for name, exact in (("exact", True), ("fast", False))}
     exact, fast = modes["exact"], modes["fast"]
     return {
