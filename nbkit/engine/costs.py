@@ -249,7 +249,7 @@ def _time_sizes(runner: Runner, slots: list[int], sizes: list[int], max_tree: in
         rows = max(1, -(-n // max_tree))
         _grow_slots(runner, slots, rows)
         shapes[n] = [TreeInput(s, chain(n // rows - 1), [1] * (n // rows)) for s in slots[:rows]]
-    return _interleaved_medians({n: (lambda b=shapes[n]: runner.verify(b)) for n in sizes}, repeats)
+    return interleaved_medians({n: (lambda b=shapes[n]: runner.verify(b)) for n in sizes}, repeats, runner.synchronize)
 
 
 def batch_rows(max_batch: int) -> list[int]:
@@ -265,19 +265,24 @@ def _time_batches(runner: Runner, slots: list[int], rows: list[int], repeats: in
     every round."""
     _grow_slots(runner, slots, max(rows))
     shapes = {(r, n): [TreeInput(s, chain(n - 1), [1] * n) for s in slots[:r]] for r in rows for n in (1, 2, 3, 4)}
-    return _interleaved_medians({k: (lambda b=b: runner.verify(b)) for k, b in shapes.items()}, repeats)
+    return interleaved_medians({k: (lambda b=b: runner.verify(b)) for k, b in shapes.items()}, repeats,
+                                runner.synchronize)
 
 
-def _interleaved_medians(calls: dict, repeats: int) -> dict:
+def interleaved_medians(calls: dict, repeats: int, synchronize: Callable[[], None]) -> dict:
     """{key: seconds}: one untimed warm-up call each, then `repeats` rounds calling every key once per
-    round, the median of each key's rounds."""
+    round, the median of each key's rounds. The clock is read only with the device idle (`synchronize`
+    before and after each call): a GPU call returns once queued, and timed without it each shape would be
+    charged the previous shape's work."""
     for fn in calls.values():
         fn()
     times: dict = {k: [] for k in calls}
     for _ in range(repeats):
         for k, fn in calls.items():
+            synchronize()
             t0 = time.perf_counter()
             fn()
+            synchronize()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(ts) for k, ts in times.items()}
 
@@ -289,4 +294,4 @@ def _time_heads(runner: Runner, heads: MedusaHeads, max_batch: int, repeats: int
     for rows in sorted({1, max_batch}):
         hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
         calls[rows] = lambda hidden=hidden: heads.topk(hidden, lm_head, TOPK)
-    return _interleaved_medians(calls, repeats)
+    return interleaved_medians(calls, repeats, runner.synchronize)  # the heads run on the runner's device

@@ -26,6 +26,7 @@ from .introspect import EngineIntrospection, new_counters
 from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
 from .runner import Runner, SlotOutput, TreeInput
+from .selfcheck import SelfCheck, run_self_check
 from .threads import EngineThread
 
 log = logging.getLogger("nbkit.engine")
@@ -38,7 +39,7 @@ class Engine(EngineThread, EngineIntrospection):
         self, runner: Runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
         speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
         prefill_budget: int = 256, cost_model: CostModel | None = None,
-        model_name: str = "model", max_restarts: int | None = None,
+        model_name: str = "model", max_restarts: int | None = None, self_check: bool = False,
     ):
         self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
         self.model_name = model_name
@@ -68,10 +69,18 @@ class Engine(EngineThread, EngineIntrospection):
         self._init_thread(max_restarts)
         self.counters = new_counters()
         self.on_step = None  # metrics hook (introspect.py), called from the engine thread
+        # The start-up self-check (selfcheck.py): prepare() runs it when asked (load_engine asks by default,
+        # so every served model is checked on its device); its result goes to /info.
+        self.run_self_check = self_check
+        self.self_check: SelfCheck | None = None
+        self.trees_refused: str | None = None  # why requests may not ask for a tree (a failed self-check)
 
     # ---- life cycle -----------------------------------------------------------------------
     def prepare(self) -> Engine:
-        """Measure the forward cost once (adaptive speculation needs it)."""
+        """Check once that decoding is lossless on this device (falling back to a mode that is), then
+        measure the forward cost once (adaptive speculation needs it)."""
+        if self.run_self_check and self.self_check is None:
+            self.self_check = run_self_check(self)
         if self.policy.mode == "adaptive" and self.cost_model is None:
             self.cost_model = calibrate(self.runner, self.heads, self.max_batch, max_tree=self.base_tree.size)
             self.policy.cost = self.cost_model
@@ -86,6 +95,8 @@ class Engine(EngineThread, EngineIntrospection):
             raise ValueError("the prompt is empty")
         if params.tree not in (None, "none") and self.heads is None:
             raise ValueError("this engine has no Medusa heads: tree must be 'none'")
+        if params.tree not in (None, "none") and self.trees_refused:
+            raise ValueError(f"speculation is off: {self.trees_refused}; tree must be 'none'")
         limit = self.runner.max_context - self._tree_reserve(params)
         if len(prompt_ids) + params.max_tokens > limit:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -193,10 +204,14 @@ class Engine(EngineThread, EngineIntrospection):
             self._finish(req, "cancelled")
 
     def _decode(self, running: list[Request]) -> None:
+        # The clock is read with the device idle (a GPU returns from a call once its work is queued): without
+        # it a step is charged the prefill queued before it, and not its own commit.
+        self.runner.synchronize()
         start = time.perf_counter()
         try:  # everything shared by the batch: a failure fails the batch's requests, not the engine
             chosen, trees, inputs, probed = self._plan(running)
             carried = sum(r.carried for r in running) if self.runner.recomputes_accepted else 0
+            self.runner.synchronize()
             t0 = time.perf_counter()
             results = self._verify(inputs)
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
@@ -213,6 +228,7 @@ class Engine(EngineThread, EngineIntrospection):
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
             return
         # The cost model learns what this step shape costs (forward to KV compaction); the guard what it yielded.
+        self.runner.synchronize()
         seconds, q = time.perf_counter() - t0, max(t.size for t in trees.values())
         tokens = sum(map(len, emitted.values()))
         if self.cost_model is not None:  # a step that also decoded last step's accepted tokens has no (rows, T) shape

@@ -27,6 +27,7 @@ class EngineLimits:
     heads: int | None  # Medusa heads (None: no heads)
     # llama.cpp: {"mode": "exact" or "fast", "guarantee" and "mode_reason" in words, "kv_cells"}; None: no modes
     numerics: dict | None = None
+    self_check: dict | None = None  # the start-up self-check (selfcheck.SelfCheck.to_dict); None: not run
 
 
 def new_counters() -> dict:
@@ -45,7 +46,8 @@ class EngineIntrospection:
     def limits(self) -> EngineLimits:
         return EngineLimits(self.runner.max_context - self.tree_reserve, self.max_batch, self.max_queue,
                             self.policy.mode, self.heads.n_heads if self.heads is not None else None,
-                            getattr(self.runner, "numerics", None))
+                            getattr(self.runner, "numerics", None),
+                            self.self_check.to_dict() if getattr(self, "self_check", None) is not None else None)
 
     def snapshot(self) -> dict:
         """Counters, the speculation choice and acceptance statistics (the server turns these into metrics)."""

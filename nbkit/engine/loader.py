@@ -22,7 +22,7 @@ ENGINES = ("torch", "llamacpp")
 def load_engine(
     kind: str = "torch", model: str | os.PathLike | None = None,
     heads: str | os.PathLike | MedusaHeads | None = None, device: str | None = None, max_batch: int = 16,
-    **kwargs,
+    self_check: bool = True, **kwargs,
 ) -> Engine:
     """An Engine (not started) for `model` (default: the embedded SmolLM2) and its Medusa heads.
 
@@ -31,6 +31,8 @@ def load_engine(
     (True: greedy output independent of the tree and the batch; False = the fast mode, see README;
     default None: exact on a CPU, fast with GPU offload), kv_budget_bytes (the plan's KV budget), kv_type,
     v_type, n_ctx, n_threads and n_gpu_layers. Every other keyword goes to Engine.
+    self_check: at start-up the engine checks that decoding is lossless on this device (selfcheck.py) and
+    falls back to a mode that is when it is not.
 
     A hub id as model or heads (`lmsys/vicuna-7b-v1.3`) is fetched first, once, into the cache (from
     $NBKIT_HUB_MIRROR when set), and the engine is named by that id, which is what clients send.
@@ -41,6 +43,7 @@ def load_engine(
     if fetched != model:
         kwargs.setdefault("model_name", model)
     model, heads = fetched, fetch_heads(heads)
+    kwargs["self_check"] = self_check
     if kind == "torch":
         return _torch_engine(model, heads, device, max_batch=max_batch, **kwargs)
     if kind == "llamacpp":

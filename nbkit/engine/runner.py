@@ -75,3 +75,14 @@ class Runner(Protocol):
 
     def fresh(self, max_slots: int | None = None) -> Runner:
         """A new runner with its own cache over the same weights."""
+
+    def synchronize(self) -> None:
+        """Wait until the work handed to the device so far is done. On a GPU a forward pass returns as soon as
+        its kernels are queued: every timing reads the clock only after this, or it charges a shape the time
+        of the work queued before it."""
+
+
+def synchronize_device(device: torch.device) -> None:
+    """Wait for torch's work queued on `device` (nothing to wait for on a CPU: its ops return when done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

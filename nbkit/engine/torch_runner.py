@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .runner import TreeInput
+from .runner import TreeInput, synchronize_device
 
 
 class SlotLayer(CacheLayerMixin):
@@ -128,6 +128,9 @@ class TorchRunner:
     def fresh(self, max_slots: int | None = None) -> TorchRunner:
         """A new runner (own KV cache) over the same model weights."""
         return TorchRunner(self.model, max_slots=max_slots or self.max_slots, max_context=self.max_context)
+
+    def synchronize(self) -> None:
+        synchronize_device(self.device)
 
     # ---- memory -------------------------------------------------------------------------
     def _alloc(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

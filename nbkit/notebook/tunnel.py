@@ -374,6 +374,9 @@ def serve(
         prepared.wait_for_engine()  # the llama.cpp build may still run in the background
     handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,
                           api_key=key, **server_kwargs)
+    check = getattr(handle.engine, "self_check", None)
+    if show and check is not None:  # the lossless promise, checked on this very GPU
+        print(check.describe())
     return open_tunnel(handle, provider, key, ngrok_authtoken=ngrok_authtoken, ngrok_path=ngrok_path,
                        ngrok_config=ngrok_config, show=show)
 

@@ -256,6 +256,32 @@ class Health(BaseModel):
     error: str | None = None
 
 
+class SelfCheckRun(BaseModel):
+    positions: int = Field(description="verified positions compared with plain decoding alone")
+    max_abs_diff: float
+    near_ties: int = Field(description="argmax flipped where plain decoding's top-2 margin is within the noise")
+    disagreements: int = Field(description="argmax flipped where the margin is beyond the noise")
+    passed: bool
+
+
+class SelfCheckInfo(BaseModel):
+    """The start-up check that decoding is lossless on the device that serves (nbkit/engine/selfcheck.py)."""
+
+    passed: bool
+    served: str = Field(description="the speculation mode served after the check")
+    fallback: str | None = Field(description="what a failed check made the engine give up (None: nothing)")
+    max_abs_diff: float = Field(description="largest |verified - plain| logit over every compared position")
+    tolerance: float = Field(description="the noise allowed for this dtype (relative to the largest logit)")
+    argmax_agrees: bool = Field(description="argmax equal wherever plain decoding's top-2 margin is beyond the noise")
+    tokens_equal: bool = Field(description="every greedy token equal (near-ties included)")
+    near_ties: int
+    positions: int
+    device: str
+    dtype: str
+    seconds: float
+    runs: dict[str, SelfCheckRun] = Field(description="plain_batched, tree_alone, tree_batched (those that ran)")
+
+
 class Info(BaseModel):
     model_id: str | None
     engine: str
@@ -276,4 +302,5 @@ class Info(BaseModel):
     max_body_bytes: int
     api_key_required: bool
     rate_limit_per_minute: float | None
+    self_check: SelfCheckInfo | None = Field(None, description="the start-up self-check (None: not run)")
     version: str

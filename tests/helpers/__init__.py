@@ -154,6 +154,9 @@ class FaultyRunner:
     def verify(self, batch):
         return self._inject(self.inner.verify(batch))
 
+    def synchronize(self) -> None:
+        self.inner.synchronize()
+
     def commit(self, accepted) -> None:
         self.inner.commit(accepted)
         for slot, nodes in accepted.items():

@@ -255,6 +255,7 @@ def test_serve_publishes_only_with_a_generated_key(fake_ngrok, monkeypatch, tmp_
         key = public.api_key
         assert public.provider == "ngrok" and public.public and key.startswith("nbk-")
         assert f"export NBKIT_API_KEY={key}" in out and "tok-123456789-abcdef" not in out
+        assert "self-check passed on cpu (float32)" in out  # the lossless check on the serving device, shown
         local = public.local_url
         assert httpx.get(f"{local}/health").status_code == 200
         assert httpx.post(f"{local}/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code == 401

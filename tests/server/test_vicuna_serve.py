@@ -74,6 +74,9 @@ def test_info_says_what_greedy_output_is_guaranteed(served):
         assert info["mode"] == "exact" and "bit-identical" in info["guarantee"]
     else:
         assert info["mode"] is None and info["guarantee"] is None
+    check = info["self_check"]  # checked at start-up on the serving device: lossless here, trees kept
+    assert check["passed"] and check["served"] == "adaptive" and check["fallback"] is None, check
+    assert set(check["runs"]) == {"plain_batched", "tree_alone", "tree_batched"} and check["positions"] > 20
 
 
 def plain(served, ids: list[int], n: int = N):

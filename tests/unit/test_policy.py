@@ -226,6 +226,9 @@ class BurstyRunner:
     def prefill(self, chunks):
         return {}
 
+    def synchronize(self):  # its work is done when verify returns
+        pass
+
     def verify(self, batch: list[TreeInput]):
         self.calls += 1
         time.sleep(0.001 * sum(len(b.tokens) for b in batch) + (0.03 if 12 <= self.calls <= 20 else 0.0))

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ...medusa.trees import MedusaTree
-from ..runner import TreeInput
+from ..runner import TreeInput, synchronize_device
 from .bindings import Batch, llama_cpp_module
 from .context import LlamaContext
 from .lm_head import Int8LmHead, gguf_lm_head
@@ -137,6 +137,11 @@ class LlamaCppRunner(LlamaContext):
         runner = LlamaCppRunner(self.model_path, max_slots or self.max_slots, **self._settings)
         runner._lm_head = self._lm_head  # share the dequantized output weights
         return runner
+
+    def synchronize(self) -> None:
+        """llama.cpp's queued decode (GPU backends return early), then torch's work where the heads run."""
+        self.lib.llama_synchronize(self._ctx)
+        synchronize_device(self.device)
 
     # ---- the base lm_head for shared-format Medusa heads (dequantized on first use) -----------
     @property

@@ -49,7 +49,7 @@ async def info(svc: Service = Depends(get_service)):
                 max_input_tokens=max_input, max_total_tokens=total, max_new_tokens=settings.max_new_tokens,
                 max_stop_sequences=settings.max_stop, max_body_bytes=settings.max_body_bytes,
                 api_key_required=bool(settings.keys), rate_limit_per_minute=settings.rate_limit or None,
-                version=__version__)
+                self_check=limits.self_check if limits else None, version=__version__)
 
 
 @router.get("/metrics", response_class=Response)

@@ -1,0 +1,249 @@
+"""The start-up self-check: is decoding lossless on the device, dtype and kernels that serve?
+
+Our promise is that greedy Medusa output equals plain greedy decoding, and a request in a batch answers
+what it answers alone. The CPU tests show it on our CPU; a GPU's kernels (tiled attention, f16
+accumulation, its own mask and position bugs) only show there. So at load the engine decodes two short
+built-in prompts greedily: plain and alone (the reference), plain in a batch, and with the served tree
+alone and in a batch, and compares each verified logits row, position by position, with the reference's.
+
+Teacher forcing: each tree step carries the reference continuation on one root-to-leaf path (another leaf
+every step) and commits that path whatever the logits say, so every verified position has a reference and
+the tree's depths and branches are checked however good or random the heads are. A difference within the
+noise of the dtype is float noise; an argmax it flips (the reference's top-2 margin within that noise) is a
+near-tie, reported and not a failure. A difference beyond the noise is a mask, position or KV bug on this
+device: the check fails, and the engine serves in a mode that passed (speculation off; one request at a
+time when batching itself failed) and says so in `/info`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..medusa.acceptance import tree_candidates
+from ..medusa.trees import TOPK, MedusaTree, chain
+from .runner import Runner, TreeInput
+
+log = logging.getLogger("nbkit.engine")
+
+PROMPTS = ("Self-check: the quick brown fox jumps over the lazy dog, and then", "1, 2, 3, 4,")
+NEW_TOKENS = 8  # per prompt: a few dozen positions in all (a tree step checks several), cheap on a CPU
+# The noise allowed between two computations of one logits row, relative to the largest reference logit:
+# fp32 sums in another order differ in the last bits; f16/bf16 activations carry 11/8 significant bits
+# through every layer (and llama.cpp keeps its KV cache in f16 whatever the torch dtype).
+RELATIVE_NOISE = {torch.float32: 2e-3, torch.float16: 3e-2, torch.bfloat16: 8e-2}
+
+
+@dataclass
+class Reference:
+    """Plain greedy decoding of one prompt alone: the tokens and, for each, the logits row that chose it."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class RunFigures:
+    """One way of decoding compared with the reference, over every position it verified."""
+
+    positions: int = 0
+    max_abs_diff: float = 0.0
+    near_ties: int = 0  # argmax flipped where the reference's top-2 margin is within the noise
+    disagreements: int = 0  # argmax flipped where the margin is beyond the noise
+    passed: bool = True
+
+    def compare(self, verified: torch.Tensor, plain: torch.Tensor, tolerance: float) -> None:
+        verified = verified.detach().float().cpu()
+        diff = float((verified - plain).abs().max())
+        top2 = plain.topk(2).values
+        margin = float(top2[0] - top2[1])
+        self.positions += 1
+        self.max_abs_diff = max(self.max_abs_diff, diff)
+        if int(verified.argmax()) != int(plain.argmax()):
+            if margin <= tolerance:
+                self.near_ties += 1
+            else:
+                self.disagreements += 1
+        self.passed = self.max_abs_diff <= tolerance and self.disagreements == 0
+
+
+@dataclass
+class SelfCheck:
+    """What `/info` reports as `self_check`."""
+
+    passed: bool
+    tolerance: float
+    runs: dict[str, RunFigures]
+    device: str
+    dtype: str
+    seconds: float
+    served: str = ""  # the speculation mode served after the check
+    fallback: str | None = None  # what the engine gave up because of a failure, in words
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((r.max_abs_diff for r in self.runs.values()), default=0.0)
+
+    @property
+    def near_ties(self) -> int:
+        return sum(r.near_ties for r in self.runs.values())
+
+    def to_dict(self) -> dict:
+        runs = {name: asdict(r) for name, r in self.runs.items()}
+        return {"passed": self.passed, "served": self.served, "fallback": self.fallback,
+                "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
+                "argmax_agrees": all(r.disagreements == 0 for r in self.runs.values()),
+                "tokens_equal": all(r.disagreements == 0 and r.near_ties == 0 for r in self.runs.values()),
+                "near_ties": self.near_ties, "positions": sum(r.positions for r in self.runs.values()),
+                "device": self.device, "dtype": self.dtype, "seconds": round(self.seconds, 3), "runs": runs}
+
+    def describe(self) -> str:
+        """One line for the notebook."""
+        verdict = "passed" if self.passed else "FAILED"
+        line = (f"self-check {verdict} on {self.device} ({self.dtype}): {sum(r.positions for r in self.runs.values())}"
+                f" positions, max |logit diff| {self.max_abs_diff:.2g} (noise allowed {self.tolerance:.2g}), "
+                f"{self.near_ties} near-tie(s); serving with speculation {self.served}")
+        return line + (f" ({self.fallback})" if self.fallback else "")
+
+
+def check_runner(runner: Runner, heads, tree: MedusaTree | None, prompts: list[list[int]],
+                 new_tokens: int = NEW_TOKENS, batch: bool = True) -> SelfCheck:
+    """Compare plain batched, tree alone and tree batched decoding (tree None: plain batched only; batch
+    False: alone only) with plain decoding alone."""
+    start = time.perf_counter()
+    refs = [_reference(runner, p, new_tokens) for p in prompts]
+    scale = max(float(row.abs().max()) for ref in refs for row in ref.logits)
+    tolerance = RELATIVE_NOISE.get(noise_dtype(runner), RELATIVE_NOISE[torch.float16]) * max(1.0, scale)
+    ways = {"plain_batched": (chain(0), True)} if batch else {}
+    if tree is not None and tree.size > 1:
+        ways["tree_alone"] = (tree, False)
+        if batch:
+            ways["tree_batched"] = (tree, True)
+    runs = {}
+    for name, (way_tree, batched) in ways.items():
+        runs[name] = RunFigures()
+        groups = [refs] if batched else [[ref] for ref in refs]
+        for group in groups:
+            _forced(runner, heads, way_tree, group, runs[name], tolerance)
+    passed = all(r.passed for r in runs.values())
+    return SelfCheck(passed, tolerance, runs, str(runner.device), str(runner.dtype).replace("torch.", ""),
+                     time.perf_counter() - start)
+
+
+def noise_dtype(runner: Runner) -> torch.dtype:
+    """The precision a runner's logits carry: llama.cpp keeps K and V in f16 or q8_0 (its flash attention reads
+    them as f16 even from an f32 cache), whatever dtype it hands the hidden states back in."""
+    return torch.float16 if getattr(runner, "k_type", None) is not None else runner.dtype
+
+
+def _reference(runner: Runner, prompt: list[int], n: int) -> Reference:
+    ref = Reference(list(prompt))
+    slot = runner.alloc()
+    try:
+        logits, _ = runner.prefill({slot: ref.prompt})[slot]
+        while True:
+            row = logits.detach().float().cpu()
+            ref.logits.append(row)
+            ref.tokens.append(int(row.argmax()))
+            if len(ref.tokens) == n:
+                return ref
+            out = runner.verify([TreeInput(slot, chain(0), [ref.tokens[-1]])])
+            runner.commit({slot: [0]})
+            logits = out[slot][0][0]
+    finally:
+        runner.free(slot)
+
+
+def _forced(runner: Runner, heads, tree: MedusaTree, refs: list[Reference], figures: RunFigures,
+            tolerance: float) -> None:
+    """Decode `refs` together with `tree`, each step forcing the reference continuation on one of its paths."""
+    slots: dict[int, Reference] = {}
+    try:
+        for ref in refs:
+            slots[runner.alloc()] = ref
+        out = runner.prefill({s: ref.prompt for s, ref in slots.items()})
+        done = {s: 0 for s in slots}  # index of each slot's root token in its reference
+        hidden = {s: out[s][1] for s in slots}
+        step = 0
+        while slots:
+            batch, paths = [], {}
+            for i, (s, ref) in enumerate(slots.items()):
+                paths[s] = _path(tree, step + 3 * i)[: len(ref.tokens) - 1 - done[s]]
+                topk = _proposals(runner, heads, tree, hidden[s], len(ref.logits[0]))
+                _force(topk, tree, paths[s], ref.tokens[done[s] + 1:])
+                batch.append(TreeInput(s, tree, tree_candidates(tree, ref.tokens[done[s]], topk)))
+            results = runner.verify(batch)
+            for s, ref in slots.items():
+                logits, states = results[s]
+                for depth, node in enumerate(paths[s]):
+                    figures.compare(logits[node], ref.logits[done[s] + depth + 1], tolerance)
+                hidden[s] = states[paths[s][-1]]
+                done[s] += len(paths[s])
+            runner.commit(paths)
+            for s in [s for s, ref in slots.items() if done[s] >= len(ref.tokens) - 1]:
+                del slots[s]
+                runner.free(s)
+            step += 1
+    finally:
+        for s in slots:
+            runner.free(s)
+
+
+def _path(tree: MedusaTree, i: int) -> list[int]:
+    """Nodes root..leaf of the tree's i-th leaf (modulo the leaves), so steps visit different branches."""
+    row = tree.retrieve[(5 * i) % tree.n_leaves]
+    return [int(n) for n in row if n >= 0]
+
+
+def _proposals(runner: Runner, heads, tree: MedusaTree, hidden: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """[depth, TOPK] candidates for the tree's other branches: the heads' own where a hidden state is known
+    (their kernels run on the device too), else fixed filler ids."""
+    if tree.size == 1:
+        return None
+    depth = tree.max_depth
+    if heads is not None and hidden.numel():
+        with torch.inference_mode():
+            lm_head = runner.lm_head if heads.shared_lm_head else None  # own-lm_head heads never read it
+            top = heads.topk(hidden[None], lm_head, TOPK)[0].cpu()
+        return top[:depth].clone()
+    return (torch.arange(depth * TOPK).reshape(depth, TOPK) * 7 + 3) % vocab
+
+
+def _force(topk: torch.Tensor | None, tree: MedusaTree, path: list[int], continuation: list[int]) -> None:
+    """Put the reference continuation at the ranks of `path`'s nodes (node d carries continuation[d - 1])."""
+    if topk is None or len(path) < 2:
+        return
+    ranks = tree.paths[path[-1] - 1]
+    for d in range(1, len(path)):
+        topk[d - 1, ranks[d - 1]] = continuation[d - 1]
+
+
+def run_self_check(engine) -> SelfCheck:
+    """Check the engine's runner with the tree it serves, and fall back to a mode that passed."""
+    policy = engine.policy
+    speculating = engine.heads is not None and policy.mode != "off"
+    tree = (policy.fixed or engine.base_tree) if speculating else None
+    prompts = [engine.encode(p) for p in PROMPTS]
+    check = check_runner(engine.runner, engine.heads, tree, prompts, batch=engine.max_batch > 1)
+    runs = check.runs
+    if not check.passed:
+        failed = [name for name, r in runs.items() if not r.passed]
+        if "plain_batched" in failed:
+            engine.max_batch = 1
+            check.fallback = "one request at a time"
+        if speculating and (not runs["tree_alone"].passed or "plain_batched" in failed or
+                            not runs.get("tree_batched", runs["tree_alone"]).passed):
+            policy.mode = "off"
+            engine.trees_refused = f"the self-check failed on this device ({', '.join(failed)})"
+            check.fallback = ", ".join(filter(None, [check.fallback, "speculation off"]))
+        check.fallback = f"{check.fallback}: {', '.join(failed)} failed"
+    check.served = policy.mode
+    if check.passed:
+        log.info("%s", check.describe())
+    else:
+        log.error("%s: %s", check.describe(), check.to_dict())
+    return check
