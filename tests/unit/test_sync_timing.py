@@ -77,6 +77,7 @@ class LazyHeads:
     """Medusa heads whose top-k is queued on the runner's device like its forward passes."""
 
     hidden_size = 64
+    shared_lm_head = False  # carries its own lm_head (FasterDecoding format)
 
     def __init__(self, runner: LazyRunner):
         self.runner = runner
