@@ -27,15 +27,22 @@ $(LLAMA_STAMP): $(STAMP) nbkit/gguf/build.py
 	$(BIN)/python -m nbkit build
 	touch $@
 
-test: setup $(LLAMA_STAMP)
+# vLLM's own Medusa loader on nbkit's exports, from a side venv (vLLM without its CUDA dependencies, ~1 GB, about
+# a minute from PyPI on 2 cores), cached in an ignored folder and rebuilt when the pinned version or the script changes.
+# `make test` sets NBKIT_VLLM_PYTHON, so the check runs there (a bare `pytest` skips it).
+VLLM_SIDE ?= $(CURDIR)/.cache/vllm-side
+VLLM_STAMP := $(VLLM_SIDE)/.ready
+$(VLLM_STAMP): $(STAMP) scripts/vllm_side_venv.sh nbkit/medusa/vllm.py
+	rm -rf $(VLLM_SIDE)
+	PYTHON=$(CURDIR)/$(BIN)/python bash scripts/vllm_side_venv.sh $(VLLM_SIDE)
+	touch $@
+
+test: setup $(LLAMA_STAMP) $(VLLM_STAMP)
 	# Headless Chromium for the chat page test (Debian packages; needs root, as in CI).
 	bash scripts/install_chromium.sh
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	NBKIT_VLLM_PYTHON=$(VLLM_SIDE)/bin/python $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Manual check (not in CI): vLLM's own Medusa code on nbkit's exports, from a side venv (~1 GB, minutes).
-VLLM_SIDE ?= /tmp/vllm-side
-test-vllm: setup
-	test -x $(VLLM_SIDE)/bin/python || bash scripts/vllm_side_venv.sh $(VLLM_SIDE)
+test-vllm: setup $(VLLM_STAMP)
 	NBKIT_VLLM_PYTHON=$(VLLM_SIDE)/bin/python $(BIN)/python -m pytest -q tests/unit/test_vllm_export.py -k vllm_real
 
 # The unit tier while coding: tiny random models, no server, no llama.cpp, no notebooks (under a minute).

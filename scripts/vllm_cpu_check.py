@@ -1,7 +1,7 @@
 """Run vLLM's own Medusa code on an nbkit export, on a CPU (a manual check: see README "Scale out").
 
 Run with the python of a side venv that has vLLM installed (scripts/vllm_side_venv.sh), never nbkit's:
-    VLLM_TARGET_DEVICE=cpu /tmp/vllm-side/bin/python scripts/vllm_cpu_check.py EXPORT_DIR [HIDDEN.safetensors]
+    VLLM_TARGET_DEVICE=cpu .cache/vllm-side/bin/python scripts/vllm_cpu_check.py EXPORT_DIR [HIDDEN.safetensors]
 It loads EXPORT_DIR/config.json with vLLM's MedusaConfig, builds vLLM's Medusa module, feeds the exported
 tensors through its load_weights, runs its default loader's "all weights loaded" check, and, given hidden
 states ([N, H] under key "hidden"), prints the draft tokens vLLM's MedusaProposer would take (the argmax of

@@ -2,10 +2,11 @@
 # A side venv with vLLM's real code for scripts/vllm_cpu_check.py, WITHOUT touching nbkit's venv:
 # it sees nbkit's packages (torch, transformers, safetensors) through a .pth file and adds vLLM
 # (no dependencies: the CUDA ones would not install here) plus the few pure-Python modules that
-# importing vLLM's Medusa, config and loader needs on a CPU. About 1 GB and 3-5 minutes on a 2-core CPU.
-#   scripts/vllm_side_venv.sh [/tmp/vllm-side] && NBKIT_VLLM_PYTHON=/tmp/vllm-side/bin/python make test-vllm
+# importing vLLM's Medusa, config and loader needs on a CPU. About 1 GB and a minute on a 2-core CPU.
+# `make test` and `make test-vllm` build it in .cache/vllm-side (ignored) and point NBKIT_VLLM_PYTHON at it:
+#   scripts/vllm_side_venv.sh [.cache/vllm-side] && NBKIT_VLLM_PYTHON=.cache/vllm-side/bin/python pytest ...
 set -euo pipefail
-SIDE=${1:-/tmp/vllm-side}
+SIDE=${1:-$(cd "$(dirname "$0")/.." && pwd)/.cache/vllm-side}
 PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 VLLM_VERSION=$("$PY" -c 'from nbkit.medusa.vllm import VLLM_VERSION; print(VLLM_VERSION)')
 "$PY" -m venv --system-site-packages "$SIDE"

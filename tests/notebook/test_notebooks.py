@@ -7,7 +7,6 @@ known values, and the saved notebooks are searched for them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -202,7 +201,6 @@ def test_00_run_all(tmp_path, monkeypatch, local_files):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("nbkit.bench") is None, reason="nbkit bench is not written yet")
 def test_06_benchmark(tmp_path, monkeypatch):
     # Plumbing only (the benchmark itself is tested with its module): the smallest run, no heads.
     nb = run("06_benchmark", tmp_path, monkeypatch, heads="none", bench_args=(

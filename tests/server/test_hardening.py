@@ -102,7 +102,12 @@ def test_stream_usage_carries_speed_and_tokens_per_step(http):
     import json
 
     last = json.loads(chunks[-2])
-    assert last["usage"]["completion_tokens"] == 6 or last["usage"]["completion_tokens"] <= 6
+    finish = [c["finish_reason"] for chunk in chunks[:-2] for c in json.loads(chunk)["choices"] if c["finish_reason"]]
+    assert chunks[-1] == "[DONE]" and len(finish) == 1
+    n = last["usage"]["completion_tokens"]
+    assert n == 6 if finish[0] == "length" else 1 <= n < 6, (finish, n)
+    plain = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6})
+    assert plain.json()["usage"]["completion_tokens"] == n  # the same greedy answer, counted the same way
     assert last["nbkit"]["steps"] >= 1 and last["nbkit"]["mean_accepted"] >= 1.0 and last["nbkit"]["tokens_per_s"] > 0
 
 

@@ -198,6 +198,8 @@ def test_sigterm_finishes_or_cancels_inflight_requests_and_exits(server):
         if metric(text, "nbkit_batch_size") >= 4 and metric(text, "nbkit_generated_tokens_total") > 0:
             break
         time.sleep(0.2)
+    else:  # SIGTERM before the requests are in flight would test an idle shutdown, not a drain
+        pytest.fail(f"the requests were not in flight after 60 s: {results}\n{text[-2000:]}")
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=40)

@@ -10,7 +10,7 @@ from nbkit.cli import main
 from nbkit.engine.engine import Engine
 from nbkit.engine.policy import CostModel
 from nbkit.engine.torch_runner import TorchRunner
-from nbkit.medusa.prompts import EXTRA_EVAL_PROMPTS, held_out_prompts
+from nbkit.medusa.prompts import EXTRA_EVAL_PROMPTS, held_out_prompts, source_prompts
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,11 @@ def test_bench_prompts_come_from_the_named_source():
     tok = ToyTokenizer()
     hand = bench_prompts(tok, 3, source="handwritten")
     assert hand == [tok.apply_chat_template([{"role": "user", "content": p}]) for p in EXTRA_EVAL_PROMPTS[:3]]
-    assert bench_prompts(tok, 3, source="templates") != hand
-    assert held_out_prompts("templates", 3) == held_out_prompts("templates", 3)
+    templates = bench_prompts(tok, 3, source="templates")
+    held = source_prompts("templates")[1]  # the held-out half, in the source's own order (not a public file)
+    assert len(held) >= 3 and templates == [tok.apply_chat_template([{"role": "user", "content": p}])
+                                             for p in held[:3]]
+    assert templates != hand and held_out_prompts("templates", 3) == held[:3]
 
 
 def test_run_sources_reports_each_source_side_by_side(make_engine):

@@ -87,9 +87,9 @@ def mirror(tmp_path, monkeypatch):
 def test_the_build_runs_while_the_model_downloads_and_converts(cache, mirror, capsys):
     mirror_dir, vendor = mirror
     fake = _script(cache, "fake_build.py", FAKE_BUILD)
-    t0 = time.monotonic()
     job = build_job.ensure_engine(LLAMACPP, CPU, command=[sys.executable, str(fake), str(vendor / "converted")])
-    assert time.monotonic() - t0 < 5 and job.state == "running"  # the cell returned at once
+    # the cell returned at once: the fake build only ends once the conversion, which comes after, has run
+    assert job.state == "running"
     time.sleep(0.5)
     shown = repr(job)
     assert "building in the background" in shown and "% compiled" in shown and "left (estimate)" in shown
@@ -224,9 +224,8 @@ def test_drive_cache_first_session_saves_second_installs_in_seconds(cache, fake_
 
     monkeypatch.setenv("NBKIT_CACHE_DIR", str(cache / "fresh-machine"))  # second session: a new VM, same Drive
     fake_builds.clear()
-    t0 = time.monotonic()
     whl = build.install_bindings(cuda=True, cuda_arch="75", cache=wheels)
-    assert fake_builds == ["install", "install-deps"] and time.monotonic() - t0 < 5  # no compile
+    assert fake_builds == ["install", "install-deps"]  # no compile
     assert whl.read_bytes() == b"built" and str(cache / "fresh-machine") in str(whl)
 
 

@@ -59,6 +59,7 @@ class PlainTokenizer:
         return {"input_ids": [ord(c) for c in text]}
 
 
+@pytest.mark.slow  # a wall-clock ratio: out of `make test-fast`, which holds no timing assertion
 def test_linear_in_the_number_of_messages():
     tok = PlainTokenizer()
 

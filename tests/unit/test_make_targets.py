@@ -32,3 +32,16 @@ def test_colab_compat_takes_colabs_versions_from_the_fixture():
     dry = subprocess.run(["make", "-n", "colab-compat", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert "tests/unit/data/colab_pip_freeze_gpu.txt" in dry and "ipywidgets|widgetsnbextension" in dry
+
+
+def test_make_test_runs_vllms_own_loader_check_from_a_cached_side_venv():
+    """CI proves that vLLM loads nbkit's exports: `make test` builds the side venv (once: it is a stamped
+    prerequisite) and points the check at it, so the test does not skip there."""
+    assert "$(VLLM_STAMP)" in prerequisites("test")
+    assert re.search(r"^VLLM_SIDE \?= \$\(CURDIR\)/\.cache/", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert ".cache/" in (ROOT / ".gitignore").read_text().split()
+    dry = subprocess.run(["make", "-n", "test", "VENV=/nonexistent-venv", "VLLM_SIDE=/nonexistent-side"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "scripts/vllm_side_venv.sh /nonexistent-side" in dry
+    pytest_line = next(line for line in dry.splitlines() if "-m pytest" in line)
+    assert "NBKIT_VLLM_PYTHON=/nonexistent-side/bin/python" in pytest_line

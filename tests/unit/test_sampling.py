@@ -1,6 +1,7 @@
 """Lossless Medusa sampling: the output distribution equals plain sampling (exact enumeration + chi-square)."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -97,3 +98,40 @@ def test_seed_makes_sampling_reproducible(model):
     a, _ = sample(model, "mc_sim_7b_63", 20, temperature=1.0)
     b, _ = sample(model, "mc_sim_7b_63", 20, temperature=1.0)
     assert a == b and len(set(a)) > 5
+
+
+# ---- the target distribution against independent references -------------------------------------------
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.8), (7, 0.6), (3, 0.95), (1, 0.5)])
+def test_target_distribution_matches_transformers_warpers(temperature, top_k, top_p):
+    """transformers' own order: temperature, then top-k, then top-p, then softmax (random logits: no ties, no
+    cumulative mass exactly at top_p)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(8, 40, generator=torch.Generator().manual_seed(top_k * 100 + int(top_p * 10))) * 2.5
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    want = torch.softmax(scores, dim=-1)
+    got = torch.stack([probs_from_logits(row, temperature, top_p, top_k) for row in logits])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    kept = (want > 0).sum(-1)
+    assert (kept < 40).all() if (top_k or top_p < 1.0) else (kept == 40).all()  # the filters did filter
+
+
+def test_target_distribution_hand_computed_at_temperature_one_half():
+    """logits (2, 1, 0, -1) / 0.5 = (4, 2, 0, -2): softmax (0.8650, 0.1171, 0.0158, 0.0021). top_p 0.9 keeps
+    the first two (0.865 < 0.9 before the second; 0.982 >= 0.9 before the third): 1 / (1 + e^-2) = 0.8808."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    e = [math.exp(4), math.exp(2), 1.0, math.exp(-2)]
+    plain = torch.tensor([x / sum(e) for x in e])
+    torch.testing.assert_close(probs_from_logits(logits, 0.5), plain)
+    nucleus = torch.tensor([1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2)), 0.0, 0.0])
+    torch.testing.assert_close(probs_from_logits(logits, 0.5, top_p=0.9), nucleus)
+    torch.testing.assert_close(probs_from_logits(logits, 0.5, top_k=2), nucleus)
+    torch.testing.assert_close(probs_from_logits(logits, 0.5, top_p=0.99, top_k=2), nucleus)
+    e17 = [math.exp(2 / 1.7), math.exp(1 / 1.7), 1.0]
+    torch.testing.assert_close(probs_from_logits(logits, 1.7, top_k=3),
+                               torch.tensor([x / sum(e17) for x in e17] + [0.0]))  # T = 1.7, top 3 of 4

@@ -70,6 +70,7 @@ class CountingTokenizer:
         return "".join(chr(0x61 + i % 26) for i in ids)
 
 
+@pytest.mark.slow  # a wall-clock ratio: out of `make test-fast`, which holds no timing assertion
 def test_decode_and_stop_work_do_not_grow_with_the_output():
     tok = CountingTokenizer()
     stops = ["z" * 255 + "!"] * 4  # never matches, but every suffix of z's is a prefix of it

@@ -116,4 +116,22 @@ def test_warm_start_begins_from_the_given_heads(model, answers_file):
                         log_every=10_000, init=init)
     for (name, a), b in zip(tuned.state_dict().items(), init.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
-    assert fast_bf16() in (True, False) and compute_dtype() in (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("cpuinfo,fast", [("flags : fpu avx2 fma", False), ("flags : avx512f avx512_bf16", True),
+                                          ("flags : amx_tile amx_bf16", True), (OSError("no /proc"), False)])
+def test_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, cpuinfo, fast):
+    import nbkit.medusa.distill as distill
+
+    class CpuInfo:
+        def __init__(self, path):
+            assert str(path) == "/proc/cpuinfo"
+
+        def read_text(self):
+            if isinstance(cpuinfo, Exception):
+                raise cpuinfo
+            return cpuinfo
+
+    monkeypatch.setattr(distill, "Path", CpuInfo)
+    assert fast_bf16() is fast
+    assert compute_dtype() == (torch.bfloat16 if fast else torch.float32)

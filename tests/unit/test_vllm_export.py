@@ -224,13 +224,13 @@ def test_cli_reads_a_tied_lm_head(shared, tmp_path):
     assert torch.equal(load_file(str(tmp_path / "t" / "model.safetensors"))["lm_heads.0.weight"], weight)
 
 
-# --- vLLM's own code (manual: needs a side venv, see scripts/vllm_side_venv.sh) -------------------------
+# --- vLLM's own code, from a side venv (scripts/vllm_side_venv.sh); `make test` builds it and sets the variable ---
 VLLM_PYTHON = os.environ.get("NBKIT_VLLM_PYTHON")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VLLM_PYTHON, reason="manual check: set NBKIT_VLLM_PYTHON to a side venv's python with "
-                    f"vllm=={VLLM_VERSION} (scripts/vllm_side_venv.sh)")
+@pytest.mark.skipif(not VLLM_PYTHON, reason="needs NBKIT_VLLM_PYTHON, a side venv's python with "
+                    f"vllm=={VLLM_VERSION}: `make test` and `make test-vllm` build one and set it")
 @pytest.mark.parametrize("source", ["faster_decoding", "shared"])
 def test_vllm_real_code_loads_and_drafts_the_same(source, request, tmp_path):
     if source == "faster_decoding":
