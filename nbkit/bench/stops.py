@@ -45,10 +45,10 @@ def main() -> None:
 
     import torch
 
-    from nbkit.engine.loader import load_torch_engine
+    from nbkit.engine.loader import load_engine
 
     torch.set_num_threads(1)
-    engine = load_torch_engine(max_batch=1, speculation="off")
+    engine = load_engine("torch", max_batch=1, speculation="off", self_check=False)
     prompt = engine.encode("Write a long story about a lighthouse keeper.", chat=True)
     long_stops = stops()
     per_token = {"none": [], "four_256": []}
