@@ -94,7 +94,8 @@ class TorchRunner:
 
     kv_budget_bytes: the plan's KV budget. Set, the cache is allocated once (at the first forward pass) at
     max_slots rows of the positions the budget holds, and max_context shrinks to that (the engine then
-    refuses what does not fit, before it runs). None: rows grow on demand up to max_context (the CPU default).
+    refuses what does not fit, before it runs); each row has one more scratch column, where the padding
+    of a ragged prefill writes. None: rows grow on demand up to max_context (the CPU default).
     """
 
     max_leaves = None  # a tree mask has no limit on leaves
@@ -152,7 +153,7 @@ class TorchRunner:
                 f"a KV budget of {self.kv_budget_bytes / GIB:.2f} GiB holds {per_slot} positions per slot "
                 f"({self.max_slots} slots x {self.kv_bytes_per_token() / 2**20:.2f} MiB a position); at least "
                 f"{MIN_SLOT_POSITIONS} are needed: give a larger budget or fewer slots (max_batch)")
-        return min(max_context, per_slot)
+        return min(max_context, per_slot - 1)  # + the scratch column
 
     def _alloc(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.max_slots, self.kv_heads, capacity, self.head_dim)
@@ -164,10 +165,10 @@ class TorchRunner:
         if needed <= self.capacity:
             return
         if self.kv_budget_bytes is not None:
-            if needed > self.max_context:
+            new_capacity = self.max_context + 1  # once, the whole budget (+ the scratch column)
+            if needed > new_capacity:
                 raise ValueError(f"{needed} positions exceed the {self.max_context} per slot that the KV budget "
                                  f"of {self.kv_budget_bytes / GIB:.2f} GiB holds")
-            new_capacity = self.max_context  # once, the whole budget
         else:
             new_capacity = max(needed, 2 * self.capacity, self.initial_capacity)
         try:
@@ -256,13 +257,15 @@ class TorchRunner:
                 raise ValueError(f"context of {start + n} tokens exceeds the model's {self.max_context}")
         b, q = len(slots), max(sizes)
         kv_len = max(starts) + q
+        if self.kv_budget_bytes is not None:  # pads past the end all write the scratch column, never read
+            kv_len = min(kv_len, self.max_context + 1)
         self._grow(kv_len)
         rows = [self.row_of[s] for s in slots]
         # [ids padded to q | start | last index | row] per slot: one upload.
         host = self._upload([chunks[s] + [0] * (q - n) + [st, n - 1, r]
                              for s, n, st, r in zip(slots, sizes, starts, rows)])
         ids, start_t, last_t, rows_t = host[:, :q], host[:, q], host[:, q + 1], host[:, q + 2]
-        cols = start_t[:, None] + torch.arange(q, device=self.device)  # [B, Q]; pads write past the end
+        cols = (start_t[:, None] + torch.arange(q, device=self.device)).clamp_(max=kv_len - 1)  # pads: past the end
         kv_cols = torch.arange(kv_len, device=self.device)
         allowed = kv_cols[None, None, :] <= cols[:, :, None]  # causal over the row's own prefix
         row_slice = _row_slice(rows)

@@ -31,6 +31,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--llama-mode", choices=("exact", "fast"), default="exact",
                    help="llama.cpp engine: exact = greedy output independent of the tree and of the batch "
                         "(measured cost: README); fast = no such guarantee")
+    p.add_argument("--kv-budget-gib", type=float, default=None,
+                   help="KV cache budget (GiB, the notebook's plan gives it): allocated once, and requests that do "
+                        "not fit are refused; default: no budget, the cache grows on demand")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
@@ -55,6 +58,10 @@ def read_keys(given: list[str] | None, key_file: str | None) -> list[str] | None
 def llama_kwargs(args) -> dict:
     """The llama.cpp engine's options (the torch engine takes none of them)."""
     return {"exact": args.llama_mode == "exact"} if args.engine == "llamacpp" else {}
+
+
+def kv_budget_bytes(args) -> int | None:
+    return None if args.kv_budget_gib is None else int(args.kv_budget_gib * 1024**3)
 
 
 def cmd_serve(args) -> int:
@@ -86,7 +93,7 @@ def cmd_serve(args) -> int:
         handle = start_server(model=args.model, heads=args.heads, engine=args.engine, device=args.device,
                               host=args.host, port=args.port, api_key=keys, max_batch=args.max_batch,
                               max_queue=args.max_queue, speculation=args.speculation, settings=settings,
-                              log_level=args.log_level, **llama_kwargs(args))
+                              log_level=args.log_level, kv_budget_bytes=kv_budget_bytes(args), **llama_kwargs(args))
     except KeyboardInterrupt:
         print("nbkit serve: interrupted while loading", file=sys.stderr)
         return 130
