@@ -101,8 +101,7 @@ def start_server(
     """Serve `engine_or_none` (an Engine, started here if needed), or load `model`/`heads` with the
     `engine` backend ("torch" or "llamacpp"). port=0 picks a free port. Returns once requests are served.
 
-    `settings` (nbkit.server.app.Settings) sets the limits; `api_key` overrides its key. kv_budget_bytes: the
-    plan's KV budget for a loaded engine (None: none).
+    `settings` (nbkit.server.app.Settings) sets the limits; `api_key` overrides its key; kv_budget_bytes: the plan's.
     """
     global _current
     from ..engine.loader import load_engine
