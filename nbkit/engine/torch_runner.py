@@ -247,7 +247,7 @@ class TorchRunner:
 
         Returns {slot: (logits [V] fp32, hidden [H])} of each chunk's last token.
         """
-        slots = list(chunks)
+        slots = sorted(chunks, key=self.row_of.__getitem__)  # ascending rows: usually a slice, a view of the KV
         starts = [self.lengths[s] for s in slots]
         sizes = [len(chunks[s]) for s in slots]
         for start, n in zip(starts, sizes):
