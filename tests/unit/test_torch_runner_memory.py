@@ -74,3 +74,27 @@ def test_a_failed_growth_leaves_every_layer_as_it_was_and_the_runner_serving(mod
     monkeypatch.setattr(runner, "_alloc", real_alloc)
     prompt = [11] * 150  # needs a growth again
     assert engine.generate(prompt, SamplingParams(max_tokens=8)).token_ids == hf_greedy(model, prompt, 8)
+
+
+def test_nbkit_serve_passes_its_kv_budget_to_the_engine(monkeypatch):
+    """`nbkit serve --kv-budget-gib 1.5` reaches start_server (then load_engine, then the runner) in bytes."""
+    import argparse
+
+    from nbkit.server import cli, launch
+
+    seen = {}
+
+    def fake_start_server(**kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before anything loads
+
+    monkeypatch.setattr(launch, "start_server", fake_start_server)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # pytest keeps its own Ctrl-C handling
+    parser = argparse.ArgumentParser()
+    cli.register_cli(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--kv-budget-gib", "1.5"])
+    assert args.func(args) == 130
+    assert seen["kv_budget_bytes"] == int(1.5 * 2**30)
+    args = parser.parse_args(["serve"])
+    args.func(args)
+    assert seen["kv_budget_bytes"] is None
