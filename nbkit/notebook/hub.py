@@ -326,4 +326,4 @@ def prepare(model, heads, plan, mirror: str | os.PathLike | None = None, build=N
         heads_arg = str(heads_dir)
     if build is not None:
         print(build.status_line())
-    return Prepared(model_arg, heads_arg, engine, info, build, plan.kv_budget_bytes)
+    return Prepared(model_arg, heads_arg, engine, info, build, getattr(plan, "kv_budget_bytes", None))

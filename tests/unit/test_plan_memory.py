@@ -139,3 +139,26 @@ def test_a_plan_for_a_simulated_gpu_gives_the_cpu_engine_no_budget(monkeypatch):
     facts = env.Environment(colab=False, python="3.11", torch="2", cuda=None, gpus=env.simulated_gpus())
     plan = env.resolve_plan(env=facts)
     assert plan.engine == "torch" and plan.kv_gib > 4 and plan.kv_budget_bytes is None
+
+
+def test_the_notebook_serve_path_hands_the_plans_budget_to_the_server(monkeypatch):
+    """hub.prepare keeps the plan's KV budget and tunnel.serve gives it to start_server (then load_engine)."""
+    from nbkit.notebook import hub, tunnel
+    from nbkit.server import launch
+
+    plan = env.resolve_plan(env=card("A100-40"))
+    prepared = hub.prepare("embedded", "none", plan)
+    assert prepared.kv_budget_bytes == plan.kv_budget_bytes > 8 * GIB
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_start_server(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(launch, "start_server", fake_start_server)
+    with pytest.raises(Stop):
+        tunnel.serve(prepared, "none", port=0, show=False)
+    assert seen["kv_budget_bytes"] == plan.kv_budget_bytes
