@@ -115,7 +115,8 @@ class TorchRunner:
         self.recomputes_accepted = False
         self.vocab_size = cfg.vocab_size
         self.kv_budget_bytes = kv_budget_bytes
-        self.max_context = self._context_within_budget(max_context or getattr(cfg, "max_position_embeddings", 4096))
+        self.model_context = max_context or getattr(cfg, "max_position_embeddings", 4096)
+        self.max_context = self._context_within_budget(self.model_context)
         self.capacity = 0
         # The buffers are allocated at the first forward pass, in the thread that runs the engine
         # (see nbkit.engine.threads): a large fill here would start an OpenMP pool in the caller's thread.
@@ -137,7 +138,7 @@ class TorchRunner:
     def fresh(self, max_slots: int | None = None) -> TorchRunner:
         """A new runner (own KV cache) over the same model weights."""
         return TorchRunner(self.model, max_slots=max_slots or self.max_slots, initial_capacity=self.initial_capacity,
-                           max_context=self.max_context, kv_budget_bytes=self.kv_budget_bytes)
+                           max_context=self.model_context, kv_budget_bytes=self.kv_budget_bytes)
 
     # ---- memory -------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:

@@ -47,6 +47,11 @@ def test_limits_say_what_the_budget_holds_and_a_longer_request_is_refused_with_t
         engine.submit([5] * 250, SamplingParams(max_tokens=100))
 
 
+def test_a_fresh_runner_shares_the_budget_among_its_own_slots(model):
+    runner = TorchRunner(model, max_slots=4, kv_budget_bytes=4 * 300 * per_position(model))
+    assert runner.fresh(max_slots=2).max_context == 599 and runner.fresh().max_context == 299
+
+
 def test_a_budget_too_small_for_a_useful_slot_is_refused_at_start(model):
     with pytest.raises(ValueError, match=r"holds 10 positions per slot \(16 slots"):
         TorchRunner(model, max_slots=16, kv_budget_bytes=16 * 10 * per_position(model))
