@@ -116,3 +116,31 @@ def test_a_runner_whose_logits_stay_on_the_host_gets_a_host_generator(model, sim
     with sim:
         out = [engine.generate(PROMPTS[0], SamplingParams(max_tokens=8, seed=7, temperature=1.0)) for _ in range(2)]
     assert out[0].error is None and out[0].token_ids == out[1].token_ids
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.9, top_k=8), dict()])
+def test_the_whole_engine_on_the_device(sim_generators, params):
+    """The torch runner itself on the simulated device too (prefill chunks, row packing, commits, the heads on
+    its hidden states, sampling): the same tokens as on the CPU."""
+    model = tiny_llama(seed=5, vocab_size=64, hidden=32)
+
+    def serve(on_device: bool):
+        sim = SimulatedCuda()
+        runner = TorchRunner(model, max_slots=4)
+        heads = random_heads(model, seed=2, scale=0.3)
+        if on_device:
+            runner.device = CUDA
+            sim.put(model), sim.put(heads)
+        engine = Engine(runner, ToyTokenizer(64), heads, speculation="mc_sim_7b_63", cost_model=CHEAP,
+                        prefill_budget=8)
+        engine.eos_ids = set()
+        with sim:
+            handles = [engine.submit(p, SamplingParams(max_tokens=10, seed=i, **params)) for i, p in enumerate(PROMPTS)]
+            while not all(h.finished for h in handles):
+                engine.step()
+        return [h.result() for h in handles]
+
+    on_cpu = serve(False)  # first: putting the model on the device marks its parameters for good
+    on_device = serve(True)
+    assert [r.error for r in on_device] == [None] * len(PROMPTS)
+    assert [r.token_ids for r in on_device] == [r.token_ids for r in on_cpu]
