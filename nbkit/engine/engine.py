@@ -119,9 +119,9 @@ class Engine(EngineThread, EngineIntrospection):
                 raise Overloaded(f"the queue is full ({self.max_queue} waiting)")
             handle = RequestHandle(next(self._ids), loop)
             gen = None
-            if not params.greedy:
-                gen = torch.Generator().manual_seed(params.seed if params.seed is not None else
-                                                    int(torch.randint(0, 2**62, (1,))))
+            if not params.greedy:  # on the runner's device: a CUDA multinomial refuses a CPU generator
+                gen = torch.Generator(device=self.runner.device).manual_seed(
+                    params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
             req = Request(handle.id, list(prompt_ids), params, handle, TextStream(self.tokenizer, params.stop),
                           generator=gen)
             self.waiting.append(req)
@@ -273,7 +273,7 @@ class Engine(EngineThread, EngineIntrospection):
             tree = trees[r.id]
             try:
                 logits, hidden = results[r.slot]
-                emitted[r.id], nodes = accept(tree, item.tokens, logits, r.params, r.generator)
+                emitted[r.id], nodes = accept(tree, item.tokens, logits, r.params, r.generator_on(logits.device))
             except Exception as err:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
                 continue
@@ -340,7 +340,7 @@ class Engine(EngineThread, EngineIntrospection):
                 continue
             logits, hidden = results[r.slot]
             try:
-                first, _ = accept(chain(0), [0], logits[None], r.params, r.generator)
+                first, _ = accept(chain(0), [0], logits[None], r.params, r.generator_on(logits.device))
             except Exception as err:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
                 continue

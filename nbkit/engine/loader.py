@@ -22,17 +22,18 @@ ENGINES = ("torch", "llamacpp")
 def load_engine(
     kind: str = "torch", model: str | os.PathLike | None = None,
     heads: str | os.PathLike | MedusaHeads | None = None, device: str | None = None, max_batch: int = 16,
-    self_check: bool = True, **kwargs,
+    kv_budget_bytes: int | None = None, self_check: bool = True, **kwargs,
 ) -> Engine:
     """An Engine (not started) for `model` (default: the embedded SmolLM2) and its Medusa heads.
 
     heads: a folder/file of Medusa heads, 'embedded', 'none', a MedusaHeads, or None (the shipped heads
     with the embedded model, else none). kind="torch" also takes dtype; kind="llamacpp" takes exact
     (True: greedy output independent of the tree and the batch; False = the fast mode, see README;
-    default None: exact on a CPU, fast with GPU offload), kv_budget_bytes (the plan's KV budget), kv_type,
+    default None: exact on a CPU, fast with GPU offload), kv_type,
     v_type, n_ctx, n_threads and n_gpu_layers. Every other keyword goes to Engine.
     self_check: at start-up the engine checks that decoding is lossless on this device (selfcheck.py) and
-    falls back to a mode that is when it is not.
+    falls back to a mode that is when it is not. kv_budget_bytes: the plan's KV budget for either runner
+    (None: no budget; the torch cache then grows on demand, as on a CPU).
 
     A hub id as model or heads (`lmsys/vicuna-7b-v1.3`) is fetched first, once, into the cache (from
     $NBKIT_HUB_MIRROR when set), and the engine is named by that id, which is what clients send.
@@ -45,13 +46,13 @@ def load_engine(
     model, heads = fetched, fetch_heads(heads)
     kwargs["self_check"] = self_check
     if kind == "torch":
-        return _torch_engine(model, heads, device, max_batch=max_batch, **kwargs)
+        return _torch_engine(model, heads, device, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, **kwargs)
     if kind == "llamacpp":
         try:
             from .llamacpp.runner import LlamaCppRunner  # noqa: F401  (the bindings must import)
         except ImportError as err:
             raise ValueError(f"the llama.cpp engine is not available ({err}); use --engine torch") from None
-        return _llamacpp_engine(model, heads, device, max_batch=max_batch, **kwargs)
+        return _llamacpp_engine(model, heads, device, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, **kwargs)
     raise ValueError(f"unknown engine {kind!r}: choose torch or llamacpp")
 
 
@@ -74,13 +75,13 @@ def _heads(heads, model, hidden_size: int, device, dtype: torch.dtype) -> Medusa
 
 
 def _torch_engine(model, heads, device, dtype: torch.dtype | None = None, max_batch: int = 16,
-                  **engine_kwargs) -> Engine:
+                  kv_budget_bytes: int | None = None, **engine_kwargs) -> Engine:
     """Loading runs in a short-lived thread so that the caller's thread never starts an OpenMP pool:
     the engine thread then has the cores to itself (threads.py explains why)."""
-    return in_fresh_thread(_load_torch, model, heads, device, dtype, max_batch, engine_kwargs)
+    return in_fresh_thread(_load_torch, model, heads, device, dtype, max_batch, kv_budget_bytes, engine_kwargs)
 
 
-def _load_torch(model, heads, device, dtype, max_batch, engine_kwargs) -> Engine:
+def _load_torch(model, heads, device, dtype, max_batch, kv_budget_bytes, engine_kwargs) -> Engine:
     from ..models import load_model
     from .torch_runner import TorchRunner
 
@@ -88,7 +89,7 @@ def _load_torch(model, heads, device, dtype, max_batch, engine_kwargs) -> Engine
     dtype = dtype or default_dtype(device)
     base, tokenizer = load_model(model, dtype=dtype, device=device)
     heads = _heads(heads, model, base.config.hidden_size, device, dtype)
-    runner = TorchRunner(base, max_slots=max_batch)
+    runner = TorchRunner(base, max_slots=max_batch, kv_budget_bytes=kv_budget_bytes)
     name = engine_kwargs.pop("model_name", None) or (str(model) if model is not None else EMBEDDED_NAME)
     return Engine(runner, tokenizer, heads, model_name=name, **engine_kwargs)
 

@@ -269,7 +269,16 @@ class Request:
     steps: int = 0
     accepted_tokens: int = 0
     first_token_at: float | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # seeded draws of a sampled request (None: greedy)
     probes: list = field(default_factory=list)  # (output index, head top-k) awaiting acceptance stats
     acceptance: object = None  # the request's own acceptance counts (estimates.RequestAcceptance)
     spec_steps: int = 0  # steps that verified a tree
+
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The request's generator on `device`, where its logits live (CUDA's multinomial refuses a CPU
+        generator). Made again, with the same seed, only before the first draw: a runner whose logits come
+        back to the host (llama.cpp) while its hidden states stay on the GPU."""
+        gen = self.generator
+        if gen is not None and gen.device != device:
+            gen = self.generator = torch.Generator(device=device).manual_seed(gen.initial_seed())
+        return gen

@@ -19,6 +19,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .runner import TreeInput, synchronize_device
 
+GIB = 1024**3
+MIN_SLOT_POSITIONS = 128  # a slot that holds fewer is no use for a chat: a budget that small is a mistake
+
 
 class SlotLayer(CacheLayerMixin):
     """One layer's KV for all slots. The runner sets `write_rows/write_cols/kv_len` before a forward."""
@@ -72,12 +75,9 @@ def _same_cols(starts: list[int], width: int) -> tuple[int, int] | None:
     return (starts[0], starts[0] + width) if all(s == starts[0] for s in starts) else None
 
 
-def _row_slice(rows: torch.Tensor) -> slice | torch.Tensor:
-    """Consecutive rows become a slice (the batch is then a view, not a copy)."""
-    first = int(rows[0])
-    if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
-        return slice(first, first + len(rows))
-    return rows
+def _row_slice(rows: list[int]) -> slice | None:
+    """Consecutive rows become a slice (the batch is then a view, not a copy); None when they are not."""
+    return slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else None
 
 
 class SlotCache(Cache):
@@ -90,24 +90,33 @@ class SlotCache(Cache):
 
 
 class TorchRunner:
-    """Forward passes for a batch of slots on a transformers causal LM (Llama family); see runner.Runner."""
+    """Forward passes for a batch of slots on a transformers causal LM (Llama family); see runner.Runner.
+
+    kv_budget_bytes: the plan's KV budget. Set, the cache is allocated once (at the first forward pass) at
+    max_slots rows of the positions the budget holds, and max_context shrinks to that (the engine then
+    refuses what does not fit, before it runs); each row has one more scratch column, where the padding
+    of a ragged prefill writes. None: rows grow on demand up to max_context (the CPU default).
+    """
 
     max_leaves = None  # a tree mask has no limit on leaves
 
-    def __init__(self, model, max_slots: int = 16, initial_capacity: int = 256, max_context: int | None = None):
+    def __init__(self, model, max_slots: int = 16, initial_capacity: int = 256, max_context: int | None = None,
+                 kv_budget_bytes: int | None = None):
         self.model = model
         self.base = model.model
         self.lm_head = model.get_output_embeddings()
         cfg = model.config
         self.device, self.dtype = model.device, model.dtype
         self.max_slots = max_slots
-        self.max_context = max_context or getattr(cfg, "max_position_embeddings", 4096)
         self.n_layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
         self.recomputes_accepted = False
         self.vocab_size = cfg.vocab_size
+        self.kv_budget_bytes = kv_budget_bytes
+        self.model_context = max_context or getattr(cfg, "max_position_embeddings", 4096)
+        self.max_context = self._context_within_budget(self.model_context)
         self.capacity = 0
         # The buffers are allocated at the first forward pass, in the thread that runs the engine
         # (see nbkit.engine.threads): a large fill here would start an OpenMP pool in the caller's thread.
@@ -117,6 +126,7 @@ class TorchRunner:
         self.row_of: dict[int, int] = {}  # slot -> physical row
         self.slot_at: list[int | None] = [None] * max_slots  # physical row -> slot
         self._free_slots = list(range(max_slots - 1, -1, -1))
+        self._tree_tensors: dict[tuple[int, int], tuple[object, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -127,23 +137,52 @@ class TorchRunner:
 
     def fresh(self, max_slots: int | None = None) -> TorchRunner:
         """A new runner (own KV cache) over the same model weights."""
-        return TorchRunner(self.model, max_slots=max_slots or self.max_slots, max_context=self.max_context)
+        return TorchRunner(self.model, max_slots=max_slots or self.max_slots, initial_capacity=self.initial_capacity,
+                           max_context=self.model_context, kv_budget_bytes=self.kv_budget_bytes)
 
     def synchronize(self) -> None:
         synchronize_device(self.device)
 
     # ---- memory -------------------------------------------------------------------------
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one position in every layer."""
+        return 2 * self.n_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _context_within_budget(self, max_context: int) -> int:
+        if self.kv_budget_bytes is None:
+            return max_context
+        per_slot = self.kv_budget_bytes // (self.max_slots * self.kv_bytes_per_token())
+        if per_slot < MIN_SLOT_POSITIONS:
+            raise ValueError(
+                f"a KV budget of {self.kv_budget_bytes / GIB:.2f} GiB holds {per_slot} positions per slot "
+                f"({self.max_slots} slots x {self.kv_bytes_per_token() / 2**20:.2f} MiB a position); at least "
+                f"{MIN_SLOT_POSITIONS} are needed: give a larger budget or fewer slots (max_batch)")
+        return min(max_context, per_slot - 1)  # + the scratch column
+
     def _alloc(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.max_slots, self.kv_heads, capacity, self.head_dim)
         return (torch.zeros(shape, dtype=self.dtype, device=self.device),
                 torch.zeros(shape, dtype=self.dtype, device=self.device))
 
     def _grow(self, needed: int) -> None:
+        """All layers grow, or none does: a failed allocation leaves the cache as it was, still serving."""
         if needed <= self.capacity:
             return
-        new_capacity = max(needed, 2 * self.capacity, self.initial_capacity)
-        for layer in self.cache.layers:
-            keys, values = self._alloc(new_capacity)
+        if self.kv_budget_bytes is not None:
+            new_capacity = self.max_context + 1  # once, the whole budget (+ the scratch column)
+            if needed > new_capacity:
+                raise ValueError(f"{needed} positions exceed the {self.max_context} per slot that the KV budget "
+                                 f"of {self.kv_budget_bytes / GIB:.2f} GiB holds")
+        else:
+            new_capacity = max(needed, 2 * self.capacity, self.initial_capacity)
+        try:
+            grown = [self._alloc(new_capacity) for _ in self.cache.layers]
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"growing the KV cache from {self.capacity} to {new_capacity} positions x {self.max_slots} slots "
+                f"({new_capacity * self.max_slots * self.kv_bytes_per_token() / GIB:.2f} GiB) ran out of memory; "
+                f"the cache stays at {self.capacity} positions") from err
+        for layer, (keys, values) in zip(self.cache.layers, grown):
             keys[:, :, : self.capacity] = layer.keys
             values[:, :, : self.capacity] = layer.values
             layer.keys, layer.values = keys, values
@@ -173,9 +212,11 @@ class TorchRunner:
         return self.lengths[slot]
 
     def _swap_rows(self, a: int, b: int) -> None:
+        rows = torch.tensor([a, b], device=self.device)  # one upload for every layer's swap
+        swapped = rows.flip(0)
         for layer in self.cache.layers:
             for buf in (layer.keys, layer.values):
-                buf[[a, b]] = buf[[b, a]]
+                buf[rows] = buf[swapped]
         sa, sb = self.slot_at[a], self.slot_at[b]
         self.slot_at[a], self.slot_at[b] = sb, sa
         if sa is not None:
@@ -200,13 +241,17 @@ class TorchRunner:
                         use_cache=True)
         return out.last_hidden_state
 
+    def _upload(self, rows: list[list[int]]) -> torch.Tensor:
+        """Host integers to the device in ONE copy (each torch.tensor(list, device=cuda) is a synchronization)."""
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
     @torch.inference_mode()
     def prefill(self, chunks: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Append prompt chunks to their slots in ONE forward pass (rows padded to the longest chunk).
 
         Returns {slot: (logits [V] fp32, hidden [H])} of each chunk's last token.
         """
-        slots = list(chunks)
+        slots = sorted(chunks, key=self.row_of.__getitem__)  # ascending rows: usually a slice, a view of the KV
         starts = [self.lengths[s] for s in slots]
         sizes = [len(chunks[s]) for s in slots]
         for start, n in zip(starts, sizes):
@@ -215,19 +260,22 @@ class TorchRunner:
             if start + n > self.max_context:
                 raise ValueError(f"context of {start + n} tokens exceeds the model's {self.max_context}")
         b, q = len(slots), max(sizes)
-        start_t = torch.tensor(starts, device=self.device)
-        kv_len = int(start_t.max()) + q
+        kv_len = max(starts) + q
+        if self.kv_budget_bytes is not None:  # pads past the end all write the scratch column, never read
+            kv_len = min(kv_len, self.max_context + 1)
         self._grow(kv_len)
-        rows = torch.tensor([self.row_of[s] for s in slots], device=self.device)
-        ids = torch.zeros(b, q, dtype=torch.long, device=self.device)
-        for i, s in enumerate(slots):
-            ids[i, : sizes[i]] = torch.tensor(chunks[s], device=self.device)
-        cols = start_t[:, None] + torch.arange(q, device=self.device)  # [B, Q]; pads write past the end
+        rows = [self.row_of[s] for s in slots]
+        # [ids padded to q | start | last index | row] per slot: one upload.
+        host = self._upload([chunks[s] + [0] * (q - n) + [st, n - 1, r]
+                             for s, n, st, r in zip(slots, sizes, starts, rows)])
+        ids, start_t, last_t, rows_t = host[:, :q], host[:, q], host[:, q + 1], host[:, q + 2]
+        cols = (start_t[:, None] + torch.arange(q, device=self.device)).clamp_(max=kv_len - 1)  # pads: past the end
         kv_cols = torch.arange(kv_len, device=self.device)
         allowed = kv_cols[None, None, :] <= cols[:, :, None]  # causal over the row's own prefix
-        ctx = _ForwardContext(_row_slice(rows), rows, cols, kv_len, _same_cols(starts, q))
+        row_slice = _row_slice(rows)
+        ctx = _ForwardContext(rows_t if row_slice is None else row_slice, rows_t, cols, kv_len, _same_cols(starts, q))
         hidden = self._forward(ids, cols, self._float_mask(allowed[:, None]), ctx)
-        last = hidden[torch.arange(b, device=self.device), torch.tensor(sizes, device=self.device) - 1]
+        last = hidden[torch.arange(b, device=self.device), last_t]
         logits = self.lm_head(last).float()
         for s, n in zip(slots, sizes):
             self.lengths[s] += n
@@ -238,6 +286,23 @@ class TorchRunner:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)
 
+    def _tree_rows(self, tree, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(depths [Q], ancestor mask [Q, Q]) of `tree` padded to q, on the device: built and moved once per
+        tree shape (the policy hands the same tree objects back; pads see themselves only)."""
+        key = (id(tree), q)
+        if key not in self._tree_tensors:
+            if len(self._tree_tensors) > 256:
+                self._tree_tensors.clear()
+            t = tree.size
+            depth = torch.arange(q)
+            depth[:t] = tree.depths
+            mask = torch.eye(q, dtype=torch.bool)
+            mask[:t, :t] = tree.attn_mask
+            packed = torch.cat([depth[:, None], mask.long()], dim=1).to(self.device)  # one copy
+            self._tree_tensors[key] = (tree, packed[:, 0].contiguous(), packed[:, 1:].bool())
+        _, depth, mask = self._tree_tensors[key]
+        return depth, mask
+
     @torch.inference_mode()
     def verify(self, batch: list[TreeInput]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """One forward pass over every slot's tree. Returns {slot: (logits [T, V] fp32, hidden [T, H])}."""
@@ -245,29 +310,27 @@ class TorchRunner:
         order = self._pack(list(by_slot))
         items = [by_slot[s] for s in order]
         b, q = len(items), max(item.tree.size for item in items)
-        lengths = torch.tensor([self.lengths[it.slot] for it in items], device=self.device)
-        kv_len = int(lengths.max()) + q
+        lengths = [self.lengths[it.slot] for it in items]
+        kv_len = max(lengths) + q
         if kv_len > self.max_context + q:
             raise ValueError("context exceeds the model's maximum")
         self._grow(kv_len)
-        ids = torch.zeros(b, q, dtype=torch.long, device=self.device)
-        depth = torch.arange(q, device=self.device).repeat(b, 1)
-        tree_mask = torch.eye(q, dtype=torch.bool, device=self.device).repeat(b, 1, 1)  # pads see themselves
-        for i, it in enumerate(items):
-            t = it.tree.size
-            ids[i, :t] = torch.tensor(it.tokens, device=self.device)
-            depth[i, :t] = it.tree.depths.to(self.device)
-            tree_mask[i, :t, :t] = it.tree.attn_mask.to(self.device)
-        cols = lengths[:, None] + torch.arange(q, device=self.device)  # [B, Q]
-        positions = lengths[:, None] + depth
-        kv_cols = torch.arange(kv_len, device=self.device)
-        allowed = (kv_cols[None, None, :] < lengths[:, None, None]).expand(b, q, kv_len).clone()
-        allowed.scatter_(2, cols[:, None, :].expand(b, q, q), tree_mask)
-        ctx = _ForwardContext(slice(0, b), torch.arange(b, device=self.device), cols, kv_len,
-                              _same_cols([self.lengths[it.slot] for it in items], q))
+        host = self._upload([[n] + it.tokens + [0] * (q - it.tree.size) for n, it in zip(lengths, items)])
+        lengths_t, ids = host[:, 0], host[:, 1:]
+        trees = [self._tree_rows(it.tree, q) for it in items]
+        depth = torch.stack([d for d, _ in trees])
+        tree_mask = torch.stack([m for _, m in trees])
+        cols = lengths_t[:, None] + torch.arange(q, device=self.device)  # [B, Q]
+        positions = lengths_t[:, None] + depth
+        ctx = _ForwardContext(slice(0, b), torch.arange(b, device=self.device), cols, kv_len, _same_cols(lengths, q))
         # One new token per row and equal lengths: every row sees its whole prefix, so no mask at all
         # (SDPA then takes its unmasked kernel; the common batch-1 decoding step).
-        mask = None if q == 1 and ctx.same_cols is not None else self._float_mask(allowed[:, None])
+        mask = None
+        if not (q == 1 and ctx.same_cols is not None):
+            kv_cols = torch.arange(kv_len, device=self.device)
+            allowed = (kv_cols[None, None, :] < lengths_t[:, None, None]).expand(b, q, kv_len).clone()
+            allowed.scatter_(2, cols[:, None, :].expand(b, q, q), tree_mask)
+            mask = self._float_mask(allowed[:, None])
         hidden = self._forward(ids, positions, mask, ctx)
         sizes = [it.tree.size for it in items]
         valid = torch.cat([hidden[i, :t] for i, t in enumerate(sizes)])
@@ -280,15 +343,13 @@ class TorchRunner:
         moves = {s: nodes for s, nodes in accepted.items() if nodes != list(range(len(nodes)))}
         if moves:
             width = max(len(n) for n in moves.values())
-            rows, src, dst = [], [], []
+            host = []  # per moved slot: [row | source columns | destination columns], one upload
             for slot, nodes in moves.items():
                 base = self.lengths[slot]
                 pad = list(range(len(nodes), width))  # copy onto themselves: no-ops
-                rows.append(self.row_of[slot])
-                src.append([base + n for n in nodes + pad])
-                dst.append([base + i for i in range(width)])
-            rows_t = torch.tensor(rows, device=self.device)[:, None]
-            src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+                host.append([self.row_of[slot]] + [base + n for n in nodes + pad] + [base + i for i in range(width)])
+            moved = self._upload(host)
+            rows_t, src_t, dst_t = moved[:, :1], moved[:, 1 : 1 + width], moved[:, 1 + width :]
             for layer in self.cache.layers:
                 for buf in (layer.keys, layer.values):
                     buf[rows_t, :, dst_t] = buf[rows_t, :, src_t]

@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GIB = 1024**3
+# The plan's arithmetic lives in memory.py; these names stay importable from here (notebooks and fit.py use env).
+from .memory import GIB, MAX_BATCH, VICUNA_7B, kv_budget_gib, sizes_from_shapes  # noqa: F401
 
 
 def in_colab() -> bool:
@@ -194,8 +195,9 @@ def detect() -> Environment:
 # --- what fits ------------------------------------------------------------------------------------
 # Bytes per parameter of a llama-architecture GGUF (vicuna-7b: F16 12.6 GiB, Q8_0 6.7, Q4_K_M 3.8 for 6.74e9).
 BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625, "q4_k_m": 0.605}
-CUDA_OVERHEAD_GIB = 1.0  # CUDA context, allocator slack, activations of a verify pass
+CUDA_OVERHEAD_GIB = 1.0  # CUDA context (~0.5 GiB), cuBLAS workspaces and the allocator's slack
 TORCH_DTYPES = ("f16", "bf16", "f32", "none")  # what the torch engine can load ("none": its default dtype)
+MIN_KV_TOKENS = 4 * 2048  # the most faithful weights must leave KV for 4 full vicuna contexts
 
 
 class PlanError(ValueError):
@@ -208,50 +210,72 @@ class Plan:
     quantization: str  # "f16" | "q8_0" | "q4_k_m"
     weights_gib: float
     heads_gib: float
-    kv_gib: float
+    kv_gib: float  # the KV budget: what is left after everything else, up to every slot's full context
     memory_gib: float | None  # what the plan was made for (None = CPU)
     reason: str
+    workspace_gib: float = 0.0  # the widest verify pass's activations and logits
+    simulated: bool = False  # made for a GPU that $NBKIT_GPU describes: the engines run on this CPU as they are
 
     @property
     def need_gib(self) -> float:
-        return self.weights_gib + self.heads_gib + self.kv_gib + CUDA_OVERHEAD_GIB
+        return self.weights_gib + self.heads_gib + self.kv_gib + self.workspace_gib + CUDA_OVERHEAD_GIB
+
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        """What the engine may allocate for KV (load_engine's kv_budget_bytes); None on a CPU (grows on demand)."""
+        return None if self.memory_gib is None or self.simulated else int(self.kv_gib * GIB)
 
     def fits(self) -> bool:
-        return self.memory_gib is None or self.need_gib <= self.memory_gib
+        return self.memory_gib is None or self.need_gib <= self.memory_gib + 1e-9
 
     def __repr__(self) -> str:
         return f"Plan(engine={self.engine!r}, quantization={self.quantization!r}): {self.reason}"
 
 
 def choose_plan(
-    gpu_total_gib: float | None, params_b: float = 6.74, heads_gib: float = 1.5, kv_mib_per_token: float = 0.5,
-    kv_tokens: int = 8192,
+    gpu_total_gib: float | None, params_b: float | None = None, heads_gib: float | None = None,
+    kv_mib_per_token: float | None = None, n_ctx: int | None = None, workspace_gib: float | None = None,
+    min_kv_tokens: int = MIN_KV_TOKENS,
 ) -> Plan:
-    """The most faithful weights that leave room for the Medusa heads and `kv_tokens` of KV cache.
+    """The most faithful weights that leave `min_kv_tokens` of KV after the weights, the Medusa heads, the verify
+    workspace and the CUDA overhead; the KV budget is then all that is left (up to every slot's full context).
 
-    The defaults are vicuna-7b with FasterDecoding's 5 heads, and 4 full 2048-token contexts of KV.
+    Sizes not given are vicuna-7b's with FasterDecoding's 5 heads (sizes_from_shapes(VICUNA_7B)).
     F16 runs in the torch engine (transformers, exact); quantized weights run in the llama.cpp engine.
-    A T4 (15 GiB) cannot hold F16 (12.6) + heads (1.5) + KV, so it gets Q8_0; an A100 or L4 gets F16.
+    A T4 (15 GiB) cannot hold F16 (12.6) + heads (1.4) + KV, so it gets Q8_0; an A100 or L4 gets F16.
     """
-    kv_gib = kv_tokens * kv_mib_per_token / 1024
+    given = {"params_b": params_b, "heads_gib": heads_gib, "kv_mib_per_token": kv_mib_per_token, "n_ctx": n_ctx,
+             "workspace_gib": workspace_gib}
+    sizes = {**sizes_from_shapes(VICUNA_7B), **{k: v for k, v in given.items() if v is not None}}
+    per_token, n_ctx, work = sizes["kv_mib_per_token"], sizes["n_ctx"], sizes["workspace_gib"]
+    heads_gib = sizes["heads_gib"]
+
+    def weights_of(quant: str) -> float:
+        return sizes["params_b"] * 1e9 * BYTES_PER_PARAM[quant] / GIB
+
     if gpu_total_gib is None:
-        weights = params_b * 1e9 * BYTES_PER_PARAM["q4_k_m"] / GIB
-        return Plan("llamacpp", "q4_k_m", weights, heads_gib, kv_gib, None,
-                    "no GPU: the smallest good GGUF on the CPU with llama.cpp")
+        return Plan("llamacpp", "q4_k_m", weights_of("q4_k_m"), heads_gib, kv_budget_gib(1e9, per_token, n_ctx),
+                    None, "no GPU: the smallest good GGUF on the CPU with llama.cpp", work)
     for quant in ("f16", "q8_0", "q4_k_m"):
-        weights = params_b * 1e9 * BYTES_PER_PARAM[quant] / GIB
-        need = weights + heads_gib + kv_gib + CUDA_OVERHEAD_GIB
-        if need <= gpu_total_gib:
-            engine = "torch" if quant == "f16" else "llamacpp"
-            return Plan(engine, quant, weights, heads_gib, kv_gib, gpu_total_gib,
-                        f"{weights:.1f} GiB weights + {heads_gib:.1f} heads + {kv_gib:.1f} KV + "
-                        f"{CUDA_OVERHEAD_GIB:.0f} overhead = {need:.1f} of {gpu_total_gib:.1f} GiB")
-    weights = params_b * 1e9 * BYTES_PER_PARAM["q4_k_m"] / GIB
-    spare = max(gpu_total_gib - weights - heads_gib - CUDA_OVERHEAD_GIB, 0.0)
-    tokens = int(spare * 1024 / kv_mib_per_token)
+        left = gpu_total_gib - weights_of(quant) - heads_gib - work - CUDA_OVERHEAD_GIB
+        if left * 1024 / per_token >= min_kv_tokens:
+            kv = kv_budget_gib(left, per_token, n_ctx)
+            plan = Plan("torch" if quant == "f16" else "llamacpp", quant, weights_of(quant), heads_gib, kv,
+                        gpu_total_gib, "", work)
+            plan.reason = _arithmetic(plan) + f" ({int(kv * 1024 / per_token)} KV tokens)"
+            return plan
+    spare = max(gpu_total_gib - weights_of("q4_k_m") - heads_gib - work - CUDA_OVERHEAD_GIB, 0.0)
+    tokens = int(spare * 1024 / per_token)
     verdict = "tight" if tokens >= 2048 else "does NOT fit (use a bigger GPU or a smaller model)"
-    return Plan("llamacpp", "q4_k_m", weights, heads_gib, spare, gpu_total_gib,
-                f"{verdict}: Q4_K_M leaves {spare:.1f} GiB for the KV cache ({tokens} tokens in all)")
+    return Plan("llamacpp", "q4_k_m", weights_of("q4_k_m"), heads_gib, kv_budget_gib(spare, per_token, n_ctx),
+                gpu_total_gib, f"{verdict}: Q4_K_M leaves {spare:.1f} GiB for the KV cache ({tokens} tokens in all)",
+                work)
+
+
+def _arithmetic(plan: Plan, against: str = "of") -> str:
+    return (f"{plan.weights_gib:.1f} GiB weights + {plan.heads_gib:.1f} heads + {plan.kv_gib:.1f} KV + "
+            f"{plan.workspace_gib:.1f} workspace + {CUDA_OVERHEAD_GIB:.0f} overhead = {plan.need_gib:.1f} GiB "
+            f"{against} {plan.memory_gib:.1f} GiB")
 
 
 def sizes_from_config(model_dir: str | os.PathLike | None, n_heads: int = 5) -> dict:
@@ -261,22 +285,10 @@ def sizes_from_config(model_dir: str | os.PathLike | None, n_heads: int = 5) -> 
     file = Path(model_dir) / "config.json" if model_dir else None
     if file is None or not file.is_file():
         return {}
-    cfg = json.loads(file.read_text())
     try:
-        h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-        vocab, ffn = cfg["vocab_size"], cfg["intermediate_size"]
+        return sizes_from_shapes(json.loads(file.read_text()), n_heads)
     except KeyError:
         return {}
-    n_attn = cfg.get("num_attention_heads", 1)
-    head_dim = cfg.get("head_dim") or h // n_attn
-    kv_dim = head_dim * cfg.get("num_key_value_heads", n_attn)
-    attn = 2 * h * h + 2 * h * kv_dim
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return {
-        "params_b": (layers * (attn + 3 * h * ffn) + embed) / 1e9,
-        "heads_gib": n_heads * (h * h + h * vocab) * 2 / GIB,  # fp16, each head with its own lm_head
-        "kv_mib_per_token": 2 * layers * kv_dim * 2 / 2**20,
-    }
 
 
 def resolve_plan(
@@ -292,6 +304,7 @@ def resolve_plan(
     sizes = sizes if sizes is not None else sizes_from_config(model_dir)
     gpu_gib = env.gpu.total_gib if env.gpu else None
     auto = choose_plan(gpu_gib, **sizes)
+    auto.simulated = bool(env.gpu and env.gpu.simulated)
     if (engine, quantization) == ("auto", "auto"):
         return _refuse_if_too_big(auto, env)
     engine = auto.engine if engine == "auto" else engine
@@ -300,9 +313,13 @@ def resolve_plan(
     else:
         quantization = auto.quantization if quantization == "auto" else quantization
     chosen = Plan(**{**vars(auto), "engine": engine, "quantization": quantization})
-    params_b = sizes.get("params_b", 6.74)
+    full = {**sizes_from_shapes(VICUNA_7B), **sizes}
     bytes_per = BYTES_PER_PARAM.get(quantization.lower(), BYTES_PER_PARAM["f16" if gpu_gib else "f32"])
-    chosen.weights_gib = params_b * 1e9 * bytes_per / GIB  # the weights this engine really loads
+    chosen.weights_gib = full["params_b"] * 1e9 * bytes_per / GIB  # the weights this engine really loads
+    if gpu_gib is not None:  # the KV budget is what these weights leave (at least a 128-token slot each, or refused)
+        left = gpu_gib - chosen.weights_gib - chosen.heads_gib - chosen.workspace_gib - CUDA_OVERHEAD_GIB
+        least = MAX_BATCH * 128 * full["kv_mib_per_token"] / 1024
+        chosen.kv_gib = max(kv_budget_gib(left, full["kv_mib_per_token"], full["n_ctx"]), least)
     chosen.reason = f"set by the parameters (auto would choose {auto.engine}/{auto.quantization}: {auto.reason})"
     return _refuse_if_too_big(chosen, env)
 
@@ -323,9 +340,8 @@ def _refuse_if_too_big(plan: Plan, env: Environment) -> Plan:
         return plan
     gpu = env.gpu
     raise PlanError(
-        f"{plan.engine}/{plan.quantization} does not fit {gpu.name if gpu else 'this GPU'}: {plan.weights_gib:.1f} GiB "
-        f"weights + {plan.heads_gib:.1f} heads + {plan.kv_gib:.1f} KV + {CUDA_OVERHEAD_GIB:.0f} overhead = "
-        f"{plan.need_gib:.1f} GiB > {plan.memory_gib:.1f} GiB. Nothing was downloaded. Use ENGINE='auto' and "
+        f"{plan.engine}/{plan.quantization} does not fit {gpu.name if gpu else 'this GPU'}: {_arithmetic(plan, '>')}. "
+        "Nothing was downloaded. Use ENGINE='auto' and "
         "QUANTIZATION='auto' (the best plan that fits), a smaller quantization with ENGINE='llamacpp', or a GPU "
         "with more memory (Runtime > Change runtime type).")
 

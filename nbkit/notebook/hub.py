@@ -254,6 +254,7 @@ class Prepared:
     engine: str
     heads_info: HeadsInfo | None = None
     build: object | None = None  # the background llama.cpp build (build_job.BuildJob) that serving waits for
+    kv_budget_bytes: int | None = None  # the plan's KV budget (None: none, the cache grows on demand)
 
     def wait_for_engine(self) -> None:
         """Block until the engine's bindings are installed (the llama.cpp build runs in the background)."""
@@ -325,4 +326,4 @@ def prepare(model, heads, plan, mirror: str | os.PathLike | None = None, build=N
         heads_arg = str(heads_dir)
     if build is not None:
         print(build.status_line())
-    return Prepared(model_arg, heads_arg, engine, info, build)
+    return Prepared(model_arg, heads_arg, engine, info, build, getattr(plan, "kv_budget_bytes", None))

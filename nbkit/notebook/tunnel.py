@@ -372,6 +372,7 @@ def serve(
     key = api_key_for(provider, api_key, ngrok_authtoken)
     if hasattr(prepared, "wait_for_engine"):
         prepared.wait_for_engine()  # the llama.cpp build may still run in the background
+    server_kwargs.setdefault("kv_budget_bytes", getattr(prepared, "kv_budget_bytes", None))  # the plan's
     handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,
                           api_key=key, **server_kwargs)
     check = getattr(handle.engine, "self_check", None)

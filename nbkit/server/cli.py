@@ -32,6 +32,9 @@ def register_cli(subparsers) -> None:
                    help="llama.cpp engine: exact = greedy output independent of the tree and of the batch "
                         "(measured cost: README); fast = no such guarantee; auto = exact on a CPU, fast with "
                         "GPU offload (exact's ubatch caps are specific to ggml's CPU kernels)")
+    p.add_argument("--kv-budget-gib", type=float, default=None,
+                   help="KV cache budget (GiB, the notebook's plan gives it): allocated once, and requests that do "
+                        "not fit are refused; default: no budget, the cache grows on demand")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
@@ -59,6 +62,10 @@ LLAMA_MODES = {"auto": None, "exact": True, "fast": False}  # --llama-mode -> th
 def llama_kwargs(args) -> dict:
     """The llama.cpp engine's options (the torch engine takes none of them)."""
     return {"exact": LLAMA_MODES[args.llama_mode]} if args.engine == "llamacpp" else {}
+
+
+def kv_budget_bytes(args) -> int | None:
+    return None if args.kv_budget_gib is None else int(args.kv_budget_gib * 1024**3)
 
 
 def cmd_serve(args) -> int:
@@ -90,7 +97,7 @@ def cmd_serve(args) -> int:
         handle = start_server(model=args.model, heads=args.heads, engine=args.engine, device=args.device,
                               host=args.host, port=args.port, api_key=keys, max_batch=args.max_batch,
                               max_queue=args.max_queue, speculation=args.speculation, settings=settings,
-                              log_level=args.log_level, **llama_kwargs(args))
+                              log_level=args.log_level, kv_budget_bytes=kv_budget_bytes(args), **llama_kwargs(args))
     except KeyboardInterrupt:
         print("nbkit serve: interrupted while loading", file=sys.stderr)
         return 130

@@ -96,12 +96,12 @@ def start_server(
     engine_or_none=None, /, *, model=None, heads=None, engine: str = "torch", device: str | None = None,
     host: str = "127.0.0.1", port: int = 8000, api_key: str | list[str] | None = None,
     max_batch: int = 16, speculation: str = "adaptive", max_queue: int = 64, settings=None,
-    start_timeout: float = 30.0, log_level: str = "warning", **engine_kwargs,
+    start_timeout: float = 30.0, log_level: str = "warning", kv_budget_bytes: int | None = None, **engine_kwargs,
 ) -> ServerHandle:
     """Serve `engine_or_none` (an Engine, started here if needed), or load `model`/`heads` with the
     `engine` backend ("torch" or "llamacpp"). port=0 picks a free port. Returns once requests are served.
 
-    `settings` (nbkit.server.app.Settings) sets the limits; `api_key` overrides its key.
+    `settings` (nbkit.server.app.Settings) sets the limits; `api_key` overrides its key; kv_budget_bytes: the plan's.
     """
     global _current
     from ..engine.loader import load_engine
@@ -136,7 +136,8 @@ def start_server(
     try:
         if engine_or_none is None:
             engine_or_none = load_engine(engine, model=model, heads=heads, device=device, max_batch=max_batch,
-                                         speculation=speculation, max_queue=max_queue, **engine_kwargs)
+                                         speculation=speculation, max_queue=max_queue,
+                                         kv_budget_bytes=kv_budget_bytes, **engine_kwargs)
         handle.engine = engine_or_none
         if not engine_or_none.alive:
             if engine_or_none.dead:

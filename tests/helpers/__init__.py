@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,7 +51,35 @@ def random_heads(model, n_heads: int = 4, seed: int = 0, scale: float = 0.05) ->
     heads = MedusaHeads(model.config.hidden_size, n_heads)
     for p in heads.parameters():
         p.data.normal_(0, scale)
-    return heads.eval().requires_grad_(False)
+    return heads.to(model.dtype).eval().requires_grad_(False)  # the runner's dtype, as the loader does
+
+
+@torch.inference_mode()
+def dtype_noise(model, sequences: list[list[int]]) -> float:
+    """The largest logit error of `model`'s dtype against the same weights in float32 over `sequences` (0.0 for a
+    float32 model): how far rounding alone may move a logit on one computation path."""
+    if model.dtype == torch.float32:
+        return 0.0
+    exact = copy.deepcopy(model).float()
+    return max(float((model(torch.tensor([s])).logits.float() - exact(torch.tensor([s])).logits).abs().max())
+               for s in sequences)
+
+
+@torch.inference_mode()
+def assert_greedy_matches(model, prompt: list[int], got: list[int], ref: list[int], noise: float) -> None:
+    """got == ref (plain greedy in the same dtype), or they part at a near-tie: there the plain top-2 margin is
+    within 2 x `noise` (each path rounds within `noise` of float32, so two paths may order a pair that close
+    either way) and the two tokens are the plain top-2. After a parting the continuations legitimately differ.
+    In float32 (noise 0) only exact equality passes."""
+    if got == ref:
+        return
+    i = next((k for k, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    assert i is not None, f"one output is a prefix of the other: {got} vs {ref}"
+    logits = model(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
+    top = logits.topk(2)
+    margin = float(top.values[0] - top.values[1])
+    assert {got[i], ref[i]} == set(top.indices.tolist()) and margin <= 2 * noise, (
+        f"token {i}: {got[i]} against plain {ref[i]}, top-2 margin {margin:.4f} > 2 x noise {noise:.4f}")
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -68,6 +98,9 @@ class OracleHeads(MedusaHeads):
     def __init__(self, model, n_heads: int = 4, miss_every: int = 5):
         super().__init__(model.config.hidden_size, n_heads)
         self.model, self.miss_every = model, miss_every
+        # Hidden states of one position computed by two paths (registration, the engine) agree to about the
+        # dtype's rounding: 1e-3 in float32, a few eps in float16/bfloat16.
+        self.tolerance = max(1e-3, 4 * torch.finfo(model.dtype).eps)
         self.keys: list[torch.Tensor] = []
         self.futures: list[list[int]] = []
 
@@ -81,7 +114,7 @@ class OracleHeads(MedusaHeads):
 
     @torch.inference_mode()
     def topk(self, hidden, lm_head, k):
-        gen = torch.Generator().manual_seed(int(hidden.abs().sum() * 1000) % 2**31)
+        gen = torch.Generator().manual_seed(int(hidden.float().abs().sum() * 1000) % 2**31)
         out = torch.randint(2, self.model.config.vocab_size, (hidden.shape[0], self.n_heads, k), generator=gen)
         if not self.keys:
             return out
@@ -89,7 +122,7 @@ class OracleHeads(MedusaHeads):
         for row, h in enumerate(hidden):
             dist = (keys - h).norm(dim=-1)
             j = int(dist.argmin())
-            if dist[j] > 1e-3 * (1 + h.norm()):
+            if dist[j] > self.tolerance * (1 + h.norm()):
                 continue
             for d, token in enumerate(self.futures[j]):
                 if (j + d) % self.miss_every == 0 and d > 0:
