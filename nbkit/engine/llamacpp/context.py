@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from .bindings import cpu_threads, failure_reason, log_count, log_since
+from ...gguf.bindings import cpu_threads, failure_reason, log_count, log_since
 from .model import acquire_model, release_model
 from .sizing import choose_mode, kv_bytes_per_cell
 

@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...gguf.bindings import Batch, llama_cpp_module
 from ...medusa.trees import MedusaTree
 from ..runner import TreeInput, synchronize_device
-from .bindings import Batch, llama_cpp_module
 from .context import LlamaContext
 from .lm_head import Int8LmHead, gguf_lm_head
 from .sizing import context_cells
