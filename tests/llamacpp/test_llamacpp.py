@@ -55,7 +55,7 @@ class LlamaOracle(OracleHeads):
 
     def __init__(self, runner: LlamaCppRunner):
         cfg = SimpleNamespace(hidden_size=runner.hidden_size, vocab_size=runner.vocab_size)
-        super().__init__(SimpleNamespace(config=cfg), n_heads=4, miss_every=5)
+        super().__init__(SimpleNamespace(config=cfg, dtype=runner.dtype), n_heads=4, miss_every=5)
         self.runner = runner
 
     def register(self, prompt_ids, continuation):
@@ -138,7 +138,7 @@ def test_medusa_greedy_equals_plain_in_a_batch(medusa, prompt_ids, refs):
 def _check_cells(runner: LlamaCppRunner, live: set[int]) -> None:
     """Only live slots' home ids hold cells, exactly positions [0, committed length); no leaf id holds any."""
     ranges = runner.seq_ranges()
-    retired = {runner.retired} if runner.exact else set()
+    retired = {runner.context.retired} if runner.exact else set()
     assert set(ranges) - retired <= live, f"cells held by {set(ranges) - live}"
     for slot in live:
         in_kv = runner.kv_length(slot)
