@@ -74,6 +74,13 @@ def embedded_hf_dir() -> Path:
     return gguf_to_hf_dir(embedded_gguf_path(), cache_dir() / "models" / EMBEDDED_NAME)
 
 
+def embedded_heads_dir() -> Path:
+    """The Medusa heads nbkit trained for the embedded SmolLM2 model (package data of nbkit.medusa)."""
+    from importlib import resources
+
+    return Path(str(resources.files("nbkit").joinpath("medusa/data/smollm2-135m-heads")))
+
+
 def resolve_model_dir(model: str | os.PathLike | None) -> Path | str:
     """'embedded'/None -> cached embedded folder; *.gguf -> converted folder; else a folder or hub id."""
     if is_embedded(model):

@@ -1,6 +1,6 @@
 """A faithful miniature of `lmsys/vicuna-7b-v1.3` and `FasterDecoding/medusa-vicuna-7b-v1.3`, built offline.
 
-It is written as a hub-mirror tree (`<root>/<owner>/<name>/...`, what nbkit.notebook.hub reads with
+It is written as a hub-mirror tree (`<root>/<owner>/<name>/...`, what nbkit.hub reads with
 $NBKIT_HUB_MIRROR), so code and notebooks run with the real ids and the real file layout:
 
 - the base model: LlamaForCausalLM with vicuna-7b-v1.3's config keys at a tiny size, a real sentencepiece

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..medusa.heads import MedusaHeads, embedded_heads_dir, load_heads
-from ..models import EMBEDDED_NAME, default_device, default_dtype, is_embedded
+from ..hub import fetch_model, resolve_heads
+from ..medusa.heads import MedusaHeads, load_heads
+from ..models import EMBEDDED_NAME, default_device, default_dtype
 from .engine import Engine
 from .threads import in_fresh_thread
 
@@ -38,12 +39,11 @@ def load_engine(
     A hub id as model or heads (`lmsys/vicuna-7b-v1.3`) is fetched first, once, into the cache (from
     $NBKIT_HUB_MIRROR when set), and the engine is named by that id, which is what clients send.
     """
-    from ..notebook.hub import fetch_heads, fetch_model
-
     fetched = fetch_model(model)
     if fetched != model:
         kwargs.setdefault("model_name", model)
-    model, heads = fetched, fetch_heads(heads)
+    heads = heads if isinstance(heads, MedusaHeads) else resolve_heads(heads, model)  # once: a Path or None
+    model = fetched
     kwargs["self_check"] = self_check
     if kind == "torch":
         return _torch_engine(model, heads, device, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, **kwargs)
@@ -56,22 +56,11 @@ def load_engine(
     raise ValueError(f"unknown engine {kind!r}: choose torch or llamacpp")
 
 
-def resolve_heads(heads: str | os.PathLike | None, model: str | os.PathLike | None) -> Path | None:
-    """'embedded' (or None with the embedded model) -> the shipped SmolLM2 heads; 'none' -> no heads."""
-    if heads is None:
-        return embedded_heads_dir() if is_embedded(model) and embedded_heads_dir().exists() else None
-    if str(heads) == "none":
-        return None
-    if str(heads) == "embedded":
-        return embedded_heads_dir()
-    return Path(heads)
-
-
-def _heads(heads, model, hidden_size: int, device, dtype: torch.dtype) -> MedusaHeads | None:
+def _heads(heads: MedusaHeads | Path | None, hidden_size: int, device, dtype: torch.dtype) -> MedusaHeads | None:
+    """The resolved heads (hub.resolve_heads) loaded, or moved, to the device and dtype the heads run in."""
     if isinstance(heads, MedusaHeads):
         return heads.to(device=device, dtype=dtype).eval()
-    path = resolve_heads(heads, model)
-    return None if path is None else load_heads(path, hidden_size, dtype=dtype, device=device)
+    return None if heads is None else load_heads(heads, hidden_size, dtype=dtype, device=device)
 
 
 def _torch_engine(model, heads, device, dtype: torch.dtype | None = None, max_batch: int = 16,
@@ -88,7 +77,7 @@ def _load_torch(model, heads, device, dtype, max_batch, kv_budget_bytes, engine_
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     base, tokenizer = load_model(model, dtype=dtype, device=device)
-    heads = _heads(heads, model, base.config.hidden_size, device, dtype)
+    heads = _heads(heads, base.config.hidden_size, device, dtype)
     runner = TorchRunner(base, max_slots=max_batch, kv_budget_bytes=kv_budget_bytes)
     name = engine_kwargs.pop("model_name", None) or (str(model) if model is not None else EMBEDDED_NAME)
     return Engine(runner, tokenizer, heads, model_name=name, **engine_kwargs)
@@ -106,11 +95,11 @@ def _llamacpp_engine(
     gguf_file = resolve_gguf(model)
     device = device or default_device()
     dtype = default_dtype(device)
-    has_heads = isinstance(heads, MedusaHeads) or resolve_heads(heads, model) is not None
+    has_heads = heads is not None
     runner = LlamaCppRunner(gguf_file, max_slots=max_batch, n_ctx=n_ctx, exact=exact, n_threads=n_threads,
                             n_gpu_layers=n_gpu_layers, device=device, dtype=dtype, hidden=has_heads,
                             kv_type=kv_type, v_type=v_type, kv_budget_bytes=kv_budget_bytes)
-    heads_obj = _heads(heads, model, runner.hidden_size, device, dtype)
+    heads_obj = _heads(heads, runner.hidden_size, device, dtype)
     if heads_obj is None and speculation not in ("adaptive", "off"):
         raise ValueError(f"speculation {speculation!r} needs Medusa heads")
     tokenizer = gguf_tokenizer(gguf_file)

@@ -1,1 +1,2 @@
-"""GGUF files: building llama.cpp (build.py), converting and quantizing models (convert.py), finding them (files.py)."""
+"""GGUF files: building llama.cpp (build.py), loading its bindings (bindings.py), converting and quantizing models
+(convert.py), finding them (files.py)."""

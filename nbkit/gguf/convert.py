@@ -106,7 +106,7 @@ def quantize(gguf_in: str | os.PathLike, gguf_out: str | os.PathLike, qtype: str
     allow_requantize: accept an already quantized input (e.g. the embedded Q4_1 -> Q8_0, which holds
     Q4_1's values almost exactly).
     """
-    from ..engine.llamacpp.bindings import llama_cpp_module
+    from .bindings import llama_cpp_module
 
     src, out = Path(gguf_in), Path(gguf_out)
     if not src.is_file():

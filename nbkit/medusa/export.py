@@ -12,20 +12,20 @@ from pathlib import Path
 
 import torch
 
+from ..hub import resolve_heads
 from ..models import is_embedded
-from .heads import HeadsFormatError, embedded_heads_dir
+from .heads import HeadsFormatError
 from .vllm import VLLM_VERSION, BaseLMHead, export_vllm, serve_command
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what vLLM loads for the embedded model
 DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def resolve_heads_path(heads: str | Path) -> Path:
-    if heads is not None and is_embedded(heads):
-        return embedded_heads_dir()
-    path = Path(heads)
-    if not path.exists():
-        raise FileNotFoundError(f"Medusa heads not found: {path}")
+def resolve_heads_path(heads: str | Path | None) -> Path:
+    """The heads to export (hub.resolve_heads: a folder, a file, 'embedded' or a hub id), which must exist."""
+    path = resolve_heads(heads)
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"Medusa heads not found: {heads}")
     return path
 
 
@@ -134,7 +134,10 @@ def register_cli(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-if __name__ == "__main__":
-    from ..cli import main
+if __name__ == "__main__":  # the same command as `python -m nbkit export` (nbkit.cli registers it there)
+    import argparse
 
-    sys.exit(main(["export", *sys.argv[1:]]))
+    parser = argparse.ArgumentParser(prog="python -m nbkit")
+    register_cli(parser.add_subparsers())
+    parsed = parser.parse_args(["export", *sys.argv[1:]])
+    sys.exit(parsed.func(parsed))

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import embedded_heads_dir  # noqa: F401  (where the shipped heads are; callers import it here)
+
 PT_FILE = "medusa_lm_head.pt"
 SAFETENSORS_FILE = "medusa_lm_head.safetensors"
 PROPOSAL_FILE = "proposal_vocab.json"  # optional: token ids the heads may propose (nbkit's own heads)
@@ -233,10 +235,3 @@ def save_heads(heads: MedusaHeads, out_dir: str | Path, proposal_vocab: list[int
     if proposal_vocab is not None:
         (out / PROPOSAL_FILE).write_text(json.dumps(sorted(set(proposal_vocab))) + "\n")
     return out
-
-
-def embedded_heads_dir() -> Path:
-    """The heads nbkit trained for the embedded SmolLM2 model (shipped as package data)."""
-    from importlib import resources
-
-    return Path(str(resources.files("nbkit.medusa").joinpath("data/smollm2-135m-heads")))

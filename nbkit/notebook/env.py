@@ -12,44 +12,17 @@ CI uses it to run a T4's or an A100's Run all on a CPU.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..colab import colab_secret, in_colab  # noqa: F401  (notebook helpers import them from env)
+
 # The plan's arithmetic lives in memory.py; these names stay importable from here (notebooks and fit.py use env).
 from .memory import GIB, MAX_BATCH, VICUNA_7B, kv_budget_gib, sizes_from_shapes  # noqa: F401
-
-
-def in_colab() -> bool:
-    """True inside a Google Colab runtime (its kernel imports google.colab; the runtime sets COLAB_*)."""
-    if "google.colab" in sys.modules:
-        return True
-    return "COLAB_RELEASE_TAG" in os.environ and _has_module("google.colab")
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def colab_secret(name: str) -> str | None:
-    """A Colab secret's value, or None outside Colab, when it is missing or access was refused."""
-    if not in_colab():
-        return None
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
-
-        value = userdata.get(name)
-    except Exception:  # noqa: BLE001 -- SecretNotFoundError, NotebookAccessError, TimeoutException: all mean "no secret"
-        return None
-    return (value.strip() or None) if isinstance(value, str) else None
 
 
 def secret(name: str) -> tuple[str | None, str]:

@@ -23,6 +23,7 @@ import llama_cpp
 from nbkit.engine.engine import Engine
 from nbkit.engine.llamacpp import lm_head as lm_head_module
 from nbkit.engine.llamacpp import runner as runner_module
+from nbkit.engine.llamacpp.context import LlamaContext
 from nbkit.engine.llamacpp.runner import EXACT_UBATCH, LlamaCppRunner
 from nbkit.engine.loader import load_engine
 from nbkit.engine.policy import CostModel
@@ -58,7 +59,8 @@ def test_fresh_and_a_restart_share_the_loaded_model(loads):
     loaded = len(loads)
     assert loaded <= 1  # 0 when another test of this process still holds the model
     second = first.fresh()
-    assert second._model == first._model and len(loads) == loaded
+    assert second.context.model == first.context.model and len(loads) == loaded
+    assert LlamaContext not in type(first).__mro__  # composition: the runner owns its context
     second.close()
     engine = Engine(FaultyRunner(first), gguf_tokenizer(embedded_gguf_path()), None, speculation="off")
     engine.restart_delay = 0.0
@@ -77,7 +79,7 @@ def test_fresh_and_a_restart_share_the_loaded_model(loads):
         ok = engine.submit([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True)).result(timeout=60)
         assert ok.finish_reason == "length" and len(ok.token_ids) == 4  # the restarted engine serves
         assert len(loads) == loaded  # no second copy of the weights
-        assert first._ctx is None  # the crashed runner's KV cache was freed at once
+        assert first.context.ctx is None  # the crashed runner's KV cache was freed at once
     finally:
         engine.stop()
 
@@ -88,7 +90,7 @@ def test_gpu_offload_serves_the_fast_mode_and_says_why(monkeypatch):
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
     gpu = LlamaCppRunner(embedded_gguf_path(), max_slots=2, n_ctx=512, hidden=False)
     assert not gpu.on_cpu and gpu.mode == "fast" and not gpu.recomputes_accepted
-    assert gpu.n_ubatch > EXACT_UBATCH and not gpu._pad_single and (gpu.k_type, gpu.v_type) == ("f16", "f16")
+    assert gpu.context.n_ubatch > EXACT_UBATCH and not gpu.context.pad_single and (gpu.k_type, gpu.v_type) == ("f16", "f16")
     assert "GPU" in gpu.numerics["mode_reason"] and gpu.numerics["mode"] == "fast"
     forced = LlamaCppRunner(embedded_gguf_path(), max_slots=2, n_ctx=512, hidden=False, exact=True)
     assert forced.mode == "exact" and forced.numerics["mode_reason"] == "set by the caller"
@@ -112,7 +114,7 @@ def test_a_head_size_of_16_gets_a_working_exact_mode(head16_gguf):
     # The old exact mode always took a q8_0 V cache on the CPU: no context ("out of memory? try a smaller
     # n_ctx"), whatever n_ctx.
     runner = LlamaCppRunner(head16_gguf, max_slots=2, n_ctx=512)
-    assert runner.mode == "exact" and runner.v_type == "f16" and runner._pad_single
+    assert runner.mode == "exact" and runner.v_type == "f16" and runner.context.pad_single
     assert "head size 16" in runner.numerics["mode_reason"]
     slot = runner.alloc()
     logits, _ = runner.prefill({slot: [1, 9690, 198, 2683, 359]})[slot]
@@ -129,12 +131,12 @@ def test_a_failed_context_names_llama_cpps_reason(head16_gguf):
 
 def test_the_context_is_sized_from_the_kv_budget_and_llama_cpp_agrees():
     probe = LlamaCppRunner(embedded_gguf_path(), max_slots=4, n_ctx=256, hidden=False)
-    per_cell = probe.kv_bytes_per_cell
+    per_cell = probe.context.kv_bytes_per_cell
     probe.close()
     runner = LlamaCppRunner(embedded_gguf_path(), max_slots=4, hidden=False, kv_budget_bytes=int(1280.5 * per_cell))
     assert runner.n_ctx == runner.kv_cells == 1280  # the budget's cells, rounded down to llama.cpp's 256
     # llama.cpp's own report of what it allocated: "llama_kv_cache: size = X MiB (N cells, ...)".
-    sizes = [float(m.group(1)) for line in runner.kv_log if (m := re.search(r"size =\s*([\d.]+) MiB \(\s*\d+ cells", line))]
+    sizes = [float(m.group(1)) for line in runner.context.kv_log if (m := re.search(r"size =\s*([\d.]+) MiB \(\s*\d+ cells", line))]
     assert sizes and abs(sizes[0] - 1280 * per_cell / 2**20) < 0.01
     assert runner.max_context == 1280  # what the engine advertises per request
 

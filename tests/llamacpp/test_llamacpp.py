@@ -138,7 +138,7 @@ def test_medusa_greedy_equals_plain_in_a_batch(medusa, prompt_ids, refs):
 def _check_cells(runner: LlamaCppRunner, live: set[int]) -> None:
     """Only live slots' home ids hold cells, exactly positions [0, committed length); no leaf id holds any."""
     ranges = runner.seq_ranges()
-    retired = {runner.retired} if runner.exact else set()
+    retired = {runner.context.retired} if runner.exact else set()
     assert set(ranges) - retired <= live, f"cells held by {set(ranges) - live}"
     for slot in live:
         in_kv = runner.kv_length(slot)

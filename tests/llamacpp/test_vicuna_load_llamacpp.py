@@ -73,6 +73,6 @@ def test_the_memory_arithmetic_matches_the_real_gguf_and_llama_cpps_kv_report(vi
     runner = engine.runner
     got = runner_bytes(shape, "q8_0", runner.n_ctx, runner.k_type, runner.v_type)
     assert got["weights"] == sum(int(t.n_bytes) for t in GGUFReader(prepared.model).tensors)
-    reported = [float(m.group(1)) for line in runner.kv_log
+    reported = [float(m.group(1)) for line in runner.context.kv_log
                 if (m := re.search(r"size =\s*([\d.]+) MiB \(\s*\d+ cells", line))]
     assert reported and abs(reported[0] - got["kv"] / 2**20) < 0.01

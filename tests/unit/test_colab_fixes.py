@@ -9,7 +9,8 @@ import types
 
 import pytest
 
-from nbkit.notebook import env, hub, install, tunnel, widgets
+from nbkit import hub as hub_calls  # login and the hub calls (the notebooks import them through nbkit.notebook.hub)
+from nbkit.notebook import env, install, tunnel, widgets
 
 
 # --- $NBKIT_GPU ---------------------------------------------------------------------------------------
@@ -51,8 +52,8 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(hub, "in_colab", lambda: True)
-    monkeypatch.setattr(hub, "colab_secret", lambda name: None)
+    monkeypatch.setattr(hub_calls, "in_colab", lambda: True)
+    monkeypatch.setattr(hub_calls, "colab_secret", lambda name: None)
     asked = []
     import huggingface_hub
 
@@ -61,14 +62,14 @@ def no_token(monkeypatch, tmp_path):
 
 
 def test_login_without_a_token_goes_on(no_token):
-    status = hub.login()
+    status = hub_calls.login()
     assert not status.logged_in and "going on" in repr(status)
     assert no_token == [], "login() must not ask (notebook_login can block Run all for 15 minutes)"
 
 
 def test_login_hands_the_colab_secret_to_huggingface_hub(no_token, monkeypatch, capsys):
-    monkeypatch.setattr(hub, "colab_secret", lambda name: "hf_colabsecret_123" if name == "HF_TOKEN" else None)
-    status = hub.login()
+    monkeypatch.setattr(hub_calls, "colab_secret", lambda name: "hf_colabsecret_123" if name == "HF_TOKEN" else None)
+    status = hub_calls.login()
     print(status)
     assert status.logged_in and status.source == "Colab secret HF_TOKEN"
     from huggingface_hub import get_token
@@ -86,7 +87,7 @@ def _refusal(kind: str, status: int):
 
 @pytest.mark.parametrize("kind,status", [("GatedRepoError", 403), ("RepositoryNotFoundError", 401)])
 def test_a_refused_download_asks_once_then_retries(no_token, kind, status, capsys):
-    hub.login()
+    hub_calls.login()
     calls = []
 
     def listing():
@@ -95,18 +96,18 @@ def test_a_refused_download_asks_once_then_retries(no_token, kind, status, capsy
             raise _refusal(kind, status)
         return ["config.json"]
 
-    assert hub._as_user("meta-llama/x", listing) == ["config.json"]
+    assert hub_calls._as_user("meta-llama/x", listing) == ["config.json"]
     assert len(calls) == 2 and len(no_token) == 1
     said = capsys.readouterr().out
     assert "meta-llama/x" in said and ("gated" in said if kind == "GatedRepoError" else "401" in said)
 
 
 def test_a_refused_download_outside_colab_is_a_clear_error(no_token, monkeypatch):
-    monkeypatch.setattr(hub, "in_colab", lambda: False)
+    monkeypatch.setattr(hub_calls, "in_colab", lambda: False)
     with pytest.raises(PermissionError, match="HF_TOKEN"):
-        hub._as_user("meta-llama/x", lambda: (_ for _ in ()).throw(_refusal("GatedRepoError", 403)))
+        hub_calls._as_user("meta-llama/x", lambda: (_ for _ in ()).throw(_refusal("GatedRepoError", 403)))
     with pytest.raises(FileNotFoundError):  # anything but 401/gated is not a login problem
-        hub._as_user("meta-llama/x", lambda: (_ for _ in ()).throw(FileNotFoundError("x")))
+        hub_calls._as_user("meta-llama/x", lambda: (_ for _ in ()).throw(FileNotFoundError("x")))
     assert no_token == []
 
 

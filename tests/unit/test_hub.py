@@ -70,6 +70,21 @@ def test_local_folders_pass_through(tmp_path):
     assert hub.download_heads(str(tmp_path)) == tmp_path
 
 
+def test_one_resolver_for_every_heads_argument(mirror, tmp_path):
+    """nbkit.hub.resolve_heads: what load_engine, the vLLM export and --heads all go through."""
+    from nbkit.hub import resolve_heads
+    from nbkit.models import embedded_heads_dir
+
+    shipped = embedded_heads_dir()
+    assert resolve_heads(None, None) == shipped and resolve_heads("", "embedded") == shipped  # embedded model
+    assert resolve_heads(None, str(tmp_path)) is None  # another model: no heads unless named
+    assert resolve_heads("none", None) is None and resolve_heads("none", str(tmp_path)) is None
+    assert resolve_heads("embedded", str(tmp_path)) == shipped == resolve_heads("default")
+    assert resolve_heads(str(tmp_path)) == tmp_path and resolve_heads(tmp_path) == tmp_path
+    fetched = resolve_heads("acme/medusa-tiny", str(tmp_path))  # a hub id: fetched into the cache
+    assert fetched == hub.local_dir_for("acme/medusa-tiny") and (fetched / "medusa_lm_head.pt").is_file()
+
+
 def test_heads_counted_from_the_weights(mirror):
     path = hub.download_heads("acme/medusa-tiny")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "medusa_lm_head.pt"]

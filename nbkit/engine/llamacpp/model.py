@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bindings import failure_reason, log_count, log_since
+from ...gguf.bindings import failure_reason, log_count, log_since
 
 
 @dataclass

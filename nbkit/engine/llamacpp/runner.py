@@ -55,16 +55,15 @@ from torch import nn
 
 from ...medusa.trees import MedusaTree
 from ..runner import TreeInput, synchronize_device
-from .bindings import Batch, llama_cpp_module
-from .context import LlamaContext
+from .context import EXACT_UBATCH, LlamaContext  # noqa: F401  (EXACT_UBATCH: tests import it from here)
 from .lm_head import Int8LmHead, gguf_lm_head
-from .sizing import context_cells
-
-EXACT_UBATCH = 63  # ggml-cpu switches to tiled flash attention at 64 query rows (GGML_FA_TILE_Q)
 
 
-class LlamaCppRunner(LlamaContext):
+class LlamaCppRunner:
     """Forward passes for a batch of slots on a GGUF model through llama.cpp's low-level API (runner.Runner).
+
+    It owns one LlamaContext (`context`: the model, its KV cache, the batch and output buffers) and keeps the
+    slots' bookkeeping: lengths, exact mode's carry, the leaf ids lent to a step's trees, the trees pending.
 
     model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); False the
     fast one; None (default) exact on a CPU, fast with GPU offload. kv_budget_bytes: the plan's KV budget
@@ -83,53 +82,57 @@ class LlamaCppRunner(LlamaContext):
         self._settings = dict(n_ctx=n_ctx, exact=exact, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                               device=device, dtype=dtype, hidden=hidden, n_batch=n_batch, flash_attn=flash_attn,
                               kv_type=kv_type, v_type=v_type, kv_budget_bytes=kv_budget_bytes)
-        self.lib = llama_cpp_module()
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.model_path}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.want_hidden = hidden
-        self._load_model(n_gpu_layers)
-        try:
-            self._build(max_slots, n_ctx, exact, n_threads, hidden, n_batch, flash_attn, kv_type, v_type,
-                        kv_budget_bytes)
-        except BaseException:
-            self.close()  # this runner's reference to the shared model
-            raise
-
-    def _build(self, max_slots, n_ctx, exact, n_threads, hidden, n_batch, flash_attn, kv_type, v_type,
-               kv_budget_bytes) -> None:
-        """Everything after the model: the mode, the sequence ids, the context sized from the plan, the slots."""
-        lib = self.lib
-        self._choose_mode(exact, kv_type, v_type, flash_attn)
-        self.vocab_size = lib.llama_vocab_n_tokens(self._vocab)
-        self.hidden_size = lib.llama_model_n_embd(self._model)
-        n_ctx_train = lib.llama_model_n_ctx_train(self._model)
-        self._sequence_ids(max_slots)
-        n_ctx = n_ctx or context_cells(max_slots, n_ctx_train, self.kv_bytes_per_cell, kv_budget_bytes)
-        self.n_batch = min(n_batch or max(512, 64 * max_slots), n_ctx - 1)
-        self.n_ubatch = min(self.n_batch, EXACT_UBATCH if self._pad_single else 512)
-
-        quantized = "q8_0" in (self.k_type, self.v_type)
-        self._create_context(n_ctx, n_threads, hidden, True if self.exact or quantized else flash_attn,
-                             self.k_type, self.v_type)
-        self.n_ctx = lib.llama_n_ctx(self._ctx)
-        # Cells every request shares (the engine admits by them); exact mode's padding token needs one.
-        self.kv_cells = self.n_ctx - (1 if self._pad_single else 0)
-        self.kv_parked = 0  # cells of finished requests parked on the retired id (exact mode)
-        self.max_context = min(n_ctx_train, self.kv_cells)
-        self._mem = lib.llama_get_memory(self._ctx)
-        self._batch = Batch(lib, self.n_batch + 1, self.n_seq_max)
-        self._embeddings_on = hidden
-
+        self.context = LlamaContext(self.model_path, max_slots, self.device, self.dtype, n_ctx=n_ctx, exact=exact,
+                                    n_threads=n_threads, n_gpu_layers=n_gpu_layers, hidden=hidden, n_batch=n_batch,
+                                    flash_attn=flash_attn, kv_type=kv_type, v_type=v_type,
+                                    kv_budget_bytes=kv_budget_bytes)
+        c = self.context
+        self.lib = c.lib  # the bindings module (slot bookkeeping calls llama_memory_seq_*)
+        # Facts of the context, fixed once it exists, that the Runner contract, the engine and the tests read.
+        self.exact, self.k_type, self.v_type, self.on_cpu = c.exact, c.k_type, c.v_type, c.on_cpu
+        self.recomputes_accepted = c.exact  # the carry: accepted nodes are decoded again next step
+        self.vocab_size, self.hidden_size, self.eos_token_ids = c.vocab_size, c.hidden_size, c.eos_token_ids
+        self.n_ctx, self.n_batch, self.kv_cells, self.max_leaves = c.n_ctx, c.n_batch, c.kv_cells, c.max_leaves
+        self.max_context = min(c.n_ctx_train, c.kv_cells)
+        self.max_slots = max_slots
         self.lengths = [0] * max_slots  # tokens committed per slot (in the KV cache or in its carry)
         self._carry: list[list[int]] = [[] for _ in range(max_slots)]  # exact mode: accepted, to decode again
         self._free_slots = list(range(max_slots - 1, -1, -1))
-        self._free_leaves = list(range(max_slots + self.max_leaves - 1, max_slots - 1, -1))
+        self._free_leaves = list(range(max_slots + c.max_leaves - 1, max_slots - 1, -1))
         self._pending: dict[int, _Pending] = {}  # slot -> the tree verified but not yet committed
         self._lm_head: nn.Module | None = None
-        self.eos_token_ids = {lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)} - {-1}
+
+    # ---- the context's state, as the server's /info and the tests read it ------------------
+    @property
+    def numerics(self) -> dict:
+        return self.context.numerics
+
+    @property
+    def mode(self) -> str:
+        return self.context.mode
+
+    @property
+    def guarantee(self) -> str:
+        return self.context.guarantee
+
+    @property
+    def kv_parked(self) -> int:
+        """Cells of finished requests parked on the retired id (exact mode): the engine counts them as held."""
+        return self.context.kv_parked
+
+    def seq_ranges(self) -> dict[int, tuple[int, int]]:
+        return self.context.seq_ranges()
+
+    def close_context(self) -> None:
+        self.context.close_context()
+
+    def close(self) -> None:
+        self.context.close()
 
     def fresh(self, max_slots: int | None = None) -> LlamaCppRunner:
         """A new runner (own context and KV cache) over the same GGUF file and settings, sharing this one's
@@ -140,7 +143,7 @@ class LlamaCppRunner(LlamaContext):
 
     def synchronize(self) -> None:
         """llama.cpp's queued decode (GPU backends return early), then torch's work where the heads run."""
-        self.lib.llama_synchronize(self._ctx)
+        self.lib.llama_synchronize(self.context.ctx)
         synchronize_device(self.device)
 
     # ---- the base lm_head for shared-format Medusa heads (dequantized on first use) -----------
@@ -165,18 +168,15 @@ class LlamaCppRunner(LlamaContext):
         return slot
 
     def free(self, slot: int) -> None:
-        lib, mem = self.lib, self._mem
         self._drop_speculative(slot)
         if self.exact:  # park the cells: a hole below running slots' cells would break their cell order
-            lib.llama_memory_seq_cp(mem, slot, self.retired, -1, -1)
-            self.kv_parked += self.kv_length(slot)
-        lib.llama_memory_seq_rm(mem, slot, -1, -1)
+            self.context.park(slot, self.kv_length(slot))
+        self.lib.llama_memory_seq_rm(self.context.mem, slot, -1, -1)
         self.lengths[slot] = 0
         self._carry[slot] = []
         self._free_slots.append(slot)
         if self.exact and len(self._free_slots) == self.max_slots:
-            lib.llama_memory_seq_rm(mem, self.retired, -1, -1)  # idle: nothing left whose order matters
-            self.kv_parked = 0
+            self.context.release_parked()  # idle: nothing left whose order matters
 
     def length(self, slot: int) -> int:
         return self.lengths[slot]
@@ -195,9 +195,9 @@ class LlamaCppRunner(LlamaContext):
         pending = self._pending.pop(slot, None)
         if pending is None:
             return
-        self.lib.llama_memory_seq_rm(self._mem, slot, pending.root_pos, -1)
+        self.lib.llama_memory_seq_rm(self.context.mem, slot, pending.root_pos, -1)
         for leaf in pending.leaves:
-            self.lib.llama_memory_seq_rm(self._mem, leaf, -1, -1)
+            self.lib.llama_memory_seq_rm(self.context.mem, leaf, -1, -1)
             self._free_leaves.append(leaf)
 
     # ---- forward passes -----------------------------------------------------------------
@@ -218,11 +218,11 @@ class LlamaCppRunner(LlamaContext):
             carry = self._carry[slot]
             runs.append((slot, self.lengths[slot] - len(carry), carry + list(chunk)))
         try:
-            self._set_embeddings(False)
+            self.context.set_embeddings(False)
             logits, _ = self._decode_runs(runs, last_out=True)
         except Exception:
             for slot, start, _ in runs:
-                self.lib.llama_memory_seq_rm(self._mem, slot, start, -1)
+                self.lib.llama_memory_seq_rm(self.context.mem, slot, start, -1)
             raise
         for slot, start, toks in runs:
             self._carry[slot] = []
@@ -233,14 +233,14 @@ class LlamaCppRunner(LlamaContext):
     def _decode_runs(self, runs: list[tuple[int, int, list[int]]], last_out: bool = False):
         """Decode runs of tokens (slot, first position, tokens) in as few decodes as n_batch allows, with
         embeddings off. With last_out, returns (logits [R, V], an empty hidden) of each run's last token."""
-        b, row, outs = self._batch, 0, []
+        b, row, outs = self.context.batch, 0, []
 
         def flush():
             b.struct.n_tokens = row
-            self._decode()
+            self.context.decode()
             if last_out:
                 n_out = int(b.output[:row].sum())  # embeddings are off: only the flagged tokens are output rows
-                outs.append(self._outputs(np.arange(n_out), n_out))
+                outs.append(self.context.outputs(np.arange(n_out), n_out))
 
         for slot, start, toks in runs:
             i = 0
@@ -270,16 +270,16 @@ class LlamaCppRunner(LlamaContext):
         for item in batch:
             self._drop_speculative(item.slot)
         self._check_room(batch)
-        self._set_embeddings(self.want_hidden)
+        self.context.set_embeddings(self.context.want_hidden)
         # Permanent tokens (carry + root) of every slot first, then all speculative nodes: with that
         # order a slot's cells stay in position order even after the speculative cells are dropped.
         node_rows, row = self._place_roots(batch)
         row = self._place_nodes(batch, node_rows, row)
-        b = self._batch
+        b = self.context.batch
         b.output[:row] = 1
         b.struct.n_tokens = row
         try:
-            self._decode()
+            self.context.decode()
         except Exception:
             for item in batch:
                 self._drop_speculative(item.slot)
@@ -287,7 +287,7 @@ class LlamaCppRunner(LlamaContext):
         for item in batch:
             self._carry[item.slot] = []
         rows = np.concatenate([node_rows[item.slot] for item in batch])
-        logits, hidden = self._outputs(rows, row)
+        logits, hidden = self.context.outputs(rows, row)
         out, start = {}, 0
         for item in batch:
             t = item.tree.size
@@ -302,7 +302,7 @@ class LlamaCppRunner(LlamaContext):
         need = sum(item.tree.n_leaves for item in batch if item.tree.n_leaves > 1)
         if need > len(self._free_leaves):
             raise ValueError(f"the trees need {need} sequence ids, {len(self._free_leaves)} are free "
-                             f"(llama.cpp has {self.n_seq_max}); use smaller trees or fewer requests")
+                             f"(llama.cpp has {self.context.n_seq_max}); use smaller trees or fewer requests")
         for item in batch:
             if self.lengths[item.slot] + item.tree.max_depth + 1 > self.max_context:
                 raise ValueError(f"slot {item.slot} would exceed the context of {self.max_context} tokens")
@@ -311,7 +311,7 @@ class LlamaCppRunner(LlamaContext):
         """Each slot's carry and root into its home sequence (and every leaf id it borrows for the step).
 
         Returns {slot: batch row of each tree node (the root's filled in)} and the next free row."""
-        lib, mem, b = self.lib, self._mem, self._batch
+        lib, mem, b = self.lib, self.context.mem, self.context.batch
         node_rows: dict[int, np.ndarray] = {}
         row = 0
         for item in batch:
@@ -336,7 +336,7 @@ class LlamaCppRunner(LlamaContext):
     def _place_nodes(self, batch: list[TreeInput], node_rows: dict[int, np.ndarray], row: int) -> int:
         """The speculative nodes after every root: a chain in the home sequence, a tree node in the ids of
         every leaf under it. Returns the next free row."""
-        b = self._batch
+        b = self.context.batch
         for item in batch:
             slot, tree, t = item.slot, item.tree, item.tree.size
             if t == 1:
@@ -362,7 +362,7 @@ class LlamaCppRunner(LlamaContext):
 
     def commit(self, accepted: dict[int, list[int]]) -> None:
         """Keep each slot's accepted nodes (root first); drop every other cell of its tree."""
-        lib, mem = self.lib, self._mem
+        lib, mem = self.lib, self.context.mem
         for slot, nodes in accepted.items():
             p = self._pending.pop(slot)
             new_len = p.root_pos + len(nodes)
