@@ -5,7 +5,7 @@ prefilled in chunks under a per-step token budget, finished or cancelled request
 Each step verifies every running request's Medusa tree in ONE forward pass of the runner, accepts
 per request (greedy, lossless sampling or typical), commits the accepted paths, and streams the
 tokens out. The runner does the tensor work (runner.py is the contract); this module never touches a
-KV cache. The speculation policy (policy.py) picks each step's tree.
+KV cache. Speculation (speculation/) picks each step's trees: the engine talks to it through one object.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import torch
 
 from ..medusa.acceptance import accept, tree_candidates
 from ..medusa.heads import MedusaHeads
-from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
+from ..medusa.trees import TOPK, MedusaTree, chain
 from .budget import fit_trees
 from .introspect import EngineIntrospection, new_counters
-from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
 from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
 from .runner import Runner, SlotOutput, TreeInput
 from .selfcheck import SelfCheck, run_self_check
+from .speculation import CostModel, Probe, Speculation, StepPlan, StepResult
 from .threads import EngineThread
 
 log = logging.getLogger("nbkit.engine")
@@ -48,21 +48,11 @@ class Engine(EngineThread, EngineIntrospection):
         self.eos_ids = set(runner.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        n_heads = heads.n_heads if heads is not None else 0
-        self.base_tree = get_tree(base_tree, n_heads) if heads is not None else chain(0)
-        self.stats = AcceptanceStats(max(n_heads, 1), measured=getattr(heads, "config", {}).get("acceptance_q"))
-        if speculation not in ("adaptive", "off") and heads is None:
-            raise ValueError(f"speculation {speculation!r} needs Medusa heads")
-        if heads is None:
-            speculation = "off"
-        fixed = None if speculation in ("adaptive", "off") else get_tree(speculation, n_heads)
-        self.cost_model = cost_model
-        self.policy = SpeculationPolicy(
-            self.base_tree, self.stats, cost_model or CostModel({1: 1.0}), mode="fixed" if fixed else speculation,
-            fixed=fixed, max_leaves=runner.max_leaves, recomputes_accepted=runner.recomputes_accepted,
-        )
+        self.speculation = Speculation(heads, base_tree, speculation, cost_model, runner.max_leaves,
+                                       runner.recomputes_accepted)
+        self.base_tree = self.speculation.base_tree
         # Every slot keeps room in its context for the largest tree it may verify (+1: the root's next token).
-        self.tree_reserve = max(self.base_tree.size, fixed.size if fixed else 1) + 1
+        self.tree_reserve = self.speculation.largest_tree() + 1
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self._ids = itertools.count(1)
@@ -81,9 +71,7 @@ class Engine(EngineThread, EngineIntrospection):
         measure the forward cost once (adaptive speculation needs it)."""
         if self.run_self_check and self.self_check is None:
             self.self_check = run_self_check(self)
-        if self.policy.mode == "adaptive" and self.cost_model is None:
-            self.cost_model = calibrate(self.runner, self.heads, self.max_batch, max_tree=self.base_tree.size)
-            self.policy.cost = self.cost_model
+        self.speculation.prepare(self.runner, self.heads, self.max_batch)
         return self
 
     # ---- requests -------------------------------------------------------------------------
@@ -132,7 +120,7 @@ class Engine(EngineThread, EngineIntrospection):
         """Context a request keeps free for the largest tree it may verify (+1: the root's next token)."""
         if params.tree is None:
             return self.tree_reserve
-        return max(self.tree_reserve, get_tree(params.tree, self.heads.n_heads if self.heads else 0).size + 1)
+        return max(self.tree_reserve, self.speculation.tree(params.tree).size + 1)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False) -> Finished:
         """Run one request to the end. Without a started thread the caller's thread drives the steps."""
@@ -182,7 +170,7 @@ class Engine(EngineThread, EngineIntrospection):
                     break  # FIFO: it waits for the cells of requests that finish
                 req = self.waiting.popleft()
                 req.slot = self.runner.alloc()
-                req.acceptance = self.stats.request_stats()
+                req.acceptance = self.speculation.new_request()
                 self.active.append(req)
 
     def _reserved(self, req: Request) -> int:
@@ -204,12 +192,13 @@ class Engine(EngineThread, EngineIntrospection):
             self._finish(req, "cancelled")
 
     def _decode(self, running: list[Request]) -> None:
+        """schedule (speculation's plan, the heads) -> run (verify) -> postprocess (accept, commit, emit)."""
         # The clock is read with the device idle (a GPU returns from a call once its work is queued): without
         # it a step is charged the prefill queued before it, and not its own commit.
         self.runner.synchronize()
         start = time.perf_counter()
         try:  # everything shared by the batch: a failure fails the batch's requests, not the engine
-            chosen, trees, inputs, probed = self._plan(running)
+            plan, inputs = self._schedule(running)
             carried = sum(r.carried for r in running) if self.runner.recomputes_accepted else 0
             self.runner.synchronize()
             t0 = time.perf_counter()
@@ -219,7 +208,7 @@ class Engine(EngineThread, EngineIntrospection):
             for r in running:
                 self._finish(r, "error", f"generation failed: {err}")
             return
-        commits, emitted = self._accept_all(running, trees, inputs, results)
+        commits, emitted, (proposed, accepted) = self._accept_all(running, plan.trees, inputs, results)
         try:
             self._commit(commits)
         except Exception as err:  # the KV rows of this batch are in an unknown state: end its requests
@@ -227,35 +216,26 @@ class Engine(EngineThread, EngineIntrospection):
             for r in running:
                 self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
             return
-        # The cost model learns what this step shape costs (forward to KV compaction); the guard what it yielded.
         self.runner.synchronize()
-        seconds, q = time.perf_counter() - t0, max(t.size for t in trees.values())
-        tokens = sum(map(len, emitted.values()))
-        if self.cost_model is not None:  # a step that also decoded last step's accepted tokens has no (rows, T) shape
-            self.cost_model.observe(len(results) * q + carried, seconds, n_rows=None if carried else len(results))
-        self.policy.record_step(len(results), q, seconds, time.perf_counter() - start, tokens, probed, carried)
+        seconds, tokens = time.perf_counter() - t0, sum(map(len, emitted.values()))
+        self.speculation.record(StepResult(
+            len(results), max(t.size for t in plan.trees.values()), seconds, time.perf_counter() - start, tokens,
+            plan.probe, carried, proposed, accepted))
         self.counters["steps"] += 1
         self.counters["step_seconds"] += seconds
         for r in running:
             if r.id in emitted:
                 self._emit_safely(r, emitted[r.id])
-        self._report_step(len(running), chosen, seconds, tokens)
+        self._report_step(len(running), plan.chosen, seconds, tokens)
 
-    def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput], bool]:
-        """The policy's tree, each request's tree, the verification inputs (head top-k included), probed?"""
-        # A request whose hidden state is not known yet (a runner that returns none from prefill) waits a step.
-        ready = [r for r in running if r.hidden is not None and self.heads is not None]
-        spec = [r for r in ready if r.params.speculate and r.params.tree is None]
-        chosen, use = self.policy.plan(len(running), [r.acceptance for r in spec])
-        speculating = {r.id for r, u in zip(spec, use) if u} | {r.id for r in ready if r.params.tree is not None}
-        trees = self._fit({r.id: (chosen if r.params.tree is None else get_tree(r.params.tree, self.heads.n_heads))
-                           if r.id in speculating else chain(0) for r in running}, running)
-        probe = self.policy.probe_due(self.counters["steps"], len(self.active))
-        need = [r for r in ready if trees[r.id].size > 1 or (probe and r.params.speculate)]
-        topk = self._head_topk(need)
-        inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
+    def _schedule(self, running: list[Request]) -> tuple[StepPlan, list[TreeInput]]:
+        """Speculation's plan cut to the runner's budgets, and the verification inputs (head top-k included)."""
+        plan = self.speculation.plan(running, len(self.active))
+        plan.trees = self._fit(plan.trees, running)
+        topk = self._head_topk(plan.heads_rows(running))
+        inputs = [TreeInput(r.slot, plan.trees[r.id], tree_candidates(plan.trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
-        return chosen, trees, inputs, probe
+        return plan, inputs
 
     def _fit(self, trees: dict[int, MedusaTree], running: list[Request]) -> dict[int, MedusaTree]:
         """Each request's tree cut to the runner's sequence-id and batch-token budgets (budget.py)."""
@@ -265,10 +245,10 @@ class Engine(EngineThread, EngineIntrospection):
         return {r.id: t for r, t in zip(running, fitted)}
 
     def _accept_all(self, running: list[Request], trees: dict[int, MedusaTree], inputs: list[TreeInput],
-                    results: dict[int, SlotOutput]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-        """Each request's accepted path (commits, by slot) and emitted tokens (by request); a request whose
-        acceptance fails is finished with an error and left out of both."""
-        commits, emitted = {}, {}
+                    results: dict[int, SlotOutput]) -> tuple[dict[int, list[int]], dict[int, list[int]], tuple]:
+        """Each request's accepted path (commits, by slot), emitted tokens (by request) and the tree tokens
+        (proposed, accepted); a request whose acceptance fails is finished with an error and left out."""
+        commits, emitted, proposed, accepted = {}, {}, 0, 0
         for r, item in zip(running, inputs):
             tree = trees[r.id]
             try:
@@ -284,11 +264,10 @@ class Engine(EngineThread, EngineIntrospection):
             r.accepted_tokens += len(emitted[r.id])
             if tree.size > 1:
                 r.spec_steps += 1
-                self.stats.proposed += tree.size - 1
-                self.stats.accepted += len(nodes) - 1
+                proposed, accepted = proposed + tree.size - 1, accepted + len(nodes) - 1
                 self.counters["spec_steps"] += 1
                 self.counters["spec_tokens"] += len(emitted[r.id])
-        return commits, emitted
+        return commits, emitted, (proposed, accepted)
 
     def _emit_safely(self, r: Request, tokens: list[int]) -> None:
         try:
@@ -311,7 +290,7 @@ class Engine(EngineThread, EngineIntrospection):
         lm_head = self.runner.lm_head if self.heads.shared_lm_head else None
         top = self.heads.topk(hidden, lm_head, TOPK).cpu()  # [N, heads, k]
         for r, t in zip(requests, top):
-            r.probes.append((len(r.output_ids), t))
+            r.probes.append(Probe(len(r.output_ids), t))
         return {r.id: t for r, t in zip(requests, top)}
 
     def _prefill(self) -> None:
@@ -371,12 +350,12 @@ class Engine(EngineThread, EngineIntrospection):
             if reason is not None:
                 self._finish(r, reason)
                 return
-        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, False, r.acceptance)
+        self.speculation.resolve_probes(r, final=False)
 
     def _finish(self, r: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
         if r.handle.finished is not None:
             return
-        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, True, r.acceptance)
+        self.speculation.resolve_probes(r, final=True)
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:

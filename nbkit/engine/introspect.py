@@ -45,7 +45,7 @@ class EngineIntrospection:
 
     def limits(self) -> EngineLimits:
         return EngineLimits(self.runner.max_context - self.tree_reserve, self.max_batch, self.max_queue,
-                            self.policy.mode, self.heads.n_heads if self.heads is not None else None,
+                            self.speculation.mode, self.heads.n_heads if self.heads is not None else None,
                             getattr(self.runner, "numerics", None),
                             self.self_check.to_dict() if getattr(self, "self_check", None) is not None else None)
 
@@ -55,10 +55,8 @@ class EngineIntrospection:
         return {
             **c,
             "running": len(self.active), "waiting": len(self.waiting),
-            "speculation": self.policy.mode, "last_tree": self.policy.last_choice.name,
-            "last_tree_size": self.policy.last_choice.size, "tree_choices": dict(self.policy.choices),
             "mean_accepted_per_spec_step": c["spec_tokens"] / c["spec_steps"] if c["spec_steps"] else 0.0,
-            **self.stats.snapshot(), **self.policy.snapshot(),
+            **self.speculation.snapshot(),
         }
 
     def _report_step(self, batch: int, chosen: MedusaTree, seconds: float, tokens: int) -> None:

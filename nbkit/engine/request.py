@@ -274,6 +274,11 @@ class Request:
     acceptance: object = None  # the request's own acceptance counts (estimates.RequestAcceptance)
     spec_steps: int = 0  # steps that verified a tree
 
+    @property
+    def heads_ready(self) -> bool:
+        """The hidden state behind `pending` is known: the Medusa heads can propose from it."""
+        return self.hidden is not None
+
     def generator_on(self, device: torch.device) -> torch.Generator | None:
         """The request's generator on `device`, where its logits live (CUDA's multinomial refuses a CPU
         generator). Made again, with the same seed, only before the first draw: a runner whose logits come

@@ -25,9 +25,9 @@ from nbkit.engine.llamacpp import lm_head as lm_head_module
 from nbkit.engine.llamacpp import runner as runner_module
 from nbkit.engine.llamacpp.runner import EXACT_UBATCH, LlamaCppRunner
 from nbkit.engine.loader import load_engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.runner import TreeInput
+from nbkit.engine.speculation import CostModel
 from nbkit.gguf.convert import convert
 from nbkit.gguf.files import gguf_tokenizer
 from nbkit.medusa.heads import MedusaHeads

@@ -16,8 +16,8 @@ from helpers import FaultyRunner
 
 from nbkit.engine.engine import Engine
 from nbkit.engine.loader import load_engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import Finished, Overloaded, SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.server.launch import start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

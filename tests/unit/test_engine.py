@@ -17,8 +17,8 @@ from helpers import (
 
 from nbkit.bench.static import StaticBatchingEngine
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import EngineStopped, Overloaded, SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
 CHEAP = CostModel.from_function(lambda n: 0.01)  # verification costs the same for any size: trees win
@@ -243,14 +243,14 @@ def test_adaptive_policy_follows_the_cost_model(model, oracle):
     expensive = CostModel.from_function(lambda n: 1.0 * n)  # every verified token costs a full pass
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=expensive)
     engine.generate(PROMPTS[0], SamplingParams(max_tokens=20))
-    assert set(engine.policy.choices) == {"none"}
+    assert set(engine.speculation.choices) == {"none"}
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=CHEAP)
     engine.generate(PROMPTS[0], SamplingParams(max_tokens=20))
-    assert engine.policy.last_choice.size > 8
+    assert engine.speculation.last_choice.size > 8
     # a GPU-like curve (flat, then linear) with many rows picks a middle-sized tree
     gpu_like = CostModel.from_function(lambda n: 0.02 * max(1.0, n / 64))
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=gpu_like)
-    assert engine.policy.choose(n_rows=16, n_speculative=16).size < engine.policy.choose(1, 1).size
+    assert engine.speculation.policy.choose(n_rows=16, n_speculative=16).size < engine.speculation.policy.choose(1, 1).size
 
 
 def test_heads_cost_is_priced_by_the_rows_that_run_them(model, oracle):
@@ -259,15 +259,16 @@ def test_heads_cost_is_priced_by_the_rows_that_run_them(model, oracle):
     assert costs.heads(1) == 0.001 and abs(costs.heads(16) - 0.016) < 1e-9
     assert abs(costs.heads(8) - 0.008) < 1e-9 and costs.heads(32) > costs.heads(16)
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=costs)
-    assert engine.policy.choose(n_rows=1, n_speculative=1).size > 1  # a small tree pays at 1 row
+    assert engine.speculation.policy.choose(n_rows=1, n_speculative=1).size > 1  # a small tree pays at 1 row
     priced_at_16 = CostModel(costs.points, heads_cost=0.016, ema=0.0)
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=priced_at_16)
-    assert engine.policy.choose(n_rows=1, n_speculative=1).size == 1  # it would not at the 16-row price
+    assert engine.speculation.policy.choose(n_rows=1, n_speculative=1).size == 1  # it would not at the 16-row price
 
 
 def test_policy_wants_a_clear_gain_before_it_speculates():
     """A tree predicted 3% faster than no speculation is not worth the estimation error; 15% is."""
-    from nbkit.engine.policy import AcceptanceStats, SpeculationPolicy
+    from nbkit.engine.speculation import AcceptanceStats
+    from nbkit.engine.speculation.policy import SpeculationPolicy
     from nbkit.medusa.trees import get_tree
 
     q = [[0.5] + [0.0] * 9] + [[0.0] * 10] * 3  # head 0's top-1 is right half the time, nothing else is
