@@ -31,7 +31,7 @@ class StaticBatchingEngine(Engine):
         return not self.active
 
     def _release_slot(self, r: Request, reason: str) -> None:
-        if reason not in ("cancelled", "error") and r.pending is not None:
+        if reason.completed and r.pending is not None:
             self.padding[r.slot] = r.pending  # the padded batch goes on computing this row
         else:
             super()._release_slot(r, reason)

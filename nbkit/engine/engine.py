@@ -23,7 +23,18 @@ from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain
 from .budget import fit_trees
 from .introspect import EngineIntrospection, new_counters
-from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
+from .request import (
+    EngineStopped,
+    Finished,
+    FinishReason,
+    Overloaded,
+    Request,
+    RequestHandle,
+    RequestState,
+    SamplingParams,
+    TextStream,
+    TokenEvent,
+)
 from .runner import Runner, SlotOutput, TreeInput
 from .selfcheck import SelfCheck, run_self_check
 from .speculation import CostModel, Probe, Speculation, StepPlan, StepResult
@@ -146,7 +157,7 @@ class Engine(EngineThread, EngineIntrospection):
         """One scheduling iteration: admit, drop cancelled, decode the running, prefill the new."""
         self._admit()
         self._drop_cancelled()
-        running = [r for r in self.active if r.pending is not None]
+        running = [r for r in self.active if r.state is RequestState.DECODING]
         if running:
             self._decode(running)
         self._prefill()
@@ -159,17 +170,17 @@ class Engine(EngineThread, EngineIntrospection):
         with self._cond:
             for req in [r for r in self.waiting if r.handle.cancelled]:  # a client that left frees its queue place now
                 self.waiting.remove(req)
-                self._finish(req, "cancelled")
+                self._finish(req, FinishReason.CANCELLED)
             if not self._admits_new_work():
                 return
             while self.waiting and len(self.active) < self.max_batch:
                 if self.waiting[0].handle.cancelled:
-                    self._finish(self.waiting.popleft(), "cancelled")
+                    self._finish(self.waiting.popleft(), FinishReason.CANCELLED)
                     continue
                 if not self._cells_free(self.waiting[0]):
                     break  # FIFO: it waits for the cells of requests that finish
                 req = self.waiting.popleft()
-                req.slot = self.runner.alloc()
+                req.slot, req.state = self.runner.alloc(), RequestState.PREFILLING
                 req.acceptance = self.speculation.new_request()
                 self.active.append(req)
 
@@ -189,7 +200,7 @@ class Engine(EngineThread, EngineIntrospection):
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.active if r.handle.cancelled]:
-            self._finish(req, "cancelled")
+            self._finish(req, FinishReason.CANCELLED)
 
     def _decode(self, running: list[Request]) -> None:
         """schedule (speculation's plan, the heads) -> run (verify) -> postprocess (accept, commit, emit)."""
@@ -206,7 +217,7 @@ class Engine(EngineThread, EngineIntrospection):
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
             log.exception("verification failed")
             for r in running:
-                self._finish(r, "error", f"generation failed: {err}")
+                self._finish(r, FinishReason.ERROR, f"generation failed: {err}")
             return
         commits, emitted, (proposed, accepted) = self._accept_all(running, plan.trees, inputs, results)
         try:
@@ -214,7 +225,7 @@ class Engine(EngineThread, EngineIntrospection):
         except Exception as err:  # the KV rows of this batch are in an unknown state: end its requests
             log.exception("commit failed")
             for r in running:
-                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+                self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
             return
         self.runner.synchronize()
         seconds, tokens = time.perf_counter() - t0, sum(map(len, emitted.values()))
@@ -255,10 +266,10 @@ class Engine(EngineThread, EngineIntrospection):
                 logits, hidden = results[r.slot]
                 emitted[r.id], nodes = accept(tree, item.tokens, logits, r.params, r.generator_on(logits.device))
             except Exception as err:
-                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+                self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
                 continue
             commits[r.slot] = nodes
-            r.hidden = hidden[nodes[-1]]
+            r.set_hidden(hidden[nodes[-1]])
             r.carried = len(nodes) - 1
             r.steps += 1
             r.accepted_tokens += len(emitted[r.id])
@@ -274,7 +285,7 @@ class Engine(EngineThread, EngineIntrospection):
             self._emit(r, tokens)
         except Exception as err:  # detokenizing or streaming one request's tokens fails that request only
             log.exception("emitting tokens failed")
-            self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+            self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
 
     def _verify(self, inputs: list[TreeInput]) -> dict[int, SlotOutput]:
         return self.runner.verify(inputs)
@@ -296,7 +307,7 @@ class Engine(EngineThread, EngineIntrospection):
     def _prefill(self) -> None:
         """Prompt chunks of the waiting-to-run requests, FIFO, under the per-step token budget: one pass."""
         budget, chunks, owners = self.prefill_budget, {}, []
-        for r in [r for r in self.active if r.pending is None]:
+        for r in [r for r in self.active if r.state is RequestState.PREFILLING]:
             if budget <= 0:
                 break
             chunk = r.prompt_ids[r.n_prefilled : r.n_prefilled + budget]
@@ -310,7 +321,7 @@ class Engine(EngineThread, EngineIntrospection):
         except Exception as err:
             log.exception("prefill failed")
             for r in owners:
-                self._finish(r, "error", f"prefill failed: {err}")
+                self._finish(r, FinishReason.ERROR, f"prefill failed: {err}")
             return
         for r in owners:
             r.n_prefilled += len(chunks[r.slot])
@@ -321,10 +332,10 @@ class Engine(EngineThread, EngineIntrospection):
             try:
                 first, _ = accept(chain(0), [0], logits[None], r.params, r.generator_on(logits.device))
             except Exception as err:
-                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+                self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
                 continue
-            r.hidden = hidden if hidden.numel() else None
-            r.pending = first[0]
+            r.set_hidden(hidden)
+            r.pending, r.state = first[0], RequestState.DECODING
             self._emit_safely(r, first)
 
     def _emit(self, r: Request, tokens: list[int]) -> None:
@@ -337,14 +348,14 @@ class Engine(EngineThread, EngineIntrospection):
             self.counters["tokens"] += 1
             reason = None
             if tok in self.eos_ids and not r.params.ignore_eos:
-                reason, delta = "eos_token", ""
+                reason, delta = FinishReason.EOS_TOKEN, ""
             else:
                 delta, stopped = r.text.update(r.output_ids)
                 if stopped:
-                    reason = "stop_sequence"
+                    reason = FinishReason.STOP_SEQUENCE
                 elif len(r.output_ids) >= r.params.max_tokens:
-                    reason = "length"
-            if reason in ("eos_token", "length"):
+                    reason = FinishReason.LENGTH
+            if reason in (FinishReason.EOS_TOKEN, FinishReason.LENGTH):
                 delta += r.text.final()  # text held back in case a stop string was starting
             r.handle.push(TokenEvent(tok, delta, len(r.output_ids) - 1))
             if reason is not None:
@@ -352,7 +363,8 @@ class Engine(EngineThread, EngineIntrospection):
                 return
         self.speculation.resolve_probes(r, final=False)
 
-    def _finish(self, r: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
+    def _finish(self, r: Request, reason: FinishReason, error: str | None = None,
+                error_type: str | None = None) -> None:
         if r.handle.finished is not None:
             return
         self.speculation.resolve_probes(r, final=True)
@@ -362,20 +374,20 @@ class Engine(EngineThread, EngineIntrospection):
             self._release_slot(r, reason)
             r.slot = None
         now = time.monotonic()
-        key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
-        self.counters[key] += 1
+        r.state = RequestState.FINISHED
+        self.counters[reason.counter] += 1
         r.handle.push(Finished(
             text=r.text.text, token_ids=list(r.output_ids), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
             steps=r.steps, accepted_tokens=r.accepted_tokens,
             time_to_first_token=None if r.first_token_at is None else r.first_token_at - r.created,
             latency=now - r.created, error=error,
-            error_type=(error_type or "generation") if reason == "error" else None,
+            error_type=(error_type or "generation") if reason is FinishReason.ERROR else None,
         ))
 
     def _release_slot(self, r: Request, reason: str) -> None:
         self.runner.free(r.slot)
 
-    def _finish_all(self, reason: str, error: str, error_type: str | None = None) -> None:
+    def _finish_all(self, reason: FinishReason, error: str, error_type: str | None = None) -> None:
         with self._cond:
             pending = list(self.waiting) + list(self.active)
             self.waiting.clear()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .request import EngineStopped
+from .request import EngineStopped, FinishReason
 
 log = logging.getLogger("nbkit.engine")
 
@@ -93,7 +93,7 @@ class EngineThread:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._finish_all("cancelled", "the engine stopped")
+        self._finish_all(FinishReason.CANCELLED, "the engine stopped")
 
     @property
     def alive(self) -> bool:
@@ -119,7 +119,7 @@ class EngineThread:
                 delay = self._backoff()
                 if delay is not None:
                     self.dead += f" (restarting in {delay:.1f} s)"
-                self._finish_all("error", self.dead, error_type="unavailable")
+                self._finish_all(FinishReason.ERROR, self.dead, error_type="unavailable")
                 if delay is None or not self._restart_after(delay):
                     return
 
