@@ -28,7 +28,7 @@ from ..chat_format import prompt_ids, user_prompt_ids
 from ..engine.engine import Engine
 from ..engine.request import SamplingParams
 from ..medusa.prompts import held_out_prompts, parse_source_list
-from .static import StaticBatchingEngine
+from .static import StaticAdmission
 
 
 @dataclass
@@ -326,10 +326,9 @@ def _cmd_bench(args) -> int:
         if proto.heads is None and speculation != "off":
             speculation = "off"
         runner = proto.runner.fresh(max_slots=max_batch)
-        engine_class = StaticBatchingEngine if static_batching else Engine
-        return engine_class(runner, proto.tokenizer, proto.heads, speculation=speculation, max_batch=max_batch,
-                            cost_model=proto.speculation.cost_model, max_queue=1024,
-                      model_name=proto.model_name).start()
+        return Engine(runner, proto.tokenizer, proto.heads, speculation=speculation, max_batch=max_batch,
+                      cost_model=proto.speculation.cost_model, max_queue=1024, model_name=proto.model_name,
+                      admission=StaticAdmission() if static_batching else None).start()
 
     torch.manual_seed(0)
     result = run_sources(make_engine, proto.tokenizer, sources, concurrencies=concurrencies,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 
@@ -21,8 +22,9 @@ import torch
 from ..medusa.acceptance import accept, tree_candidates
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain
+from .admission import Admission, ContinuousAdmission, cells_free, check_fits
 from .budget import fit_trees
-from .introspect import EngineIntrospection, new_counters
+from .introspect import EngineLimits, limits, new_counters, report_step, snapshot
 from .request import (
     EngineStopped,
     Finished,
@@ -35,22 +37,23 @@ from .request import (
     TextStream,
     TokenEvent,
 )
-from .runner import Runner, SlotOutput, TreeInput
+from .runner import Runner, SlotOutput, TreeInput, runner_member
 from .selfcheck import SelfCheck, run_self_check
 from .speculation import CostModel, Probe, Speculation, StepPlan, StepResult
-from .threads import EngineThread
+from .threads import EngineLoop
 
 log = logging.getLogger("nbkit.engine")
 
 
-class Engine(EngineThread, EngineIntrospection):
-    """Continuous-batching Medusa engine over a runner (torch or llama.cpp)."""
+class Engine:
+    """Continuous-batching Medusa engine over a runner (torch or llama.cpp); start() gives it its own thread."""
 
     def __init__(
         self, runner: Runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
         speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
         prefill_budget: int = 256, cost_model: CostModel | None = None,
         model_name: str = "model", max_restarts: int | None = None, self_check: bool = False,
+        admission: Admission | None = None,
     ):
         self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
         self.model_name = model_name
@@ -66,17 +69,43 @@ class Engine(EngineThread, EngineIntrospection):
         self.tree_reserve = self.speculation.largest_tree() + 1
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
+        self.cond = threading.Condition()  # guards waiting and active (submit() runs in the callers' threads)
+        self.admission = admission or ContinuousAdmission()
         self._ids = itertools.count(1)
-        self._init_thread(max_restarts)
+        self.loop = EngineLoop(self, max_restarts)
         self.counters = new_counters()
-        self.on_step = None  # metrics hook (introspect.py), called from the engine thread
+        self.on_step = None  # metrics hook (introspect.report_step), called from the engine thread
         # The start-up self-check (selfcheck.py): prepare() runs it when asked (load_engine asks by default,
         # so every served model is checked on its device); its result goes to /info.
         self.run_self_check = self_check
         self.self_check: SelfCheck | None = None
         self.trees_refused: str | None = None  # why requests may not ask for a tree (a failed self-check)
 
-    # ---- life cycle -----------------------------------------------------------------------
+    # ---- life cycle (the thread: threads.EngineLoop) ------------------------------------------
+    def start(self, timeout: float = 600.0) -> Engine:
+        """Serve from the engine's own thread (it prepares first); see threads.py for why one thread."""
+        self.loop.start(timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
+        """Stop the thread (drain=True: running requests finish first, up to `timeout`)."""
+        self.loop.stop(timeout, drain)
+
+    @property
+    def alive(self) -> bool:
+        return self.loop.alive
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine thread died (None: it did not)."""
+        return self.loop.dead
+
+    def limits(self) -> EngineLimits:
+        return limits(self)
+
+    def snapshot(self) -> dict:
+        return snapshot(self)
+
     def prepare(self) -> Engine:
         """Check once that decoding is lossless on this device (falling back to a mode that is), then
         measure the forward cost once (adaptive speculation needs it)."""
@@ -96,21 +125,14 @@ class Engine(EngineThread, EngineIntrospection):
             raise ValueError("this engine has no Medusa heads: tree must be 'none'")
         if params.tree not in (None, "none") and self.trees_refused:
             raise ValueError(f"speculation is off: {self.trees_refused}; tree must be 'none'")
-        limit = self.runner.max_context - self._tree_reserve(params)
-        if len(prompt_ids) + params.max_tokens > limit:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context limit of {limit} tokens")
-        cells = getattr(self.runner, "kv_cells", None)
-        if cells is not None and len(prompt_ids) + params.max_tokens + self._tree_reserve(params) > cells:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) + the tree's "
-                             f"room exceed the {cells} KV cells all requests share")
-        if self.dead or (self._thread is not None and not self._thread.is_alive()) or self._stopping:
-            raise EngineStopped(self.dead or "the engine is not running")
+        check_fits(len(prompt_ids), params, self._tree_reserve(params), self.runner)
+        if (why := self.loop.refusal()) is not None:
+            raise EngineStopped(why)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        with self._cond:
+        with self.cond:
             # max_queue counts requests waiting beyond the free slots: a burst that arrives within one
             # step while slots are free joins at the next step instead of being refused.
             if len(self.waiting) >= self.max_queue + max(0, self.max_batch - len(self.active)):
@@ -124,7 +146,7 @@ class Engine(EngineThread, EngineIntrospection):
             req = Request(handle.id, list(prompt_ids), params, handle, TextStream(self.tokenizer, params.stop),
                           generator=gen)
             self.waiting.append(req)
-            self._cond.notify_all()
+            self.cond.notify_all()
         return handle
 
     def _tree_reserve(self, params: SamplingParams) -> int:
@@ -136,10 +158,10 @@ class Engine(EngineThread, EngineIntrospection):
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False) -> Finished:
         """Run one request to the end. Without a started thread the caller's thread drives the steps."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
-        if self._thread is None:
+        if not self.loop.started:
             self.prepare()
         handle = self.submit(ids, params)
-        if self._thread is None:
+        if not self.loop.started:
             while handle.finished is None:
                 self.step()
         return handle.result()
@@ -154,49 +176,35 @@ class Engine(EngineThread, EngineIntrospection):
         return prompt_ids(self.tokenizer, prompt)
 
     def step(self) -> None:
-        """One scheduling iteration: admit, drop cancelled, decode the running, prefill the new."""
+        """One iteration: admit waiting requests into free slots and drop cancelled ones; then ONE verification
+        pass over the decoding requests (schedule -> run -> postprocess, in _decode); then ONE pass of prompt
+        chunks for the prefilling ones. Decode comes first: new prompts never delay running requests' tokens,
+        and a request whose prefill ends this step decodes from the next."""
         self._admit()
         self._drop_cancelled()
         running = [r for r in self.active if r.state is RequestState.DECODING]
         if running:
             self._decode(running)
         self._prefill()
-
-    def _admits_new_work(self) -> bool:
-        """Continuous batching: a free slot takes new work at every step (bench/static.py overrides it)."""
-        return True
+        self.admission.end_step(self.active, self.runner)
 
     def _admit(self) -> None:
-        with self._cond:
+        with self.cond:
             for req in [r for r in self.waiting if r.handle.cancelled]:  # a client that left frees its queue place now
                 self.waiting.remove(req)
                 self._finish(req, FinishReason.CANCELLED)
-            if not self._admits_new_work():
+            if not self.admission.admits(self.active):
                 return
             while self.waiting and len(self.active) < self.max_batch:
                 if self.waiting[0].handle.cancelled:
                     self._finish(self.waiting.popleft(), FinishReason.CANCELLED)
                     continue
-                if not self._cells_free(self.waiting[0]):
+                if not cells_free(self.waiting[0], self.active, self.runner, self._tree_reserve):
                     break  # FIFO: it waits for the cells of requests that finish
                 req = self.waiting.popleft()
                 req.slot, req.state = self.runner.alloc(), RequestState.PREFILLING
                 req.acceptance = self.speculation.new_request()
                 self.active.append(req)
-
-    def _reserved(self, req: Request) -> int:
-        """KV cells a request may hold at most: its prompt, max_tokens and the room for its largest tree."""
-        return len(req.prompt_ids) + req.params.max_tokens + self._tree_reserve(req.params)
-
-    def _cells_free(self, req: Request) -> bool:
-        """Whether `req` fits in a runner whose slots share one KV cache (`kv_cells`) beside the active
-        requests' reservations and the cells the runner parks (`kv_parked`). FIFO: the head of the queue waits
-        for cells, and no later request passes it (it would starve a long prompt)."""
-        cells = getattr(self.runner, "kv_cells", None)
-        if cells is None:
-            return True
-        held = sum(map(self._reserved, self.active)) + getattr(self.runner, "kv_parked", 0)
-        return held + self._reserved(req) <= cells
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.active if r.handle.cancelled]:
@@ -213,7 +221,7 @@ class Engine(EngineThread, EngineIntrospection):
             carried = sum(r.carried for r in running) if self.runner.recomputes_accepted else 0
             self.runner.synchronize()
             t0 = time.perf_counter()
-            results = self._verify(inputs)
+            results = self.runner.verify(inputs + self.admission.padding())
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
             log.exception("verification failed")
             for r in running:
@@ -221,7 +229,8 @@ class Engine(EngineThread, EngineIntrospection):
             return
         commits, emitted, (proposed, accepted) = self._accept_all(running, plan.trees, inputs, results)
         try:
-            self._commit(commits)
+            self.runner.commit(self.admission.pad_commits(commits, self.runner,
+                                                          self.runner.max_context - self.tree_reserve))
         except Exception as err:  # the KV rows of this batch are in an unknown state: end its requests
             log.exception("commit failed")
             for r in running:
@@ -237,7 +246,7 @@ class Engine(EngineThread, EngineIntrospection):
         for r in running:
             if r.id in emitted:
                 self._emit_safely(r, emitted[r.id])
-        self._report_step(len(running), plan.chosen, seconds, tokens)
+        report_step(self.on_step, len(running), plan.chosen, seconds, tokens)
 
     def _schedule(self, running: list[Request]) -> tuple[StepPlan, list[TreeInput]]:
         """Speculation's plan cut to the runner's budgets, and the verification inputs (head top-k included)."""
@@ -251,7 +260,7 @@ class Engine(EngineThread, EngineIntrospection):
     def _fit(self, trees: dict[int, MedusaTree], running: list[Request]) -> dict[int, MedusaTree]:
         """Each request's tree cut to the runner's sequence-id and batch-token budgets (budget.py)."""
         carried = [r.carried if self.runner.recomputes_accepted else 0 for r in running]
-        fitted = fit_trees([trees[r.id] for r in running], carried, getattr(self.runner, "n_batch", None),
+        fitted = fit_trees([trees[r.id] for r in running], carried, runner_member(self.runner, "n_batch"),
                            self.runner.max_leaves)
         return {r.id: t for r, t in zip(running, fitted)}
 
@@ -286,12 +295,6 @@ class Engine(EngineThread, EngineIntrospection):
         except Exception as err:  # detokenizing or streaming one request's tokens fails that request only
             log.exception("emitting tokens failed")
             self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
-
-    def _verify(self, inputs: list[TreeInput]) -> dict[int, SlotOutput]:
-        return self.runner.verify(inputs)
-
-    def _commit(self, commits: dict[int, list[int]]) -> None:
-        self.runner.commit(commits)
 
     def _head_topk(self, requests: list[Request]) -> dict[int, torch.Tensor]:
         if not requests or self.heads is None:
@@ -371,31 +374,19 @@ class Engine(EngineThread, EngineIntrospection):
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:
-            self._release_slot(r, reason)
+            if not self.admission.keeps_slot(r, reason):
+                self.runner.free(r.slot)
             r.slot = None
-        now = time.monotonic()
-        r.state = RequestState.FINISHED
         self.counters[reason.counter] += 1
-        r.handle.push(Finished(
-            text=r.text.text, token_ids=list(r.output_ids), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
-            steps=r.steps, accepted_tokens=r.accepted_tokens,
-            time_to_first_token=None if r.first_token_at is None else r.first_token_at - r.created,
-            latency=now - r.created, error=error,
-            error_type=(error_type or "generation") if reason is FinishReason.ERROR else None,
-        ))
+        r.handle.push(r.finished(reason, error, error_type))
 
-    def _release_slot(self, r: Request, reason: str) -> None:
-        self.runner.free(r.slot)
-
-    def _finish_all(self, reason: FinishReason, error: str, error_type: str | None = None) -> None:
-        with self._cond:
+    def finish_all(self, reason: FinishReason, error: str, error_type: str | None = None) -> None:
+        with self.cond:
             pending = list(self.waiting) + list(self.active)
             self.waiting.clear()
         for r in pending:
             try:
                 self._finish(r, reason, error, error_type)
             except BaseException:  # the runner may be broken; the caller must still get an answer
-                r.handle.push(Finished(r.text.text, list(r.output_ids), reason, len(r.prompt_ids), r.steps,
-                                       r.accepted_tokens, None, time.monotonic() - r.created, error,
-                                       error_type or "generation"))
+                r.handle.push(r.finished(reason, error, error_type))
         self.active.clear()

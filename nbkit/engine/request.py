@@ -315,6 +315,14 @@ class Request:
     acceptance: RequestAcceptance | None = None  # the request's own acceptance counts (set when admitted)
     spec_steps: int = 0  # steps that verified a tree
 
+    def finished(self, reason: FinishReason, error: str | None = None, error_type: str | None = None) -> Finished:
+        """The request's last event (its state is FINISHED from now on)."""
+        self.state = RequestState.FINISHED
+        ttft = None if self.first_token_at is None else self.first_token_at - self.created
+        return Finished(self.text.text, list(self.output_ids), reason, len(self.prompt_ids), self.steps,
+                        self.accepted_tokens, ttft, time.monotonic() - self.created, error,
+                        (error_type or "generation") if reason is FinishReason.ERROR else None)
+
     def set_hidden(self, hidden: torch.Tensor) -> None:
         """The hidden state behind `pending` (an empty one: the runner did not compute it)."""
         self.hidden, self.heads_ready = hidden, hidden.numel() > 0

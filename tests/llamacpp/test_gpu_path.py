@@ -61,7 +61,7 @@ def test_fresh_and_a_restart_share_the_loaded_model(loads):
     assert second._model == first._model and len(loads) == loaded
     second.close()
     engine = Engine(FaultyRunner(first), gguf_tokenizer(embedded_gguf_path()), None, speculation="off")
-    engine.restart_delay = 0.0
+    engine.loop.restart_delay = 0.0
     engine.start()
     try:
         def crash(state):

@@ -15,7 +15,7 @@ from helpers import (
     tiny_llama,
 )
 
-from nbkit.bench.static import StaticBatchingEngine
+from nbkit.bench.static import StaticAdmission
 from nbkit.engine.engine import Engine
 from nbkit.engine.request import EngineStopped, Overloaded, SamplingParams
 from nbkit.engine.speculation import CostModel
@@ -48,8 +48,9 @@ def noise(model, refs):
 
 def make_engine(model, heads=None, max_slots=8, static_batching=False, **kw):
     kw.setdefault("cost_model", CHEAP)
-    engine_class = StaticBatchingEngine if static_batching else Engine
-    return engine_class(TorchRunner(model, max_slots=max_slots), ToyTokenizer(), heads, **kw)
+    if static_batching:
+        kw["admission"] = StaticAdmission()
+    return Engine(TorchRunner(model, max_slots=max_slots), ToyTokenizer(), heads, **kw)
 
 
 @DTYPES
@@ -149,7 +150,7 @@ def test_static_batching_baseline_pads_until_the_longest_request_is_done(model, 
     first_batch = rows[: lengths[1] - 1]
     assert first_batch == [3] * len(first_batch)  # the short requests' rows ran to the longest one's end
     assert rows[len(first_batch):] == [1] * (lengths[3] - 1)  # the late request ran alone, after the batch
-    assert engine.runner.row_of == {} and engine.padding == {}
+    assert engine.runner.row_of == {} and engine.admission.rows == {}
 
 
 def test_cancel_frees_the_slot_and_the_slot_is_reused_correctly(model, refs, oracle):
