@@ -55,7 +55,7 @@ class LlamaOracle(OracleHeads):
 
     def __init__(self, runner: LlamaCppRunner):
         cfg = SimpleNamespace(hidden_size=runner.hidden_size, vocab_size=runner.vocab_size)
-        super().__init__(SimpleNamespace(config=cfg), n_heads=4, miss_every=5)
+        super().__init__(SimpleNamespace(config=cfg, dtype=runner.dtype), n_heads=4, miss_every=5)
         self.runner = runner
 
     def register(self, prompt_ids, continuation):
