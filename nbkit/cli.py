@@ -27,18 +27,18 @@ def cmd_generate(args) -> int:
     engine = load_engine("torch", args.model, "none" if args.no_medusa else args.heads, args.device,
                                max_batch=1, speculation=speculation)
     out = engine.generate(args.prompt, _sampling(args), chat=not args.raw)
-    tree = engine.policy.last_choice.name
+    tree = engine.speculation.last_choice.name
     if args.json:
         print(json.dumps({
             "text": out.text, "token_ids": out.token_ids, "new_tokens": out.completion_tokens,
             "prompt_tokens": out.prompt_tokens, "steps": out.steps, "mean_accepted": round(out.mean_accepted, 4),
             "tokens_per_s": round(out.tokens_per_s, 2), "finish_reason": out.finish_reason,
-            "speculation": speculation, "tree_choices": engine.policy.choices, "last_tree": tree,
+            "speculation": speculation, "tree_choices": engine.speculation.choices, "last_tree": tree,
         }))
     else:
         print(out.text)
         print(f"\n[{out.completion_tokens} tokens, {out.steps} steps, {out.mean_accepted:.2f} tokens/step, "
-              f"{out.tokens_per_s:.1f} tok/s, finish: {out.finish_reason}, trees: {engine.policy.choices}]",
+              f"{out.tokens_per_s:.1f} tok/s, finish: {out.finish_reason}, trees: {engine.speculation.choices}]",
               file=sys.stderr)
     return 0
 

@@ -43,7 +43,7 @@ def run(engine: Engine, ids: list[list[int]], max_tokens: int) -> list:
 
 def measure(engine: Engine, plain: Engine, model, ids: list[list[int]], max_tokens: int) -> dict:
     """Acceptance of `engine` (with a tree) and head accuracy on `ids`; `plain` (speculation off) is the reference."""
-    tree = engine.policy.fixed.name if getattr(engine.policy, "fixed", None) else "mc_sim_7b_63"
+    tree = engine.speculation.fixed.name if engine.speculation.fixed else "mc_sim_7b_63"
     return measure_heads({"heads": engine}, plain, model, ids, max_tokens, tree)["heads"]
 
 

@@ -28,7 +28,7 @@ from ..chat_format import prompt_ids, user_prompt_ids
 from ..engine.engine import Engine
 from ..engine.request import SamplingParams
 from ..medusa.prompts import held_out_prompts, parse_source_list
-from .static import StaticBatchingEngine
+from .static import StaticAdmission
 
 
 @dataclass
@@ -102,7 +102,7 @@ def summarize(name, concurrency, speculation, batching, results, seconds, engine
         ttft_p50=round(_pct(ttft, 0.5), 4), ttft_p95=round(_pct(ttft, 0.95), 4),
         latency_p50=round(_pct(lat, 0.5), 4), latency_p95=round(_pct(lat, 0.95), 4),
         mean_accepted=round(statistics.mean(r.mean_accepted for r in results if r.steps) if results else 0, 3),
-        tree_choices=dict(engine.policy.choices if choices is None else choices),
+        tree_choices=dict(engine.speculation.choices if choices is None else choices),
     )
 
 
@@ -169,9 +169,9 @@ def interleaved(make_engine, prompts: list[list[int]], concurrency: int, n_reque
             served[spec] += results
             seconds[spec] += took
             per_round[spec].append(round(sum(r.completion_tokens for r in results) / took, 2))
-            for tree, k in engine.policy.choices.items():
+            for tree, k in engine.speculation.choices.items():
                 choices[spec][tree] = choices[spec].get(tree, 0) + k
-            for key, v in engine.policy.snapshot().items():
+            for key, v in engine.speculation.policy.snapshot().items():
                 if key in checks[spec]:
                     checks[spec][key] += v
         first += n
@@ -326,10 +326,9 @@ def _cmd_bench(args) -> int:
         if proto.heads is None and speculation != "off":
             speculation = "off"
         runner = proto.runner.fresh(max_slots=max_batch)
-        engine_class = StaticBatchingEngine if static_batching else Engine
-        return engine_class(runner, proto.tokenizer, proto.heads, speculation=speculation, max_batch=max_batch,
-                            cost_model=proto.cost_model, max_queue=1024,
-                      model_name=proto.model_name).start()
+        return Engine(runner, proto.tokenizer, proto.heads, speculation=speculation, max_batch=max_batch,
+                      cost_model=proto.speculation.cost_model, max_queue=1024, model_name=proto.model_name,
+                      admission=StaticAdmission() if static_batching else None).start()
 
     torch.manual_seed(0)
     result = run_sources(make_engine, proto.tokenizer, sources, concurrencies=concurrencies,

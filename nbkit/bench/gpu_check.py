@@ -55,8 +55,8 @@ def _sync(device: torch.device) -> None:
 
 def verify_costs(runner, repeats: int) -> dict[str, float]:
     """Milliseconds per verification of batch x tokens (a chain of that many per row over a 64-token prefix)."""
-    from ..engine.costs import interleaved_medians
     from ..engine.runner import TreeInput
+    from ..engine.speculation.costs import interleaved_medians
     from ..medusa.trees import chain
 
     slots = [runner.alloc() for _ in range(max(BATCHES))]
@@ -73,8 +73,8 @@ def verify_costs(runner, repeats: int) -> dict[str, float]:
 
 def policy_choices(cost, n_heads: int) -> dict[str, dict]:
     """The tree the adaptive policy picks for 1, 4 and 16 rows under the paper's acceptance and `cost`."""
-    from ..engine.estimates import AcceptanceStats
-    from ..engine.policy import SpeculationPolicy
+    from ..engine.speculation.estimates import AcceptanceStats
+    from ..engine.speculation.policy import SpeculationPolicy
     from ..medusa.trees import TOPK, get_tree
 
     rates = [[q] + [0.0] * (TOPK - 1) for q in PAPER_RATES[:n_heads]]
@@ -119,7 +119,7 @@ def torch_steps(model, tokenizer, heads, args) -> dict:
         "verify_cost_ms": verify_costs(engine.runner, args.repeats),
         "plain": {"engine_tok_s": engine_tok_s, "hf_generate_tok_s": hf_tok_s,
                   "engine_over_hf": round(engine_tok_s / hf_tok_s, 3), "same_tokens": plain.token_ids == hf_tokens},
-        "policy": policy_choices(engine.cost_model, heads.n_heads),
+        "policy": policy_choices(engine.speculation.cost_model, heads.n_heads),
         "sampled": sampled_requests(engine, prompts, args.tokens),
     }
 

@@ -168,7 +168,7 @@ def interleaved(peers: dict, prompts: list[list[int]], tokens: int, concurrency:
     """Serve `prompts` in waves; every wave is served by every peer, in rotating order."""
     res = {name: {"tokens": 0, "seconds": 0.0, "outputs": [], "wave_tokens_per_s": []} for name in peers}
     names = list(peers)
-    before = {n: dict(p.engine.policy.choices) for n, p in peers.items() if isinstance(p, EnginePeer)}
+    before = {n: dict(p.engine.speculation.choices) for n, p in peers.items() if isinstance(p, EnginePeer)}
     for w, start in enumerate(range(0, len(prompts), wave_size)):
         wave = prompts[start: start + wave_size]
         for name in names[w % len(names):] + names[: w % len(names)]:
@@ -181,7 +181,7 @@ def interleaved(peers: dict, prompts: list[list[int]], tokens: int, concurrency:
     for name, r in res.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         if isinstance(peers[name], EnginePeer):
-            after = peers[name].engine.policy.choices
+            after = peers[name].engine.speculation.choices
             r["tree_choices"] = {k: v - before[name].get(k, 0) for k, v in after.items() if v > before[name].get(k, 0)}
     return res
 

@@ -41,7 +41,8 @@ def main() -> None:
     engines = {"plain": Engine(proto.runner.fresh(1), tok, None, speculation="off")}
     for t in args.trees.split(","):
         spec = "adaptive" if t == "auto" else t
-        engines[t] = Engine(proto.runner.fresh(1), tok, proto.heads, speculation=spec, cost_model=proto.cost_model)
+        engines[t] = Engine(proto.runner.fresh(1), tok, proto.heads, speculation=spec,
+                            cost_model=proto.speculation.cost_model)
     _, held_out = distill_prompts()
     prompts = held_out[-args.prompts:]  # the hand-written ones are at the end; no template overlap
     ids = [user_prompt_ids(tok, p) for p in prompts]
@@ -78,7 +79,7 @@ def main() -> None:
         "ratio_vs_plain": {k: round(v / rate["plain"], 3) for k, v in rate.items()},
         "mean_accepted_per_step": {k: round(statistics.mean(v), 3) for k, v in accepted.items()},
         "outputs_differing_from_plain": mismatches,
-        "adaptive_tree_choices": engines.get("auto").policy.choices if "auto" in engines else None,
+        "adaptive_tree_choices": engines.get("auto").speculation.choices if "auto" in engines else None,
     }
     report_json(result, args.out)
 

@@ -2,50 +2,48 @@
 
 The design this project started from: a padded batch. A finished request's row stays in the batch,
 computed and thrown away every step, until the longest request of the batch is done; new work waits
-for the whole batch to end. `python -m nbkit bench` runs it next to continuous batching.
+for the whole batch to end. `python -m nbkit bench` runs it next to continuous batching: the same Engine,
+given this admission strategy.
 """
 
 from __future__ import annotations
 
-from ..engine.engine import Engine
-from ..engine.request import Request
-from ..engine.runner import SlotOutput, TreeInput
+from ..engine.request import FinishReason, Request
+from ..engine.runner import Runner, TreeInput
 from ..medusa.trees import chain
 
 
-class StaticBatchingEngine(Engine):
-    """An Engine that admits a new batch only when the previous one is done, and pads finished rows."""
+class StaticAdmission:
+    """Admits a new batch only when the previous one is done; a finished request's row keeps computing."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.padding: dict[int, int] = {}  # slot of a finished request -> the token its row keeps computing
+    def __init__(self):
+        self.rows: dict[int, int] = {}  # slot of a finished request -> the token its row keeps computing
 
-    def step(self) -> None:
-        super().step()
-        if self.padding and not self.active:  # the batch is over: its rows go back
-            for slot in self.padding:
-                self.runner.free(slot)
-            self.padding.clear()
+    def admits(self, active: list[Request]) -> bool:
+        return not active
 
-    def _admits_new_work(self) -> bool:
-        return not self.active
+    def keeps_slot(self, r: Request, reason: FinishReason) -> bool:
+        if reason.completed and r.pending is not None:
+            self.rows[r.slot] = r.pending  # the padded batch goes on computing this row
+            return True
+        return False
 
-    def _release_slot(self, r: Request, reason: str) -> None:
-        if reason not in ("cancelled", "error") and r.pending is not None:
-            self.padding[r.slot] = r.pending  # the padded batch goes on computing this row
-        else:
-            super()._release_slot(r, reason)
+    def padding(self) -> list[TreeInput]:
+        return [TreeInput(slot, chain(0), [token]) for slot, token in self.rows.items()]
 
-    def _verify(self, inputs: list[TreeInput]) -> dict[int, SlotOutput]:
-        return super()._verify(inputs + [TreeInput(slot, chain(0), [token]) for slot, token in self.padding.items()])
-
-    def _commit(self, commits: dict[int, list[int]]) -> None:
+    def pad_commits(self, commits: dict[int, list[int]], runner: Runner, limit: int) -> dict[int, list[int]]:
         """Padding rows keep their KV in step with the batch while the context has room."""
-        limit = self.runner.max_context - self.tree_reserve
-        for slot in list(self.padding):
-            if self.runner.length(slot) + 1 < limit:
+        for slot in list(self.rows):
+            if runner.length(slot) + 1 < limit:
                 commits[slot] = [0]
             else:
-                del self.padding[slot]
-                self.runner.free(slot)
-        super()._commit(commits)
+                del self.rows[slot]
+                runner.free(slot)
+        return commits
+
+    def end_step(self, active: list[Request], runner: Runner) -> None:
+        if self.rows and not active:  # the batch is over: its rows go back
+            for slot in self.rows:
+                runner.free(slot)
+            self.rows.clear()
+

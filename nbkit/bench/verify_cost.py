@@ -24,8 +24,8 @@ from .closed_loop import machine_name
 
 
 def curve(engine: str, max_batch: int, repeats: int, threads: int) -> dict:
-    from ..engine.costs import calibrate
     from ..engine.loader import load_engine
+    from ..engine.speculation.costs import calibrate
 
     kwargs = {"n_threads": threads} if engine == "llamacpp" else {}
     eng = load_engine(engine, None, heads="embedded", max_batch=max_batch, speculation="off", **kwargs)

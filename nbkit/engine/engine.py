@@ -5,7 +5,7 @@ prefilled in chunks under a per-step token budget, finished or cancelled request
 Each step verifies every running request's Medusa tree in ONE forward pass of the runner, accepts
 per request (greedy, lossless sampling or typical), commits the accepted paths, and streams the
 tokens out. The runner does the tensor work (runner.py is the contract); this module never touches a
-KV cache. The speculation policy (policy.py) picks each step's tree.
+KV cache. Speculation (speculation/) picks each step's trees: the engine talks to it through one object.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 
@@ -20,26 +21,39 @@ import torch
 
 from ..medusa.acceptance import accept, tree_candidates
 from ..medusa.heads import MedusaHeads
-from ..medusa.trees import TOPK, MedusaTree, chain, get_tree
+from ..medusa.trees import TOPK, MedusaTree, chain
+from .admission import Admission, ContinuousAdmission, cells_free, check_fits
 from .budget import fit_trees
-from .introspect import EngineIntrospection, new_counters
-from .policy import AcceptanceStats, CostModel, SpeculationPolicy, calibrate
-from .request import EngineStopped, Finished, Overloaded, Request, RequestHandle, SamplingParams, TextStream, TokenEvent
-from .runner import Runner, SlotOutput, TreeInput
+from .introspect import EngineLimits, limits, new_counters, report_step, snapshot
+from .request import (
+    EngineStopped,
+    Finished,
+    FinishReason,
+    Overloaded,
+    Request,
+    RequestHandle,
+    RequestState,
+    SamplingParams,
+    TextStream,
+    TokenEvent,
+)
+from .runner import Runner, SlotOutput, TreeInput, runner_member
 from .selfcheck import SelfCheck, run_self_check
-from .threads import EngineThread
+from .speculation import CostModel, Probe, Speculation, StepPlan, StepResult
+from .threads import EngineLoop
 
 log = logging.getLogger("nbkit.engine")
 
 
-class Engine(EngineThread, EngineIntrospection):
-    """Continuous-batching Medusa engine over a runner (torch or llama.cpp)."""
+class Engine:
+    """Continuous-batching Medusa engine over a runner (torch or llama.cpp); start() gives it its own thread."""
 
     def __init__(
         self, runner: Runner, tokenizer, heads: MedusaHeads | None = None, *, base_tree: str = "mc_sim_7b_63",
         speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
         prefill_budget: int = 256, cost_model: CostModel | None = None,
         model_name: str = "model", max_restarts: int | None = None, self_check: bool = False,
+        admission: Admission | None = None,
     ):
         self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
         self.model_name = model_name
@@ -48,42 +62,56 @@ class Engine(EngineThread, EngineIntrospection):
         self.eos_ids = set(runner.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        n_heads = heads.n_heads if heads is not None else 0
-        self.base_tree = get_tree(base_tree, n_heads) if heads is not None else chain(0)
-        self.stats = AcceptanceStats(max(n_heads, 1), measured=getattr(heads, "config", {}).get("acceptance_q"))
-        if speculation not in ("adaptive", "off") and heads is None:
-            raise ValueError(f"speculation {speculation!r} needs Medusa heads")
-        if heads is None:
-            speculation = "off"
-        fixed = None if speculation in ("adaptive", "off") else get_tree(speculation, n_heads)
-        self.cost_model = cost_model
-        self.policy = SpeculationPolicy(
-            self.base_tree, self.stats, cost_model or CostModel({1: 1.0}), mode="fixed" if fixed else speculation,
-            fixed=fixed, max_leaves=runner.max_leaves, recomputes_accepted=runner.recomputes_accepted,
-        )
+        self.speculation = Speculation(heads, base_tree, speculation, cost_model, runner.max_leaves,
+                                       runner.recomputes_accepted)
+        self.base_tree = self.speculation.base_tree
         # Every slot keeps room in its context for the largest tree it may verify (+1: the root's next token).
-        self.tree_reserve = max(self.base_tree.size, fixed.size if fixed else 1) + 1
+        self.tree_reserve = self.speculation.largest_tree() + 1
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
+        self.cond = threading.Condition()  # guards waiting and active (submit() runs in the callers' threads)
+        self.admission = admission or ContinuousAdmission()
         self._ids = itertools.count(1)
-        self._init_thread(max_restarts)
+        self.loop = EngineLoop(self, max_restarts)
         self.counters = new_counters()
-        self.on_step = None  # metrics hook (introspect.py), called from the engine thread
+        self.on_step = None  # metrics hook (introspect.report_step), called from the engine thread
         # The start-up self-check (selfcheck.py): prepare() runs it when asked (load_engine asks by default,
         # so every served model is checked on its device); its result goes to /info.
         self.run_self_check = self_check
         self.self_check: SelfCheck | None = None
         self.trees_refused: str | None = None  # why requests may not ask for a tree (a failed self-check)
 
-    # ---- life cycle -----------------------------------------------------------------------
+    # ---- life cycle (the thread: threads.EngineLoop) ------------------------------------------
+    def start(self, timeout: float = 600.0) -> Engine:
+        """Serve from the engine's own thread (it prepares first); see threads.py for why one thread."""
+        self.loop.start(timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
+        """Stop the thread (drain=True: running requests finish first, up to `timeout`)."""
+        self.loop.stop(timeout, drain)
+
+    @property
+    def alive(self) -> bool:
+        return self.loop.alive
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine thread died (None: it did not)."""
+        return self.loop.dead
+
+    def limits(self) -> EngineLimits:
+        return limits(self)
+
+    def snapshot(self) -> dict:
+        return snapshot(self)
+
     def prepare(self) -> Engine:
         """Check once that decoding is lossless on this device (falling back to a mode that is), then
         measure the forward cost once (adaptive speculation needs it)."""
         if self.run_self_check and self.self_check is None:
             self.self_check = run_self_check(self)
-        if self.policy.mode == "adaptive" and self.cost_model is None:
-            self.cost_model = calibrate(self.runner, self.heads, self.max_batch, max_tree=self.base_tree.size)
-            self.policy.cost = self.cost_model
+        self.speculation.prepare(self.runner, self.heads, self.max_batch)
         return self
 
     # ---- requests -------------------------------------------------------------------------
@@ -97,21 +125,14 @@ class Engine(EngineThread, EngineIntrospection):
             raise ValueError("this engine has no Medusa heads: tree must be 'none'")
         if params.tree not in (None, "none") and self.trees_refused:
             raise ValueError(f"speculation is off: {self.trees_refused}; tree must be 'none'")
-        limit = self.runner.max_context - self._tree_reserve(params)
-        if len(prompt_ids) + params.max_tokens > limit:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context limit of {limit} tokens")
-        cells = getattr(self.runner, "kv_cells", None)
-        if cells is not None and len(prompt_ids) + params.max_tokens + self._tree_reserve(params) > cells:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) + the tree's "
-                             f"room exceed the {cells} KV cells all requests share")
-        if self.dead or (self._thread is not None and not self._thread.is_alive()) or self._stopping:
-            raise EngineStopped(self.dead or "the engine is not running")
+        check_fits(len(prompt_ids), params, self._tree_reserve(params), self.runner)
+        if (why := self.loop.refusal()) is not None:
+            raise EngineStopped(why)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        with self._cond:
+        with self.cond:
             # max_queue counts requests waiting beyond the free slots: a burst that arrives within one
             # step while slots are free joins at the next step instead of being refused.
             if len(self.waiting) >= self.max_queue + max(0, self.max_batch - len(self.active)):
@@ -125,22 +146,22 @@ class Engine(EngineThread, EngineIntrospection):
             req = Request(handle.id, list(prompt_ids), params, handle, TextStream(self.tokenizer, params.stop),
                           generator=gen)
             self.waiting.append(req)
-            self._cond.notify_all()
+            self.cond.notify_all()
         return handle
 
     def _tree_reserve(self, params: SamplingParams) -> int:
         """Context a request keeps free for the largest tree it may verify (+1: the root's next token)."""
         if params.tree is None:
             return self.tree_reserve
-        return max(self.tree_reserve, get_tree(params.tree, self.heads.n_heads if self.heads else 0).size + 1)
+        return max(self.tree_reserve, self.speculation.tree(params.tree).size + 1)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False) -> Finished:
         """Run one request to the end. Without a started thread the caller's thread drives the steps."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
-        if self._thread is None:
+        if not self.loop.started:
             self.prepare()
         handle = self.submit(ids, params)
-        if self._thread is None:
+        if not self.loop.started:
             while handle.finished is None:
                 self.step()
         return handle.result()
@@ -155,153 +176,125 @@ class Engine(EngineThread, EngineIntrospection):
         return prompt_ids(self.tokenizer, prompt)
 
     def step(self) -> None:
-        """One scheduling iteration: admit, drop cancelled, decode the running, prefill the new."""
+        """One iteration: admit waiting requests into free slots and drop cancelled ones; then ONE verification
+        pass over the decoding requests (schedule -> run -> postprocess, in _decode); then ONE pass of prompt
+        chunks for the prefilling ones. Decode comes first: new prompts never delay running requests' tokens,
+        and a request whose prefill ends this step decodes from the next."""
         self._admit()
         self._drop_cancelled()
-        running = [r for r in self.active if r.pending is not None]
+        running = [r for r in self.active if r.state is RequestState.DECODING]
         if running:
             self._decode(running)
         self._prefill()
-
-    def _admits_new_work(self) -> bool:
-        """Continuous batching: a free slot takes new work at every step (bench/static.py overrides it)."""
-        return True
+        self.admission.end_step(self.active, self.runner)
 
     def _admit(self) -> None:
-        with self._cond:
+        with self.cond:
             for req in [r for r in self.waiting if r.handle.cancelled]:  # a client that left frees its queue place now
                 self.waiting.remove(req)
-                self._finish(req, "cancelled")
-            if not self._admits_new_work():
+                self._finish(req, FinishReason.CANCELLED)
+            if not self.admission.admits(self.active):
                 return
             while self.waiting and len(self.active) < self.max_batch:
                 if self.waiting[0].handle.cancelled:
-                    self._finish(self.waiting.popleft(), "cancelled")
+                    self._finish(self.waiting.popleft(), FinishReason.CANCELLED)
                     continue
-                if not self._cells_free(self.waiting[0]):
+                if not cells_free(self.waiting[0], self.active, self.runner, self._tree_reserve):
                     break  # FIFO: it waits for the cells of requests that finish
                 req = self.waiting.popleft()
-                req.slot = self.runner.alloc()
-                req.acceptance = self.stats.request_stats()
+                req.slot, req.state = self.runner.alloc(), RequestState.PREFILLING
+                req.acceptance = self.speculation.new_request()
                 self.active.append(req)
-
-    def _reserved(self, req: Request) -> int:
-        """KV cells a request may hold at most: its prompt, max_tokens and the room for its largest tree."""
-        return len(req.prompt_ids) + req.params.max_tokens + self._tree_reserve(req.params)
-
-    def _cells_free(self, req: Request) -> bool:
-        """Whether `req` fits in a runner whose slots share one KV cache (`kv_cells`) beside the active
-        requests' reservations and the cells the runner parks (`kv_parked`). FIFO: the head of the queue waits
-        for cells, and no later request passes it (it would starve a long prompt)."""
-        cells = getattr(self.runner, "kv_cells", None)
-        if cells is None:
-            return True
-        held = sum(map(self._reserved, self.active)) + getattr(self.runner, "kv_parked", 0)
-        return held + self._reserved(req) <= cells
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.active if r.handle.cancelled]:
-            self._finish(req, "cancelled")
+            self._finish(req, FinishReason.CANCELLED)
 
     def _decode(self, running: list[Request]) -> None:
+        """schedule (speculation's plan, the heads) -> run (verify) -> postprocess (accept, commit, emit)."""
         # The clock is read with the device idle (a GPU returns from a call once its work is queued): without
         # it a step is charged the prefill queued before it, and not its own commit.
         self.runner.synchronize()
         start = time.perf_counter()
         try:  # everything shared by the batch: a failure fails the batch's requests, not the engine
-            chosen, trees, inputs, probed = self._plan(running)
+            plan, inputs = self._schedule(running)
             carried = sum(r.carried for r in running) if self.runner.recomputes_accepted else 0
             self.runner.synchronize()
             t0 = time.perf_counter()
-            results = self._verify(inputs)
+            results = self.runner.verify(inputs + self.admission.padding())
         except Exception as err:  # a failed forward pass fails the requests in it, not the engine
             log.exception("verification failed")
             for r in running:
-                self._finish(r, "error", f"generation failed: {err}")
+                self._finish(r, FinishReason.ERROR, f"generation failed: {err}")
             return
-        commits, emitted = self._accept_all(running, trees, inputs, results)
+        commits, emitted, (proposed, accepted) = self._accept_all(running, plan.trees, inputs, results)
         try:
-            self._commit(commits)
+            self.runner.commit(self.admission.pad_commits(commits, self.runner,
+                                                          self.runner.max_context - self.tree_reserve))
         except Exception as err:  # the KV rows of this batch are in an unknown state: end its requests
             log.exception("commit failed")
             for r in running:
-                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+                self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
             return
-        # The cost model learns what this step shape costs (forward to KV compaction); the guard what it yielded.
         self.runner.synchronize()
-        seconds, q = time.perf_counter() - t0, max(t.size for t in trees.values())
-        tokens = sum(map(len, emitted.values()))
-        if self.cost_model is not None:  # a step that also decoded last step's accepted tokens has no (rows, T) shape
-            self.cost_model.observe(len(results) * q + carried, seconds, n_rows=None if carried else len(results))
-        self.policy.record_step(len(results), q, seconds, time.perf_counter() - start, tokens, probed, carried)
+        seconds, tokens = time.perf_counter() - t0, sum(map(len, emitted.values()))
+        self.speculation.record(StepResult(
+            len(results), max(t.size for t in plan.trees.values()), seconds, time.perf_counter() - start, tokens,
+            plan.probe, carried, proposed, accepted))
         self.counters["steps"] += 1
         self.counters["step_seconds"] += seconds
         for r in running:
             if r.id in emitted:
                 self._emit_safely(r, emitted[r.id])
-        self._report_step(len(running), chosen, seconds, tokens)
+        report_step(self.on_step, len(running), plan.chosen, seconds, tokens)
 
-    def _plan(self, running: list[Request]) -> tuple[MedusaTree, dict[int, MedusaTree], list[TreeInput], bool]:
-        """The policy's tree, each request's tree, the verification inputs (head top-k included), probed?"""
-        # A request whose hidden state is not known yet (a runner that returns none from prefill) waits a step.
-        ready = [r for r in running if r.hidden is not None and self.heads is not None]
-        spec = [r for r in ready if r.params.speculate and r.params.tree is None]
-        chosen, use = self.policy.plan(len(running), [r.acceptance for r in spec])
-        speculating = {r.id for r, u in zip(spec, use) if u} | {r.id for r in ready if r.params.tree is not None}
-        trees = self._fit({r.id: (chosen if r.params.tree is None else get_tree(r.params.tree, self.heads.n_heads))
-                           if r.id in speculating else chain(0) for r in running}, running)
-        probe = self.policy.probe_due(self.counters["steps"], len(self.active))
-        need = [r for r in ready if trees[r.id].size > 1 or (probe and r.params.speculate)]
-        topk = self._head_topk(need)
-        inputs = [TreeInput(r.slot, trees[r.id], tree_candidates(trees[r.id], r.pending, topk.get(r.id)))
+    def _schedule(self, running: list[Request]) -> tuple[StepPlan, list[TreeInput]]:
+        """Speculation's plan cut to the runner's budgets, and the verification inputs (head top-k included)."""
+        plan = self.speculation.plan(running, len(self.active))
+        plan.trees = self._fit(plan.trees, running)
+        topk = self._head_topk(plan.heads_rows(running))
+        inputs = [TreeInput(r.slot, plan.trees[r.id], tree_candidates(plan.trees[r.id], r.pending, topk.get(r.id)))
                   for r in running]
-        return chosen, trees, inputs, probe
+        return plan, inputs
 
     def _fit(self, trees: dict[int, MedusaTree], running: list[Request]) -> dict[int, MedusaTree]:
         """Each request's tree cut to the runner's sequence-id and batch-token budgets (budget.py)."""
         carried = [r.carried if self.runner.recomputes_accepted else 0 for r in running]
-        fitted = fit_trees([trees[r.id] for r in running], carried, getattr(self.runner, "n_batch", None),
+        fitted = fit_trees([trees[r.id] for r in running], carried, runner_member(self.runner, "n_batch"),
                            self.runner.max_leaves)
         return {r.id: t for r, t in zip(running, fitted)}
 
     def _accept_all(self, running: list[Request], trees: dict[int, MedusaTree], inputs: list[TreeInput],
-                    results: dict[int, SlotOutput]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-        """Each request's accepted path (commits, by slot) and emitted tokens (by request); a request whose
-        acceptance fails is finished with an error and left out of both."""
-        commits, emitted = {}, {}
+                    results: dict[int, SlotOutput]) -> tuple[dict[int, list[int]], dict[int, list[int]], tuple]:
+        """Each request's accepted path (commits, by slot), emitted tokens (by request) and the tree tokens
+        (proposed, accepted); a request whose acceptance fails is finished with an error and left out."""
+        commits, emitted, proposed, accepted = {}, {}, 0, 0
         for r, item in zip(running, inputs):
             tree = trees[r.id]
             try:
                 logits, hidden = results[r.slot]
                 emitted[r.id], nodes = accept(tree, item.tokens, logits, r.params, r.generator_on(logits.device))
             except Exception as err:
-                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+                self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
                 continue
             commits[r.slot] = nodes
-            r.hidden = hidden[nodes[-1]]
+            r.set_hidden(hidden[nodes[-1]])
             r.carried = len(nodes) - 1
             r.steps += 1
             r.accepted_tokens += len(emitted[r.id])
             if tree.size > 1:
                 r.spec_steps += 1
-                self.stats.proposed += tree.size - 1
-                self.stats.accepted += len(nodes) - 1
+                proposed, accepted = proposed + tree.size - 1, accepted + len(nodes) - 1
                 self.counters["spec_steps"] += 1
                 self.counters["spec_tokens"] += len(emitted[r.id])
-        return commits, emitted
+        return commits, emitted, (proposed, accepted)
 
     def _emit_safely(self, r: Request, tokens: list[int]) -> None:
         try:
             self._emit(r, tokens)
         except Exception as err:  # detokenizing or streaming one request's tokens fails that request only
             log.exception("emitting tokens failed")
-            self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
-
-    def _verify(self, inputs: list[TreeInput]) -> dict[int, SlotOutput]:
-        return self.runner.verify(inputs)
-
-    def _commit(self, commits: dict[int, list[int]]) -> None:
-        self.runner.commit(commits)
+            self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
 
     def _head_topk(self, requests: list[Request]) -> dict[int, torch.Tensor]:
         if not requests or self.heads is None:
@@ -311,13 +304,13 @@ class Engine(EngineThread, EngineIntrospection):
         lm_head = self.runner.lm_head if self.heads.shared_lm_head else None
         top = self.heads.topk(hidden, lm_head, TOPK).cpu()  # [N, heads, k]
         for r, t in zip(requests, top):
-            r.probes.append((len(r.output_ids), t))
+            r.probes.append(Probe(len(r.output_ids), t))
         return {r.id: t for r, t in zip(requests, top)}
 
     def _prefill(self) -> None:
         """Prompt chunks of the waiting-to-run requests, FIFO, under the per-step token budget: one pass."""
         budget, chunks, owners = self.prefill_budget, {}, []
-        for r in [r for r in self.active if r.pending is None]:
+        for r in [r for r in self.active if r.state is RequestState.PREFILLING]:
             if budget <= 0:
                 break
             chunk = r.prompt_ids[r.n_prefilled : r.n_prefilled + budget]
@@ -331,7 +324,7 @@ class Engine(EngineThread, EngineIntrospection):
         except Exception as err:
             log.exception("prefill failed")
             for r in owners:
-                self._finish(r, "error", f"prefill failed: {err}")
+                self._finish(r, FinishReason.ERROR, f"prefill failed: {err}")
             return
         for r in owners:
             r.n_prefilled += len(chunks[r.slot])
@@ -342,10 +335,10 @@ class Engine(EngineThread, EngineIntrospection):
             try:
                 first, _ = accept(chain(0), [0], logits[None], r.params, r.generator_on(logits.device))
             except Exception as err:
-                self._finish(r, "error", f"generation failed: {type(err).__name__}: {err}")
+                self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
                 continue
-            r.hidden = hidden if hidden.numel() else None
-            r.pending = first[0]
+            r.set_hidden(hidden)
+            r.pending, r.state = first[0], RequestState.DECODING
             self._emit_safely(r, first)
 
     def _emit(self, r: Request, tokens: list[int]) -> None:
@@ -358,53 +351,42 @@ class Engine(EngineThread, EngineIntrospection):
             self.counters["tokens"] += 1
             reason = None
             if tok in self.eos_ids and not r.params.ignore_eos:
-                reason, delta = "eos_token", ""
+                reason, delta = FinishReason.EOS_TOKEN, ""
             else:
                 delta, stopped = r.text.update(r.output_ids)
                 if stopped:
-                    reason = "stop_sequence"
+                    reason = FinishReason.STOP_SEQUENCE
                 elif len(r.output_ids) >= r.params.max_tokens:
-                    reason = "length"
-            if reason in ("eos_token", "length"):
+                    reason = FinishReason.LENGTH
+            if reason in (FinishReason.EOS_TOKEN, FinishReason.LENGTH):
                 delta += r.text.final()  # text held back in case a stop string was starting
             r.handle.push(TokenEvent(tok, delta, len(r.output_ids) - 1))
             if reason is not None:
                 self._finish(r, reason)
                 return
-        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, False, r.acceptance)
+        self.speculation.resolve_probes(r, final=False)
 
-    def _finish(self, r: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
+    def _finish(self, r: Request, reason: FinishReason, error: str | None = None,
+                error_type: str | None = None) -> None:
         if r.handle.finished is not None:
             return
-        r.probes = self.stats.resolve_probes(r.probes, r.output_ids, True, r.acceptance)
+        self.speculation.resolve_probes(r, final=True)
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:
-            self._release_slot(r, reason)
+            if not self.admission.keeps_slot(r, reason):
+                self.runner.free(r.slot)
             r.slot = None
-        now = time.monotonic()
-        key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
-        self.counters[key] += 1
-        r.handle.push(Finished(
-            text=r.text.text, token_ids=list(r.output_ids), finish_reason=reason, prompt_tokens=len(r.prompt_ids),
-            steps=r.steps, accepted_tokens=r.accepted_tokens,
-            time_to_first_token=None if r.first_token_at is None else r.first_token_at - r.created,
-            latency=now - r.created, error=error,
-            error_type=(error_type or "generation") if reason == "error" else None,
-        ))
+        self.counters[reason.counter] += 1
+        r.handle.push(r.finished(reason, error, error_type))
 
-    def _release_slot(self, r: Request, reason: str) -> None:
-        self.runner.free(r.slot)
-
-    def _finish_all(self, reason: str, error: str, error_type: str | None = None) -> None:
-        with self._cond:
+    def finish_all(self, reason: FinishReason, error: str, error_type: str | None = None) -> None:
+        with self.cond:
             pending = list(self.waiting) + list(self.active)
             self.waiting.clear()
         for r in pending:
             try:
                 self._finish(r, reason, error, error_type)
             except BaseException:  # the runner may be broken; the caller must still get an answer
-                r.handle.push(Finished(r.text.text, list(r.output_ids), reason, len(r.prompt_ids), r.steps,
-                                       r.accepted_tokens, None, time.monotonic() - r.created, error,
-                                       error_type or "generation"))
+                r.handle.push(r.finished(reason, error, error_type))
         self.active.clear()

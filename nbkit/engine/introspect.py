@@ -1,8 +1,7 @@
 """What the engine shows of itself: its limits, its counters and statistics, its per-step hook.
 
 The server, the metrics, the notebook helpers and the benchmarks read these; none of it schedules.
-The Engine (engine.py) mixes this in and provides the state read here: runner, tree_reserve,
-max_batch, max_queue, heads, policy, stats, active, waiting, counters and on_step.
+Plain functions of an Engine (engine.py), whose limits() and snapshot() call them.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..medusa.trees import MedusaTree
+from .runner import runner_member
 
 log = logging.getLogger("nbkit.engine")
 
@@ -37,35 +37,31 @@ def new_counters() -> dict:
             "restarts": 0, "crashes": 0}
 
 
-class EngineIntrospection:
-    """limits(), snapshot() and the on_step metrics hook of the Engine."""
+def limits(engine) -> EngineLimits:
+    """What `engine` may promise its clients."""
+    return EngineLimits(engine.runner.max_context - engine.tree_reserve, engine.max_batch, engine.max_queue,
+                        engine.speculation.mode, engine.heads.n_heads if engine.heads is not None else None,
+                        runner_member(engine.runner, "numerics"),
+                        engine.self_check.to_dict() if engine.self_check is not None else None)
 
-    counters: dict
-    on_step: Callable[[dict], None] | None = None  # metrics hook, called from the engine thread
 
-    def limits(self) -> EngineLimits:
-        return EngineLimits(self.runner.max_context - self.tree_reserve, self.max_batch, self.max_queue,
-                            self.policy.mode, self.heads.n_heads if self.heads is not None else None,
-                            getattr(self.runner, "numerics", None),
-                            self.self_check.to_dict() if getattr(self, "self_check", None) is not None else None)
+def snapshot(engine) -> dict:
+    """Counters, the speculation choice and acceptance statistics (the server turns these into metrics)."""
+    c = dict(engine.counters)
+    return {
+        **c,
+        "running": len(engine.active), "waiting": len(engine.waiting),
+        "mean_accepted_per_spec_step": c["spec_tokens"] / c["spec_steps"] if c["spec_steps"] else 0.0,
+        **engine.speculation.snapshot(),
+    }
 
-    def snapshot(self) -> dict:
-        """Counters, the speculation choice and acceptance statistics (the server turns these into metrics)."""
-        c = dict(self.counters)
-        return {
-            **c,
-            "running": len(self.active), "waiting": len(self.waiting),
-            "speculation": self.policy.mode, "last_tree": self.policy.last_choice.name,
-            "last_tree_size": self.policy.last_choice.size, "tree_choices": dict(self.policy.choices),
-            "mean_accepted_per_spec_step": c["spec_tokens"] / c["spec_steps"] if c["spec_steps"] else 0.0,
-            **self.stats.snapshot(), **self.policy.snapshot(),
-        }
 
-    def _report_step(self, batch: int, chosen: MedusaTree, seconds: float, tokens: int) -> None:
-        if self.on_step is None:
-            return
-        try:
-            self.on_step({"batch": batch, "tree": chosen.name, "tree_size": chosen.size,
-                          "seconds": seconds, "tokens": tokens})
-        except Exception:  # metrics must never stop the engine
-            log.exception("the on_step hook failed")
+def report_step(on_step: Callable[[dict], None] | None, batch: int, chosen: MedusaTree, seconds: float,
+                tokens: int) -> None:
+    """Call the metrics hook with one decoding step (a failing hook never stops the engine)."""
+    if on_step is None:
+        return
+    try:
+        on_step({"batch": batch, "tree": chosen.name, "tree_size": chosen.size, "seconds": seconds, "tokens": tokens})
+    except Exception:
+        log.exception("the on_step hook failed")

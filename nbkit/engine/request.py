@@ -7,11 +7,14 @@ A `RequestHandle` is what callers hold: iterate it (sync) or `async for` it (asy
 from __future__ import annotations
 
 import asyncio
+import enum
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+from .speculation.estimates import Probe, RequestAcceptance
 
 
 class EngineError(RuntimeError):
@@ -58,6 +61,40 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
+class RequestState(enum.Enum):
+    """Where a request is in its life (one request's path: docs/architecture.md)."""
+
+    WAITING = "waiting"  # queued, no slot yet
+    PREFILLING = "prefilling"  # holds a slot; its prompt goes in chunk by chunk
+    DECODING = "decoding"  # its first token is out; every step verifies a tree rooted at `pending`
+    FINISHED = "finished"  # its Finished event is out; the slot is back
+
+
+class FinishReason(enum.StrEnum):
+    """Why a request ended (TGI's names, which the native API returns as they are)."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+    @property
+    def completed(self) -> bool:
+        """The request produced its answer (cancelled and failed ones did not)."""
+        return self not in (FinishReason.CANCELLED, FinishReason.ERROR)
+
+    @property
+    def openai(self) -> str:
+        """OpenAI's finish_reason: "stop" for an end of text or a stop sequence, else our name."""
+        return "stop" if self in (FinishReason.EOS_TOKEN, FinishReason.STOP_SEQUENCE) else self.value
+
+    @property
+    def counter(self) -> str:
+        """The engine counter that counts requests ending this way."""
+        return {FinishReason.CANCELLED: "cancelled", FinishReason.ERROR: "errors"}.get(self, "finished")
+
+
 @dataclass
 class TokenEvent:
     token_id: int
@@ -69,7 +106,7 @@ class TokenEvent:
 class Finished:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "length" | "eos_token" | "stop_sequence" | "cancelled" | "error"
+    finish_reason: FinishReason
     prompt_tokens: int
     steps: int  # decoding steps (verification passes), prefill excluded
     accepted_tokens: int  # tokens emitted by those steps
@@ -260,19 +297,35 @@ class Request:
     handle: RequestHandle
     text: TextStream
     created: float = field(default_factory=time.monotonic)
+    state: RequestState = RequestState.WAITING
     slot: int | None = None
     n_prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
-    pending: int | None = None  # last emitted token, not yet in the KV cache (the next tree's root)
-    hidden: torch.Tensor | None = None  # final-norm hidden state that produced `pending` (None: not yet known)
+    pending: int | None = None  # last emitted token, not yet in the KV cache (the next tree's root); DECODING
+    # The final-norm hidden state that produced `pending`, once the runner returned one (llama.cpp's prefill does
+    # not: its heads wait for the first verify step's); the heads are ready when it is known.
+    hidden: torch.Tensor | None = None
+    heads_ready: bool = False
     carried: int = 0  # speculative tokens accepted last step (a runner that recomputes them decodes them again)
     steps: int = 0
     accepted_tokens: int = 0
     first_token_at: float | None = None
     generator: torch.Generator | None = None  # seeded draws of a sampled request (None: greedy)
-    probes: list = field(default_factory=list)  # (output index, head top-k) awaiting acceptance stats
-    acceptance: object = None  # the request's own acceptance counts (estimates.RequestAcceptance)
+    probes: list[Probe] = field(default_factory=list)  # heads' top-k awaiting the tokens that followed
+    acceptance: RequestAcceptance | None = None  # the request's own acceptance counts (set when admitted)
     spec_steps: int = 0  # steps that verified a tree
+
+    def finished(self, reason: FinishReason, error: str | None = None, error_type: str | None = None) -> Finished:
+        """The request's last event (its state is FINISHED from now on)."""
+        self.state = RequestState.FINISHED
+        ttft = None if self.first_token_at is None else self.first_token_at - self.created
+        return Finished(self.text.text, list(self.output_ids), reason, len(self.prompt_ids), self.steps,
+                        self.accepted_tokens, ttft, time.monotonic() - self.created, error,
+                        (error_type or "generation") if reason is FinishReason.ERROR else None)
+
+    def set_hidden(self, hidden: torch.Tensor) -> None:
+        """The hidden state behind `pending` (an empty one: the runner did not compute it)."""
+        self.hidden, self.heads_ready = hidden, hidden.numel() > 0
 
     def generator_on(self, device: torch.device) -> torch.Generator | None:
         """The request's generator on `device`, where its logits live (CUDA's multinomial refuses a CPU

@@ -8,12 +8,15 @@ requests, sampling or HTTP: token ids in, logits and hidden states out. Two runn
 A slot is one request's row of KV cache. Its life: `alloc()`, `prefill()` its prompt in chunks,
 then every step `verify()` a tree rooted at the last chosen token and `commit()` the accepted
 nodes, and `free()` it at the end.
+
+`Runner` lists every member the engine requires; the members in OPTIONAL may be missing, and the engine
+reads them only through `runner_member()`, which gives their documented default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -73,9 +76,6 @@ class Runner(Protocol):
     def commit(self, accepted: dict[int, list[int]]) -> None:
         """Keep each slot's accepted tree nodes (root first) and drop the rest of its tree."""
 
-    def fresh(self, max_slots: int | None = None) -> Runner:
-        """A new runner with its own cache over the same weights."""
-
     def synchronize(self) -> None:
         """Wait until the work handed to the device so far is done. On a GPU a forward pass returns as soon as
         its kernels are queued: every timing reads the clock only after this, or it charges a shape the time
@@ -86,3 +86,24 @@ def synchronize_device(device: torch.device) -> None:
     """Wait for torch's work queued on `device` (nothing to wait for on a CPU: its ops return when done)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# Members a runner may lack, and what the engine assumes then (read through runner_member()):
+OPTIONAL: dict[str, Any] = {
+    # KV cells all slots share (llama.cpp's one context): the engine admits a request only when its prompt,
+    # max_tokens and tree room fit beside the others'. None: every slot owns `max_context` cells.
+    "kv_cells": None,
+    "kv_parked": 0,  # shared cells held by finished requests and not reusable yet (llama.cpp's exact mode)
+    "n_batch": None,  # tokens one forward pass may take (llama.cpp's n_batch; the trees are cut to it)
+    "numerics": None,  # {"mode", "guarantee", "mode_reason", "kv_cells"} for /info (llama.cpp's modes)
+    # fresh(max_slots=None) -> Runner: a new runner with its own cache over the same weights; the supervisor
+    # resets a crashed engine's runner with it (None: it restarts over the old cache).
+    "fresh": None,
+    "close_context": None,  # () -> None: free the KV cache, keep the weights (before fresh() builds a new one)
+    "close": None,  # () -> None: let go of everything (after fresh() took the weights)
+}
+
+
+def runner_member(runner: Runner, name: str) -> Any:
+    """An optional member of `runner` (see OPTIONAL), or its default when the runner has none."""
+    return getattr(runner, name, OPTIONAL[name])

@@ -224,9 +224,9 @@ def _force(topk: torch.Tensor | None, tree: MedusaTree, path: list[int], continu
 
 def run_self_check(engine) -> SelfCheck:
     """Check the engine's runner with the tree it serves, and fall back to a mode that passed."""
-    policy = engine.policy
-    speculating = engine.heads is not None and policy.mode != "off"
-    tree = (policy.fixed or engine.base_tree) if speculating else None
+    spec = engine.speculation
+    speculating = engine.heads is not None and spec.mode != "off"
+    tree = (spec.fixed or engine.base_tree) if speculating else None
     prompts = [engine.encode(p) for p in PROMPTS]
     check = check_runner(engine.runner, engine.heads, tree, prompts, batch=engine.max_batch > 1)
     runs = check.runs
@@ -237,11 +237,11 @@ def run_self_check(engine) -> SelfCheck:
             check.fallback = "one request at a time"
         if speculating and (not runs["tree_alone"].passed or "plain_batched" in failed or
                             not runs.get("tree_batched", runs["tree_alone"]).passed):
-            policy.mode = "off"
+            spec.turn_off()
             engine.trees_refused = f"the self-check failed on this device ({', '.join(failed)})"
             check.fallback = ", ".join(filter(None, [check.fallback, "speculation off"]))
         check.fallback = f"{check.fallback}: {', '.join(failed)} failed"
-    check.served = policy.mode
+    check.served = spec.mode
     if check.passed:
         log.info("%s", check.describe())
     else:

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .request import EngineStopped
+from .request import EngineStopped, FinishReason
+from .runner import runner_member
 
 log = logging.getLogger("nbkit.engine")
 
@@ -44,64 +45,72 @@ def in_fresh_thread(fn: Callable[..., T], *args) -> T:
     return box["value"]
 
 
-class EngineThread:
+class EngineLoop:
     """The engine's own thread: prepare() once, then step() while there is work; stop, drain, die loudly.
 
-    The Engine (engine.py) provides prepare(), step(), _finish_all() and the state used here:
-    _cond (guards waiting/active), waiting, active, dead, runner, counters, max_restarts, _crashes,
-    restart_delay. A crash is supervised: the requests held are answered (503), the runner is reset and
-    the loop restarts after a back-off.
+    It drives an Engine (engine.py) through prepare(), step(), finish_all(), its `cond` (which guards its
+    waiting and active requests), its runner and its counters. A crash is supervised: the requests held are
+    answered (503), the runner is reset and the loop restarts after a back-off.
     """
 
-    _thread: threading.Thread | None = None
-    _stopping = False
-
-    def _init_thread(self, max_restarts: int | None) -> None:
-        self._cond = threading.Condition()  # guards waiting and active
-        self._thread = None
-        self._stopping = False
+    def __init__(self, engine, max_restarts: int | None):
+        self.engine = engine
+        self.thread: threading.Thread | None = None
+        self.stopping = False
         self.dead: str | None = None  # why the engine thread died (while it waits to restart, too)
         # The supervisor: a crashed loop fails the requests it held (503), resets the runner and restarts,
         # waiting RESTART_DELAY doubled per recent crash. None = always restart; 0 = stay dead.
         self.max_restarts = max_restarts
         self._crashes: list[float] = []
         self.restart_delay = 0.0  # the last back-off
-
-    def start(self, timeout: float = 600.0):
-        """Start the engine thread; it calibrates (adaptive speculation) before serving.
-
-        All of the engine's torch work runs in that one thread: with OpenMP, a second thread that runs
-        multi-threaded ops makes both slower, see threads.py.
-        """
-        self._stopping = False
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="nbkit-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait(timeout)
-        if self.dead:
-            raise EngineStopped(self.dead)
-        return self
 
-    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
-        """Stop the thread. drain=True lets running requests finish first (up to `timeout`)."""
-        if drain:
-            deadline = time.monotonic() + timeout
-            while (self.active or self.waiting) and time.monotonic() < deadline and self.alive:
-                time.sleep(0.02)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._finish_all("cancelled", "the engine stopped")
+    @property
+    def started(self) -> bool:
+        """start() was called: the thread, not the caller, drives the steps."""
+        return self.thread is not None
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead is None
+        return self.thread is not None and self.thread.is_alive() and self.dead is None
 
-    def _loop(self) -> None:
+    def refusal(self) -> str | None:
+        """Why new requests cannot be served now (None: they can)."""
+        if self.dead or (self.thread is not None and not self.thread.is_alive()) or self.stopping:
+            return self.dead or "the engine is not running"
+        return None
+
+    def start(self, timeout: float = 600.0) -> None:
+        """Start the engine thread; it calibrates (adaptive speculation) before serving.
+
+        All of the engine's torch work runs in that one thread: with OpenMP, a second thread that runs
+        multi-threaded ops makes both slower (see the top of this module).
+        """
+        self.stopping = False
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="nbkit-engine", daemon=True)
+        self.thread.start()
+        self._ready.wait(timeout)
+        if self.dead:
+            raise EngineStopped(self.dead)
+
+    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
+        """Stop the thread. drain=True lets running requests finish first (up to `timeout`)."""
+        engine = self.engine
+        if drain:
+            deadline = time.monotonic() + timeout
+            while (engine.active or engine.waiting) and time.monotonic() < deadline and self.alive:
+                time.sleep(0.02)
+        with engine.cond:
+            self.stopping = True
+            engine.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+        engine.finish_all(FinishReason.CANCELLED, "the engine stopped")
+
+    def _run(self) -> None:
         try:
-            self.prepare()
+            self.engine.prepare()
         except BaseException as err:
             self.dead = f"engine start-up failed: {type(err).__name__}: {err}"
             log.exception("engine start-up failed")
@@ -115,59 +124,61 @@ class EngineThread:
             except BaseException as err:  # nobody may wait forever: fail what we hold, then restart or stay dead
                 self.dead = f"engine thread died: {type(err).__name__}: {err}"
                 log.exception("engine thread died")
-                self.counters["crashes"] += 1
+                self.engine.counters["crashes"] += 1
                 delay = self._backoff()
                 if delay is not None:
                     self.dead += f" (restarting in {delay:.1f} s)"
-                self._finish_all("error", self.dead, error_type="unavailable")
+                self.engine.finish_all(FinishReason.ERROR, self.dead, error_type="unavailable")
                 if delay is None or not self._restart_after(delay):
                     return
 
     def _serve(self) -> None:
         """step() while there is work, until stop()."""
+        engine = self.engine
         while True:
-            with self._cond:
-                while not self._stopping and not self.waiting and not self.active:
-                    self._cond.wait(0.1)
-                if self._stopping:
+            with engine.cond:
+                while not self.stopping and not engine.waiting and not engine.active:
+                    engine.cond.wait(0.1)
+                if self.stopping:
                     return
-            self.step()
+            engine.step()
 
     def _backoff(self) -> float | None:
         """Seconds to wait before restarting after a crash (doubling per crash within CRASH_WINDOW);
         None = stay dead (out of restarts)."""
         now = time.monotonic()
         self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW] + [now]
-        if self.max_restarts is not None and self.counters["restarts"] >= self.max_restarts:
+        if self.max_restarts is not None and self.engine.counters["restarts"] >= self.max_restarts:
             return None
         self.restart_delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(self._crashes) - 1))
         return self.restart_delay
 
     def _restart_after(self, delay: float) -> bool:
         """Reset the runner and wait out the back-off; False = stay dead (stopping, or the reset failed)."""
+        engine = self.engine
         try:
-            old = self.runner
-            fresh = getattr(old, "fresh", None)
+            old = engine.runner
+            fresh = runner_member(old, "fresh")
             if fresh is not None:  # a clean KV cache: the crash may have left slots half-written
                 # The old KV cache goes first (a second one may not fit the card); the old runner keeps its
                 # model for fresh() to share, and lets go of it after.
                 _call_if_present(old, "close_context")
-                self.runner = fresh()
+                engine.runner = fresh()
                 _call_if_present(old, "close")
         except BaseException:
             log.exception("the runner could not be reset: the engine stays dead")
             return False
-        with self._cond:
-            self._cond.wait_for(lambda: self._stopping, timeout=delay)
-            if self._stopping:
+        with engine.cond:
+            engine.cond.wait_for(lambda: self.stopping, timeout=delay)
+            if self.stopping:
                 return False
-            self.counters["restarts"] += 1
+            engine.counters["restarts"] += 1
             self.dead = None
-        log.warning("engine restarted (restart %d)", self.counters["restarts"])
+        log.warning("engine restarted (restart %d)", engine.counters["restarts"])
         return True
 
 
-def _call_if_present(obj, name: str) -> None:
-    method = getattr(obj, name, None)
+def _call_if_present(runner, name: str) -> None:
+    method = runner_member(runner, name)
     if method is not None:
         method()

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
+from transformers.cache_utils import CacheLayerMixin as CacheLayer  # transformers' abstract layer: its Cache calls it
 
 from .runner import TreeInput, synchronize_device
 
@@ -23,7 +24,7 @@ GIB = 1024**3
 MIN_SLOT_POSITIONS = 128  # a slot that holds fewer is no use for a chat: a budget that small is a mistake
 
 
-class SlotLayer(CacheLayerMixin):
+class SlotLayer(CacheLayer):
     """One layer's KV for all slots. The runner sets `write_rows/write_cols/kv_len` before a forward."""
 
     is_compileable = False

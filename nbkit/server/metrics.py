@@ -54,7 +54,7 @@ class Metrics:
 
     def observe_finished(self, fin) -> None:
         self.finished.labels(fin.finish_reason).inc()
-        if fin.finish_reason in ("cancelled", "error") or fin.time_to_first_token is None:
+        if not fin.finish_reason.completed or fin.time_to_first_token is None:
             return
         self.ttft.observe(fin.time_to_first_token)
         if fin.completion_tokens > 1:

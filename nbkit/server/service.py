@@ -16,7 +16,7 @@ from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from ..chat_format import chat_prompt_ids
-from ..engine.request import EngineStopped, Finished, Overloaded, RequestHandle, SamplingParams
+from ..engine.request import EngineStopped, Finished, FinishReason, Overloaded, RequestHandle, SamplingParams
 from .errors import APIError
 from .metrics import Metrics
 
@@ -235,7 +235,7 @@ class Service:
                     engine = self.engine
                     dead_ticks = dead_ticks + 1 if engine is not None and not engine.alive else 0
                     if dead_ticks >= 2 and handle.finished is None:
-                        fin = Finished("", [], "error", 0, 0, 0, None, 0.0,
+                        fin = Finished("", [], FinishReason.ERROR, 0, 0, 0, None, 0.0,
                                        engine.dead or "the engine stopped", "generation")
                         self.metrics.observe_finished(fin)
                         yield fin
@@ -263,9 +263,9 @@ class Service:
 
     def failure(self, fin: Finished, openai: bool) -> APIError | None:
         """The error to answer for a request that did not complete (None if it did)."""
-        if fin.finish_reason == "cancelled":
+        if fin.finish_reason is FinishReason.CANCELLED:
             return APIError(503, "the request was cancelled: the server is stopping", "unavailable")
-        if fin.finish_reason == "error":
+        if fin.finish_reason is FinishReason.ERROR:
             if fin.error_type == "unavailable" or self.engine is None or not self.engine.alive:
                 return APIError(503, fin.error or "the engine stopped", "unavailable")
             return APIError(500 if openai else 424, fin.error or "generation failed", "generation")

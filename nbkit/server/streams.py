@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..engine.request import Finished, RequestHandle, TokenEvent
+from ..engine.request import Finished, FinishReason, RequestHandle, TokenEvent
 from .schemas import Usage
 from .service import Service
 
@@ -15,7 +15,6 @@ SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event
 STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                   "description": "JSON, or with `stream: true` Server-Sent Events (`data: {...}` lines)"}}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
 def sse_json(obj) -> str:
@@ -49,10 +48,10 @@ async def tgi_events(svc: Service, handle: RequestHandle, max_tokens: int, prefi
                 yield token_event(event)
             continue
         fin = event
-        if fin.finish_reason in ("error", "cancelled"):
+        if not fin.finish_reason.completed:
             if held is not None:
                 yield token_event(held)
-            kind = "generation" if fin.finish_reason == "error" else "cancelled"
+            kind = "generation" if fin.finish_reason is FinishReason.ERROR else "cancelled"
             yield sse_json({"error": fin.error or "the request was cancelled", "error_type": kind})
         elif held is not None:
             yield token_event(held, fin=fin)
@@ -90,7 +89,7 @@ async def openai_chunks(svc: Service, handle: RequestHandle, rid: str, model: st
             yield sse_json({"error": {"message": err.message, "type": "server_error", "param": None,
                                    "code": fin.finish_reason}})
         else:
-            yield chunk(None, OPENAI_FINISH[fin.finish_reason])
+            yield chunk(None, fin.finish_reason.openai)
             if include_usage:
                 yield sse_json({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
                              "usage": usage(fin).model_dump(), "nbkit": stats(fin)})

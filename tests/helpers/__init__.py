@@ -211,14 +211,14 @@ class FaultyRunner:
 
 def head0_stats(q00: float):
     """Global acceptance statistics of 4 heads seeded with head 0's top-1 at q00 and nothing else."""
-    from nbkit.engine.estimates import AcceptanceStats
+    from nbkit.engine.speculation.estimates import AcceptanceStats
 
     return AcceptanceStats(4, measured=[[q00] + [0.0] * 9] + [[0.0] * 10] * 3)
 
 
 def observed(n: int, hit_rate: float):
     """A request's own acceptance counts after n probes of head 0, the first n x hit_rate of them hits."""
-    from nbkit.engine.estimates import RequestAcceptance
+    from nbkit.engine.speculation.estimates import RequestAcceptance
 
     req = RequestAcceptance(4)
     for i in range(n):

@@ -14,7 +14,7 @@ import torch
 
 from nbkit.client import sse_events
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
 from . import FaultyRunner, ToyTokenizer, random_heads, tiny_llama

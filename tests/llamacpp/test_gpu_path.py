@@ -26,9 +26,9 @@ from nbkit.engine.llamacpp import runner as runner_module
 from nbkit.engine.llamacpp.context import LlamaContext
 from nbkit.engine.llamacpp.runner import EXACT_UBATCH, LlamaCppRunner
 from nbkit.engine.loader import load_engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.runner import TreeInput
+from nbkit.engine.speculation import CostModel
 from nbkit.gguf.convert import convert
 from nbkit.gguf.files import gguf_tokenizer
 from nbkit.medusa.heads import MedusaHeads
@@ -63,7 +63,7 @@ def test_fresh_and_a_restart_share_the_loaded_model(loads):
     assert LlamaContext not in type(first).__mro__  # composition: the runner owns its context
     second.close()
     engine = Engine(FaultyRunner(first), gguf_tokenizer(embedded_gguf_path()), None, speculation="off")
-    engine.restart_delay = 0.0
+    engine.loop.restart_delay = 0.0
     engine.start()
     try:
         def crash(state):

@@ -18,9 +18,9 @@ os.environ.setdefault("NBKIT_LLAMA_THREADS", "1")  # ggml threads spin at barrie
 
 from nbkit.engine.llamacpp.runner import LlamaCppRunner
 from nbkit.engine.loader import load_engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.runner import TreeInput
+from nbkit.engine.speculation import CostModel
 from nbkit.medusa.heads import MedusaHeads
 from nbkit.medusa.trees import build_tree, chain
 from nbkit.models import embedded_gguf_path

@@ -52,7 +52,7 @@ def test_eight_long_requests_with_a_fixed_tree_all_succeed(vicuna_mirror):
     for r in replies:
         assert r.json()["usage"]["prompt_tokens"] == PROMPT_TOKENS
     assert info["kv_cells"] == engine.runner.kv_cells
-    assert engine.counters["errors"] == 0 and engine.policy.choices.get("mc_sim_7b_63", 0) > 0
+    assert engine.counters["errors"] == 0 and engine.speculation.choices.get("mc_sim_7b_63", 0) > 0
 
 
 def test_the_memory_arithmetic_matches_the_real_gguf_and_llama_cpps_kv_report(vicuna_mirror):

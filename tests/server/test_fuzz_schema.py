@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, Phase, settings  # noqa: E402  (schemathesis
 from schemathesis import checks  # noqa: E402
 
 from nbkit.engine.loader import load_engine  # noqa: E402
-from nbkit.engine.policy import CostModel  # noqa: E402
+from nbkit.engine.speculation import CostModel  # noqa: E402
 from nbkit.server.app import Settings, create_app  # noqa: E402
 from nbkit.server.launch import start_server  # noqa: E402
 

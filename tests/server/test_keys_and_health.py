@@ -73,10 +73,10 @@ def test_health_and_root_with_keys():
             assert http.post("/", json={"inputs": "x"}).status_code == 401  # TGI's route needs the key
             assert http.post("/", json={"inputs": "x", "parameters": {"max_new_tokens": 2}},
                              headers=AUTH).status_code == 200
-            handle.engine.dead = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 14.75 GiB total)"
+            handle.engine.loop.dead = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 14.75 GiB total)"
             r = http.get("/health")
             assert r.status_code == 503 and r.json() == {"status": "error"}  # no internals on the public URL
-            handle.engine.dead = None
+            handle.engine.loop.dead = None
     finally:
         handle.stop(grace=0)
 

@@ -18,7 +18,7 @@ import torch
 from helpers.server import reference_text, tiny_engine, wait_for
 
 from nbkit.engine.loader import load_engine
-from nbkit.engine.policy import CostModel
+from nbkit.engine.speculation import CostModel
 from nbkit.server.launch import current_server, start_server
 
 

@@ -16,8 +16,8 @@ from helpers import FaultyRunner
 
 from nbkit.engine.engine import Engine
 from nbkit.engine.loader import load_engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import Finished, Overloaded, SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.server.launch import start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -282,7 +282,7 @@ class EngineCrash(BaseException):
 
 def test_engine_death_fails_running_waiting_and_new_requests_fast(engine):
     doomed = fresh_engine(engine, max_batch=2, max_queue=8)
-    doomed.max_restarts = 0  # no supervisor: a dead engine stays dead (the restarts: tests/server/test_supervisor.py)
+    doomed.loop.max_restarts = 0  # no supervisor: a dead engine stays dead (the restarts: tests/server/test_supervisor.py)
     handle = start_server(doomed, port=0)
     url, out = handle.url, {}
     try:

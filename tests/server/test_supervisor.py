@@ -107,7 +107,7 @@ def test_crash_loop_backs_off():
             handle = engine.submit([5, 6, 7], SamplingParams(max_tokens=4))
             fin = handle.result(timeout=10)
             assert fin.finish_reason == "error" and fin.error_type == "unavailable" and "restarting in" in fin.error
-            delays.append(engine.restart_delay)
+            delays.append(engine.loop.restart_delay)
         assert delays == sorted(delays) and delays[-1] >= 4 * delays[0]  # doubling per crash in the window
         assert wait_for(lambda: engine.alive, 10)
         assert engine.generate([5, 6, 7], SamplingParams(max_tokens=4)).finish_reason in ("length", "eos_token")

@@ -49,6 +49,6 @@ def test_eight_concurrent_long_requests_are_all_answered(vicuna_mirror, monkeypa
         assert all(PROMPT_TOKENS - 12 <= b["prompt_tokens"] <= PROMPT_TOKENS for b in bodies)
         assert [b["completion_tokens"] for b in bodies] == [NEW_TOKENS] * CONCURRENT
         assert engine.runner.kv_bytes() <= KV_BUDGET
-        assert engine.counters["spec_steps"] > 0 and engine.policy.mode == "fixed"
+        assert engine.counters["spec_steps"] > 0 and engine.speculation.mode == "fixed"
     finally:
         handle.stop()

@@ -22,8 +22,8 @@ import torch
 from vicuna_mini import BASE_ID, HEADS_ID, fastchat_ids
 
 from nbkit.engine.loader import load_engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.notebook import hub
 from nbkit.server.launch import start_server
 from nbkit.server.service import Settings

@@ -7,7 +7,7 @@ from helpers import ToyTokenizer, random_heads, tiny_llama
 
 from nbkit.bench import acceptance
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
 

@@ -8,7 +8,7 @@ from helpers import ToyTokenizer, random_heads, tiny_llama
 from nbkit.bench.closed_loop import bench_prompts, run_sources
 from nbkit.cli import main
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.prompts import EXTRA_EVAL_PROMPTS, held_out_prompts, source_prompts
 

@@ -11,8 +11,8 @@ from helpers import ToyTokenizer, random_heads, tiny_llama
 from helpers.sim_device import CUDA, SimGenerator, SimulatedCuda, mark
 
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
 CHEAP = CostModel.from_function(lambda n: 0.01)
@@ -85,7 +85,7 @@ def test_requests_are_served_when_the_logits_live_on_cuda(model, sim_generators,
     if params.get("temperature") and speculation != "off":
         for req in results:
             assert req.finish_reason == "length"
-        assert engine.stats.proposed > 0  # the heads ran on the device too
+        assert engine.speculation.stats.proposed > 0  # the heads ran on the device too
 
 
 def test_seeded_sampling_on_the_device_is_reproducible(model, sim_generators):

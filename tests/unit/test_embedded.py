@@ -9,8 +9,8 @@ import torch
 from vicuna_mini import BASE_ID, HEADS_ID
 
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
 pytestmark = pytest.mark.slow

@@ -15,10 +15,10 @@ from helpers import (
     tiny_llama,
 )
 
-from nbkit.bench.static import StaticBatchingEngine
+from nbkit.bench.static import StaticAdmission
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import EngineStopped, Overloaded, SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
 CHEAP = CostModel.from_function(lambda n: 0.01)  # verification costs the same for any size: trees win
@@ -48,8 +48,9 @@ def noise(model, refs):
 
 def make_engine(model, heads=None, max_slots=8, static_batching=False, **kw):
     kw.setdefault("cost_model", CHEAP)
-    engine_class = StaticBatchingEngine if static_batching else Engine
-    return engine_class(TorchRunner(model, max_slots=max_slots), ToyTokenizer(), heads, **kw)
+    if static_batching:
+        kw["admission"] = StaticAdmission()
+    return Engine(TorchRunner(model, max_slots=max_slots), ToyTokenizer(), heads, **kw)
 
 
 @DTYPES
@@ -149,7 +150,7 @@ def test_static_batching_baseline_pads_until_the_longest_request_is_done(model, 
     first_batch = rows[: lengths[1] - 1]
     assert first_batch == [3] * len(first_batch)  # the short requests' rows ran to the longest one's end
     assert rows[len(first_batch):] == [1] * (lengths[3] - 1)  # the late request ran alone, after the batch
-    assert engine.runner.row_of == {} and engine.padding == {}
+    assert engine.runner.row_of == {} and engine.admission.rows == {}
 
 
 def test_cancel_frees_the_slot_and_the_slot_is_reused_correctly(model, refs, oracle):
@@ -243,14 +244,14 @@ def test_adaptive_policy_follows_the_cost_model(model, oracle):
     expensive = CostModel.from_function(lambda n: 1.0 * n)  # every verified token costs a full pass
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=expensive)
     engine.generate(PROMPTS[0], SamplingParams(max_tokens=20))
-    assert set(engine.policy.choices) == {"none"}
+    assert set(engine.speculation.choices) == {"none"}
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=CHEAP)
     engine.generate(PROMPTS[0], SamplingParams(max_tokens=20))
-    assert engine.policy.last_choice.size > 8
+    assert engine.speculation.last_choice.size > 8
     # a GPU-like curve (flat, then linear) with many rows picks a middle-sized tree
     gpu_like = CostModel.from_function(lambda n: 0.02 * max(1.0, n / 64))
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=gpu_like)
-    assert engine.policy.choose(n_rows=16, n_speculative=16).size < engine.policy.choose(1, 1).size
+    assert engine.speculation.policy.choose(n_rows=16, n_speculative=16).size < engine.speculation.policy.choose(1, 1).size
 
 
 def test_heads_cost_is_priced_by_the_rows_that_run_them(model, oracle):
@@ -259,15 +260,16 @@ def test_heads_cost_is_priced_by_the_rows_that_run_them(model, oracle):
     assert costs.heads(1) == 0.001 and abs(costs.heads(16) - 0.016) < 1e-9
     assert abs(costs.heads(8) - 0.008) < 1e-9 and costs.heads(32) > costs.heads(16)
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=costs)
-    assert engine.policy.choose(n_rows=1, n_speculative=1).size > 1  # a small tree pays at 1 row
+    assert engine.speculation.policy.choose(n_rows=1, n_speculative=1).size > 1  # a small tree pays at 1 row
     priced_at_16 = CostModel(costs.points, heads_cost=0.016, ema=0.0)
     engine = make_engine(model, oracle, speculation="adaptive", cost_model=priced_at_16)
-    assert engine.policy.choose(n_rows=1, n_speculative=1).size == 1  # it would not at the 16-row price
+    assert engine.speculation.policy.choose(n_rows=1, n_speculative=1).size == 1  # it would not at the 16-row price
 
 
 def test_policy_wants_a_clear_gain_before_it_speculates():
     """A tree predicted 3% faster than no speculation is not worth the estimation error; 15% is."""
-    from nbkit.engine.policy import AcceptanceStats, SpeculationPolicy
+    from nbkit.engine.speculation import AcceptanceStats
+    from nbkit.engine.speculation.policy import SpeculationPolicy
     from nbkit.medusa.trees import get_tree
 
     q = [[0.5] + [0.0] * 9] + [[0.0] * 10] * 3  # head 0's top-1 is right half the time, nothing else is

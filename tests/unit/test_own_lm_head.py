@@ -5,10 +5,10 @@ T4) that such heads never use. Shared-lm_head heads still read it."""
 import pytest
 from helpers import FaultyRunner, ToyTokenizer, tiny_llama
 
-from nbkit.engine.costs import calibrate
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation import CostModel
+from nbkit.engine.speculation.costs import calibrate
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.heads import MedusaHeads
 

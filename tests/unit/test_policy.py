@@ -15,13 +15,13 @@ import pytest
 import torch
 from helpers import OracleHeads, ToyTokenizer, head0_stats, hf_greedy, observed, tiny_llama
 
-from nbkit.engine.costs import CostModel, DeclaredCostModel, calibrate
 from nbkit.engine.engine import Engine
-from nbkit.engine.estimates import AcceptanceStats, shrunk_lower_bounds
-from nbkit.engine.guard import SpeculationGuard
-from nbkit.engine.policy import SpeculationPolicy
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.runner import TreeInput
+from nbkit.engine.speculation.costs import CostModel, DeclaredCostModel, calibrate
+from nbkit.engine.speculation.estimates import AcceptanceStats, shrunk_lower_bounds
+from nbkit.engine.speculation.guard import SpeculationGuard
+from nbkit.engine.speculation.policy import SpeculationPolicy
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.trees import get_tree
 
@@ -153,10 +153,10 @@ def test_guard_backs_off_when_speculation_is_really_slow(model, refs, oracle, cl
                     SlowHeads(oracle, clock, 0.02), speculation="adaptive", cost_model=_learning_cheap())
     out = engine.generate(GOOD, SamplingParams(max_tokens=160))
     assert out.token_ids == refs[tuple(GOOD)]
-    guard = engine.policy.guard
+    guard = engine.speculation.policy.guard
     assert guard.backoffs >= 1 and guard.last_ratio < 1.0, (guard.backoffs, guard.last_ratio)
-    spec = sum(n for name, n in engine.policy.choices.items() if name != "none")
-    assert engine.policy.choices["none"] > 2 * spec, engine.policy.choices
+    spec = sum(n for name, n in engine.speculation.policy.choices.items() if name != "none")
+    assert engine.speculation.policy.choices["none"] > 2 * spec, engine.speculation.policy.choices
 
 
 def test_guard_keeps_speculation_that_pays(model, refs, oracle, clock):
@@ -166,7 +166,7 @@ def test_guard_keeps_speculation_that_pays(model, refs, oracle, clock):
                     cost_model=_learning_cheap())
     out = engine.generate(GOOD, SamplingParams(max_tokens=160))
     assert out.token_ids == refs[tuple(GOOD)]
-    guard = engine.policy.guard
+    guard = engine.speculation.policy.guard
     assert guard.backoffs == 0 and guard.last_ratio > 1.0, (guard.backoffs, guard.last_ratio)
     assert out.mean_accepted > 1.8
 
@@ -193,17 +193,17 @@ def test_drift_triggers_an_interleaved_remeasurement(model, refs, oracle, clock)
     cost.set_reference()
     slow = SlowRunner(TorchRunner(model, max_slots=1), clock, per_step=0.003)
     engine = Engine(slow, ToyTokenizer(), oracle, speculation="adaptive", cost_model=cost)
-    order, plan = [], engine.policy.plan
+    order, plan = [], engine.speculation.policy.plan
 
     def spy(*args):
         tree, use = plan(*args)
-        order.append((engine.policy._remeasuring, tree.size))
+        order.append((engine.speculation.policy._remeasuring, tree.size))
         return tree, use
 
-    engine.policy.plan = spy
+    engine.speculation.policy.plan = spy
     out = engine.generate(GOOD, SamplingParams(max_tokens=160))
     assert out.token_ids == refs[tuple(GOOD)]
-    assert engine.policy.remeasure.count == 1
+    assert engine.speculation.policy.remeasure.count == 1
     assert cost.step(1, 1) == pytest.approx(0.003)  # the medians replaced the stale 0.1 ms
     sizes = [size for remeasuring, size in order if remeasuring]
     assert sizes[0] == 1 and sizes[1] > 1 and sizes.count(1) == 3  # plain first, then trees, 3 rounds

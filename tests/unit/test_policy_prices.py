@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from helpers import OracleHeads, ToyTokenizer, head0_stats, hf_greedy, observed, tiny_llama
 
-from nbkit.engine.costs import CostModel
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import SpeculationPolicy
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation.costs import CostModel
+from nbkit.engine.speculation.policy import SpeculationPolicy
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.trees import get_tree
 

@@ -9,8 +9,8 @@ from helpers import ToyTokenizer, random_heads, tiny_llama
 from scipy.stats import chisquare
 
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.acceptance import probs_from_logits
 
@@ -85,7 +85,7 @@ def test_medusa_sampling_is_lossless(model, params):
     exact = exact_distribution(model, params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0))
     medusa, engine = sample(model, "mc_sim_7b_63", N, **params)
     # the trees did accept speculated tokens, so the rule was really exercised
-    assert engine.stats.accepted > 0.3 * N
+    assert engine.speculation.stats.accepted > 0.3 * N
     for margin in (1, 2, 3):
         assert pooled_chisquare(medusa, exact, margin) > 1e-3
     # and the test has power: a biased sampler (greedy-ish temperature) is rejected

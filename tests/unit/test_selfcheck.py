@@ -15,9 +15,9 @@ import torch
 from helpers import ToyTokenizer, hf_greedy, random_heads, tiny_llama
 
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.selfcheck import PROMPTS, check_runner
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
 CHEAP = CostModel.from_function(lambda n: 0.01)

@@ -11,8 +11,8 @@ from helpers import FaultyRunner, ToyTokenizer, hf_greedy, random_heads, tiny_ll
 
 from nbkit.engine.budget import fit_trees, ladder
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.trees import chain, get_tree
 

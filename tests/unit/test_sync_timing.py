@@ -15,11 +15,11 @@ import pytest
 import torch
 from helpers import ToyTokenizer, tiny_llama
 
-from nbkit.engine import costs
 from nbkit.engine import engine as engine_module
-from nbkit.engine.costs import CostModel, calibrate
 from nbkit.engine.engine import Engine
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation import costs
+from nbkit.engine.speculation.costs import CostModel, calibrate
 from nbkit.engine.torch_runner import TorchRunner
 
 PREFILL, COMMIT = 0.5, 0.002  # a prompt costs far more than a commit: charged to a step, it shows

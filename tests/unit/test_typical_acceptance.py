@@ -15,8 +15,8 @@ import torch
 from helpers import OracleHeads, ToyTokenizer, hf_greedy, tiny_llama
 
 from nbkit.engine.engine import Engine
-from nbkit.engine.policy import CostModel
 from nbkit.engine.request import SamplingParams
+from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.acceptance import accept, accept_greedy
 from nbkit.medusa.trees import build_tree

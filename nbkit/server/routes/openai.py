@@ -21,7 +21,7 @@ from ..schemas import (
     OpenAIError,
 )
 from ..service import Service, get_service
-from ..streams import OPENAI_FINISH, SSE_HEADERS, STREAMED, openai_chunks, usage
+from ..streams import SSE_HEADERS, STREAMED, openai_chunks, usage
 from ..timeouts import TimedEventSourceResponse
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"],
@@ -80,7 +80,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
         return fin
     return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(fin),
                               choices=[CompletionChoice(text=fin.text,
-                                                        finish_reason=OPENAI_FINISH[fin.finish_reason])])
+                                                        finish_reason=fin.finish_reason.openai)])
 
 
 @router.post("/chat/completions", response_model=ChatResponse, responses=STREAMED)
@@ -101,7 +101,7 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
     if isinstance(fin, TimedEventSourceResponse):
         return fin
     choice = ChatChoice(message={"role": "assistant", "content": fin.text},
-                        finish_reason=OPENAI_FINISH[fin.finish_reason])
+                        finish_reason=fin.finish_reason.openai)
     return ChatResponse(id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage(fin))
 
 

@@ -15,10 +15,11 @@ tokens are computed from those lower bounds (`TreeTable.lower_bounds`): the gain
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 
-from ..medusa.trees import TOPK, MedusaTree
+from ...medusa.trees import TOPK, MedusaTree
 
 # Pseudo-observations of the global estimate's seed: the heads' training-time acceptance when their
 # config has one, else a generic guess; either is soon outweighed by real probes (see docs/bench/policy.md).
@@ -26,6 +27,14 @@ SEED_TRIALS_MEASURED = 16.0
 SEED_TRIALS_GUESS = 4.0
 SHRINK = 12.0  # a request's own trials are weighed against this many of the global estimate's
 Z = 1.0  # standard errors below the estimate (one-sided, ~84%)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The heads' top-k at one output position, waiting for the tokens that followed it."""
+
+    start: int  # index in the output of the token that follows the pending one
+    topk: torch.Tensor  # [n_heads, k] token ids
 
 
 class AcceptanceStats:
@@ -50,21 +59,18 @@ class AcceptanceStats:
         self.accepted = 0  # of those, accepted
         self._lock = threading.Lock()
 
-    def request_stats(self) -> RequestAcceptance:
-        return RequestAcceptance(self.n_heads, self.topk)
-
-    def resolve_probes(self, probes: list[tuple[int, torch.Tensor]], output_ids: list[int], final: bool,
-                       request: RequestAcceptance | None = None) -> list[tuple[int, torch.Tensor]]:
-        """Observe the probes (output position, heads' top-k) whose next tokens are all known (all of
-        them when the request is `final`), globally and for `request`; returns the probes still waiting."""
+    def resolve_probes(self, probes: list[Probe], output_ids: list[int], final: bool,
+                       request: RequestAcceptance | None = None) -> list[Probe]:
+        """Observe the probes whose next tokens are all known (all of them when the request is `final`),
+        globally and for `request`; returns the probes still waiting."""
         keep = []
-        for start, top in probes:
-            actual = output_ids[start:]
+        for probe in probes:
+            actual = output_ids[probe.start:]
             if len(actual) >= self.n_heads or final:
                 if actual:
-                    self.observe_probe(top, actual, request)
+                    self.observe_probe(probe.topk, actual, request)
             else:
-                keep.append((start, top))
+                keep.append(probe)
         return keep
 
     def observe_probe(self, head_topk: torch.Tensor, actual: list[int],
@@ -123,8 +129,6 @@ class RequestAcceptance:
         self.hits = torch.zeros(n_heads, topk)
         self.trials = torch.zeros(n_heads)
         self.version = 0  # bumped by every observation (the policy caches its gains per version)
-        self.cache_key: tuple | None = None
-        self.gains: list[float] = []
 
     def observe(self, walk: list[tuple[int, int | None]]) -> None:
         self.version += 1

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from ..medusa.trees import MedusaTree
+from ...medusa.trees import MedusaTree
 
 log = logging.getLogger("nbkit.engine")
 

@@ -19,20 +19,20 @@ cost model, a few interleaved rounds of plain and tree steps re-measure it. The 
 policy its guard and says when it has drifted, so a declared price list (`DeclaredCostModel`, from
 `CostModel.from_function`), which never drifts and whose guard never intervenes, is taken as given with
 no special case here. `calibrate()` (costs.py) measures the cost curve on the runner at start-up.
+The engine never talks to this class: `Speculation` (speculation.py) owns it with the statistics and costs.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
-from ..medusa.trees import MedusaTree, chain, subtree
-from .costs import CostModel, calibrate
+from ...medusa.trees import MedusaTree, chain, subtree
+from .costs import CostModel
 from .estimates import AcceptanceStats, RequestAcceptance, TreeTable, shrunk_lower_bounds
 from .guard import Remeasure
-
-__all__ = ["AcceptanceStats", "CostModel", "RequestAcceptance", "SpeculationPolicy", "calibrate"]
 
 log = logging.getLogger("nbkit.engine")
 
@@ -57,7 +57,7 @@ class SpeculationPolicy:
                  mode: str = "adaptive", fixed: MedusaTree | None = None, max_leaves: int | None = None,
                  recomputes_accepted: bool = False):
         self.base_tree, self.stats, self.mode, self.fixed = base_tree, stats, mode, fixed
-        self.cost = cost  # and its guard
+        self.cost, self.guard = cost, cost.guard()  # a cost model comes with the guard that checks it
         self.max_leaves = max_leaves  # total leaf budget per step (llama.cpp sequence ids), None = no limit
         # The runner decodes accepted speculative tokens again next step (llama.cpp exact mode): a tree's price
         # includes them.
@@ -76,15 +76,15 @@ class SpeculationPolicy:
         self._remeasuring = False
         self.last_choice = self.none
         self.choices: dict[str, int] = {}
+        # Per request: (cache key, gains row); weak, so a finished request's row goes with it.
+        self._gains_rows: weakref.WeakKeyDictionary[RequestAcceptance, tuple[tuple, list[float]]] = (
+            weakref.WeakKeyDictionary())
 
-    @property
-    def cost(self) -> CostModel:
-        return self._cost
-
-    @cost.setter
-    def cost(self, model: CostModel) -> None:
-        """A cost model comes with the guard that checks it (engine.prepare() replaces the placeholder)."""
-        self._cost, self.guard = model, model.guard()
+    def use_costs(self, model: CostModel) -> None:
+        """Price with `model` from now on, checked by a fresh guard of its kind (after calibration)."""
+        self.cost, self.guard = model, model.guard()
+        self._prices.clear()
+        self._reach.clear()
 
     def candidates(self) -> list[MedusaTree]:
         """[none, best sub-trees of the base tree by size], rebuilt from the statistics every REBUILD_EVERY steps."""
@@ -213,14 +213,16 @@ class SpeculationPolicy:
             self._global, self._global_age = self.stats.counts(), 0
             self._global_version += 1
         key = (self._global_version, self._table_version)
-        stale = [i for i, r in enumerate(requests) if r is None or r.cache_key != (key, r.version)]
+        cache = self._gains_rows
+        stale = [i for i, r in enumerate(requests)
+                 if r is None or r not in cache or cache[r][0] != (key, r.version)]
         if stale:
             rows = (self._table.expected(shrunk_lower_bounds(*self._global, [requests[i] for i in stale])) - 1.0)
             for i, row in zip(stale, rows.tolist()):
                 if requests[i] is None:
                     return [row] * len(requests)  # nothing of their own: all the same
-                requests[i].cache_key, requests[i].gains = (key, requests[i].version), row
-        return [r.gains for r in requests]
+                cache[requests[i]] = ((key, requests[i].version), row)
+        return [cache[r][1] for r in requests]
 
     def _best(self, n_rows: int, requests: list[RequestAcceptance | None]) -> tuple[MedusaTree, list[bool]]:
         """The candidate with the most tokens per second at the requests' lower bounds, if it beats plain

@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..medusa.heads import MedusaHeads
-from ..medusa.trees import TOPK, chain
+from ...medusa.heads import MedusaHeads
+from ...medusa.trees import TOPK, chain
+from ..runner import Runner, TreeInput
 from .guard import PassiveGuard, SpeculationGuard
-from .runner import Runner, TreeInput
 
 log = logging.getLogger("nbkit.engine")
 
