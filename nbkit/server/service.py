@@ -155,7 +155,8 @@ class Service:
         chars = sum(len(m.get("content") or "") for m in messages)
         if max_input and chars > 16 * max_input:
             raise APIError(None, f"the messages have {chars} characters: far more than the {max_input} input "
-                                 "tokens allowed", param="messages", code="context_length_exceeded")
+                                 f"tokens allowed (this model's maximum context length is {self.limits()[1]} "
+                                 "tokens)", param="messages", code="context_length_exceeded")
 
     async def chat_ids(self, messages: list[dict]) -> list[int]:
         tokenizer = self.ready().tokenizer

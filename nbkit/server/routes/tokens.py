@@ -10,10 +10,19 @@ from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import APIError
-from ..schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenPiece
+from ..schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    OpenAIError,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenPiece,
+)
 from ..service import Service, get_service
 
-router = APIRouter(tags=["tokenizer"])
+# Errors in OpenAI's shape, as llama-server answers them on these routes (errors.OPENAI_PATHS).
+router = APIRouter(tags=["tokenizer"],
+                   responses={code: {"model": OpenAIError} for code in (400, 401, 413, 429, 500, 503)})
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
