@@ -360,6 +360,8 @@ class Engine:
                     reason = FinishReason.LENGTH
             if reason in (FinishReason.EOS_TOKEN, FinishReason.LENGTH):
                 delta += r.text.final()  # text held back in case a stop string was starting
+                if r.text.stopped:  # a stop string completed in that held-back text: it is why the answer ends
+                    reason = FinishReason.STOP_SEQUENCE
             r.handle.push(TokenEvent(tok, delta, len(r.output_ids) - 1))
             if reason is not None:
                 self._finish(r, reason)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .boundaries import CutTracker, Joining, TokenBoundaries
 from .speculation.estimates import Probe, RequestAcceptance
 
 
@@ -212,13 +213,19 @@ class RequestHandle:
 class TextStream:
     """Incremental detokenization with stop strings: releases text only when it is final.
 
-    Work per token is bounded, whatever the output's length: only the tokens since the last complete
-    character are decoded again (with one token before them, so that a tokenizer's leading-space rules
-    see their context, as TGI and vLLM do), and stop strings are looked for only in the new characters
-    plus the `len(stop) - 1` before them.
+    The text equals `tokenizer.decode(ids, skip_special_tokens=True)` of the tokens so far, also when the
+    model writes byte tokens that do not form valid UTF-8: text is cut between windows only where no later
+    token can change it (boundaries.py says where, from how the tokenizer joins tokens).
+
+    Work per token is bounded, whatever the output's length: only the tokens since the last final cut are
+    decoded again (with the token before them, so that a tokenizer's leading-space rules see their context, as
+    TGI and vLLM do), and stop strings are looked for only in the new characters plus the `len(stop) - 1`
+    before them. A final cut is at most a few bytes away on byte-level BPE; with sentencepiece byte fallback a
+    run of byte tokens decodes as a whole, so the window holds the run (a character takes 2-4 byte tokens).
     """
 
-    MAX_PENDING = 8  # tokens that may wait for an incomplete UTF-8 character before it is given out as is
+    MAX_PENDING = 8  # UNKNOWN tokenizers: tokens that may wait for an incomplete character before it is given out
+    MAX_WINDOW = 256  # a run of byte tokens this long (a degenerate output) is given out as decoded so far
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
@@ -227,28 +234,55 @@ class TextStream:
         self._prefix = 0  # token index where the decode window starts (context for the tokens after `_read`)
         self._read = 0  # tokens whose text is in self.text
         self._ids: list[int] = []
+        self._cuts = CutTracker(_boundaries(tokenizer))
+        self.stopped = False  # final() found a stop string in the text it flushed
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
+    def _cut(self, token_ids: list[int], force: bool) -> int:
+        """How many tokens to take into self.text now (self._read: none)."""
+        if force or len(token_ids) - self._read >= self.MAX_WINDOW:
+            return len(token_ids)
+        if self._cuts.b.joining is not Joining.UNKNOWN:
+            self._cuts.feed(token_ids)
+            return max(self._cuts.final, self._read)
+        if len(token_ids) - self._read >= self.MAX_PENDING:
+            return len(token_ids)
+        window = self._decode(token_ids[self._prefix:])
+        known = self._decode(token_ids[self._prefix:self._read])
+        complete = len(window) > len(known) and not window.endswith("\ufffd")
+        return len(token_ids) if complete else self._read
+
     def _advance(self, token_ids: list[int], force: bool = False) -> int:
-        """Append the text of the new tokens; returns the length of the text before them."""
+        """Append the text of the new tokens up to the latest final cut; returns the text's length before."""
         self._ids = token_ids
         before = len(self.text)
-        if self._read >= len(token_ids):
+        cut = self._cut(token_ids, force)
+        if cut <= self._read:
             return before
         known = self._decode(token_ids[self._prefix:self._read])
-        window = self._decode(token_ids[self._prefix:])
-        waiting = len(token_ids) - self._read
-        complete = len(window) > len(known) and not window.endswith("\ufffd")
-        if complete or force or waiting >= self.MAX_PENDING:  # bounded: the window never exceeds MAX_PENDING
-            self.text += window[len(known):]
-            self._prefix, self._read = self._read, len(token_ids)
+        self.text += self._decode(token_ids[self._prefix:cut])[len(known):]
+        if self._cuts.b.joining is Joining.UNKNOWN:
+            self._prefix = self._read  # the last window is the next one's context
+        else:
+            self._prefix = self._cuts.context(cut, token_ids)
+        self._read = cut
         return before
 
     def update(self, token_ids: list[int]) -> tuple[str, bool]:
         """Text newly released by the tokens so far, and whether a stop string was hit (text cut there)."""
-        before = self._advance(token_ids)
+        return self._release(self._advance(token_ids), hold=True)
+
+    def final(self) -> str:
+        """Everything not yet released (at the end of the request), an incomplete character included; cut at
+        a stop string if the flushed text holds one (a character completed by the last tokens)."""
+        delta, self.stopped = self._release(self._advance(self._ids, force=True), hold=False)
+        return delta
+
+    def _release(self, before: int, hold: bool) -> tuple[str, bool]:
+        """The text not yet given out, cut at the first stop string in the characters from `before` on; with
+        `hold`, less any suffix that may start a stop string (incomplete characters are not in self.text yet)."""
         text = self.text
         hit = -1
         for s in self.stop:
@@ -260,18 +294,20 @@ class TextStream:
             delta = self.text[self.released:]
             self.released = len(self.text)
             return delta, True
-        # Hold back any suffix that may start a stop string (incomplete characters are not in self.text yet).
-        end = len(text) - max((_partial_stop(text, s) for s in self.stop), default=0)
+        end = len(text) - (max((_partial_stop(text, s) for s in self.stop), default=0) if hold else 0)
         delta = text[self.released:end] if end > self.released else ""
         self.released = max(self.released, end)
         return delta, False
 
-    def final(self) -> str:
-        """Everything not yet released (at the end of the request), an incomplete character included."""
-        self._advance(self._ids, force=True)
-        delta = self.text[self.released:]
-        self.released = len(self.text)
-        return delta
+
+_BOUNDARIES: dict[int, TokenBoundaries] = {}  # per tokenizer (id(tokenizer); the entry keeps it alive)
+
+
+def _boundaries(tokenizer) -> TokenBoundaries:
+    found = _BOUNDARIES.get(id(tokenizer))
+    if found is None or found.tokenizer is not tokenizer:
+        found = _BOUNDARIES[id(tokenizer)] = TokenBoundaries(tokenizer)
+    return found
 
 
 def _partial_stop(text: str, stop: str) -> int:

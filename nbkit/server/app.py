@@ -3,7 +3,9 @@
 `create_app(engine, settings)` serves, over one engine:
 - the project's original contract `POST /generate {"prompt", "max_tokens"} -> {"response"}`, and TGI's
   `POST /generate {"inputs", "parameters"}` and `POST /generate_stream` (SSE token events);
-- OpenAI's `POST /v1/completions`, `POST /v1/chat/completions` (both also streamed) and `GET /v1/models`;
+- OpenAI's `POST /v1/completions`, `POST /v1/chat/completions` (both also streamed) and `GET /v1/models`,
+  also without the /v1 prefix as llama-server serves them;
+- the tokenizer: `POST /tokenize`, `POST /detokenize` (llama-server's and vLLM's shapes);
 - `GET /health`, `GET /info`, `GET /metrics` (Prometheus) and a chat page at `GET /`.
 
 Every refusal is a JSON error in the style of the route's API (errors.py): bad input is 4xx, a full
@@ -20,13 +22,14 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .errors import APIError, describe_validation, error_response
 from .metrics import CountRequests, Metrics
-from .routes import generate, openai, ops
+from .routes import generate, openai, ops, tokens
 from .routes.ops import CHAT_PAGE  # noqa: F401  (where the chat page lives; tests read it)
 from .security import BodyLimit, Guard
 from .service import Service, Settings
@@ -45,14 +48,20 @@ def create_app(engine=None, settings: Settings | None = None) -> FastAPI:
                               "contract, TGI and OpenAI-compatible APIs.")
     metrics = Metrics(routes=set())
     app.state.service = Service(engine, settings, metrics)
-    for router in (generate.router, openai.router, ops.router):
-        app.include_router(router)
+    app.include_router(generate.router)
+    app.include_router(openai.router, prefix="/v1")
+    app.include_router(openai.router, include_in_schema=False)  # llama-server serves them unprefixed too
+    app.include_router(tokens.router)
+    app.include_router(ops.router)
     _add_error_handlers(app)
     metrics.routes.update(r.path for r in iter_route_contexts(app.routes))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     settings.keys  # noqa: B018 -- refuse bad keys now, not on the first request
     svc = app.state.service
     app.add_middleware(Guard, keys=lambda: svc.settings.keys, rate_limit=settings.rate_limit)  # rotatable
+    if settings.cors_origins:  # outside the Guard: preflights carry no key, and refusals get CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts the guards' refusals too
     return app
 

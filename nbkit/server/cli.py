@@ -25,6 +25,9 @@ def register_cli(subparsers) -> None:
                    help="require the keys in this file (one per line); default: $NBKIT_API_KEY, if set")
     p.add_argument("--rate-limit", type=float, default=600.0,
                    help="generation requests per minute per key (0 = no limit)")
+    p.add_argument("--cors-origin", action="append", default=None,
+                   help="let pages on this origin call the API from a browser (repeatable; default: any origin, "
+                        "'*', as llama-server and vLLM: the key is a header, not a cookie; 'none' = no CORS)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch (then 429)")
     p.add_argument("--speculation", default="adaptive", help="adaptive, off, or a fixed tree name")
@@ -56,6 +59,13 @@ def read_keys(given: list[str] | None, key_file: str | None) -> list[str] | None
     return keys or None
 
 
+def cors_origins(given: list[str] | None) -> list[str]:
+    """--cors-origin values as Settings.cors_origins: none given = any origin; 'none' = no CORS headers."""
+    if not given:
+        return ["*"]
+    return [] if given == ["none"] else [o.rstrip("/") for o in given]
+
+
 LLAMA_MODES = {"auto": None, "exact": True, "fast": False}  # --llama-mode -> the runner's `exact`
 
 
@@ -74,7 +84,8 @@ def cmd_serve(args) -> int:
 
     try:
         keys = read_keys(args.api_key, args.api_key_file)
-        settings = Settings(api_key=keys, rate_limit=args.rate_limit or None, max_new_tokens=args.max_new_tokens)
+        settings = Settings(api_key=keys, rate_limit=args.rate_limit or None, max_new_tokens=args.max_new_tokens,
+                            cors_origins=cors_origins(args.cors_origin))
         settings.keys  # noqa: B018 -- a short key is refused before the model loads
     except (OSError, ValueError) as err:
         print(f"nbkit serve: {err}", file=sys.stderr)

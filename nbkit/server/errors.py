@@ -32,8 +32,13 @@ class APIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
 
+# Routes that answer OpenAI-style errors besides /v1/...: the unprefixed aliases llama-server also serves, and
+# its tokenizer routes (llama-server answers their errors in the same shape).
+OPENAI_PATHS = frozenset({"/chat/completions", "/completions", "/models", "/tokenize", "/detokenize"})
+
+
 def is_openai(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
+    return path == "/v1" or path.startswith("/v1/") or path in OPENAI_PATHS
 
 
 def error_response(path: str, err: APIError) -> JSONResponse:

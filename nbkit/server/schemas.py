@@ -157,7 +157,8 @@ class OpenAIRequest(SpeculationOptions):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: Text | list[int] | list[Text] = Field(description="one prompt: text, token ids, or a list of one text")
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(
+        description="text or token ids; a list of texts or of token-id lists gives one choice per prompt")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="not supported: must be false")
     logprobs: int | None = Field(None, description="not supported")
@@ -201,6 +202,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage
 
@@ -222,6 +224,7 @@ class ChatResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
 
@@ -304,3 +307,35 @@ class Info(BaseModel):
     rate_limit_per_minute: float | None
     self_check: SelfCheckInfo | None = Field(None, description="the start-up self-check (None: not run)")
     version: str
+
+
+# ---- tokenizer: /tokenize, /detokenize (llama-server's shapes; vLLM's `prompt` too) ----------
+
+class TokenizeRequest(Strict):
+    content: Text | None = Field(None, description="llama-server: the text to tokenize")
+    prompt: Text | None = Field(None, description="vLLM: the text to tokenize (same as content)")
+    add_special: bool | None = Field(None, description="llama-server: add BOS as the tokenizer does (default false)")
+    add_special_tokens: bool | None = Field(None, description="vLLM: the same (default true)")
+    with_pieces: bool = Field(False, description="llama-server: tokens as {id, piece} objects")
+    model: Text | None = None
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+    count: int = Field(description="vLLM: the number of tokens")
+    max_model_len: int | None = Field(None, description="vLLM: the context length (prompt and output)")
+
+
+class DetokenizeRequest(Strict):
+    tokens: list[int] = Field(description="token ids")
+    model: Text | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    content: str = Field(description="llama-server's field")
+    prompt: str = Field(description="vLLM's field (the same text)")

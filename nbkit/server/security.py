@@ -78,7 +78,8 @@ class BodyLimit:
 
 
 class Guard:
-    """API keys (Bearer) on every route but OPEN_PATHS, a token-bucket rate limit per key on POSTs, and a
+    """API keys (`Authorization: Bearer KEY`, or `X-Api-Key: KEY` as llama-server and Anthropic's clients send
+    them) on every route but OPEN_PATHS, a token-bucket rate limit per key on POSTs, and a
     throttle on failed key attempts per client address.
 
     `rate_limit` is requests per minute per key (bursts up to the same number); None or 0 turns it
@@ -115,11 +116,12 @@ class Guard:
             err = APIError(429, "too many failed API key attempts from this address: wait", "rate_limit",
                            code="too_many_failed_attempts", headers={"Retry-After": str(max(1, math.ceil(wait)))})
             return await _reject(scope, send, err)
-        key = self._match(keys, _header(scope, b"authorization"))
+        key = self._match(keys, _given_key(scope))
         if key is None:
             if address is not None:
                 self._failed(address)
-            err = APIError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication",
+            err = APIError(401, "a valid API key is required (Authorization: Bearer KEY, or X-Api-Key: KEY)",
+                           "authentication",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return await _reject(scope, send, err)
         if self.rate > 0 and scope["method"] == "POST":
@@ -130,16 +132,15 @@ class Guard:
                 return await _reject(scope, send, err)
         await self.app(scope, receive, send)
 
-    def _key_index(self, header: bytes | None) -> int | None:
+    def _key_index(self, authorization: bytes | None) -> int | None:
         keys = self.keys
-        key = self._match(keys, header)
+        key = self._match(keys, _bearer(authorization))
         return None if key is None else keys.index(key)
 
     @staticmethod
-    def _match(keys: list[bytes], header: bytes | None) -> bytes | None:
-        if header is None or header[:7].lower() != b"bearer ":
+    def _match(keys: list[bytes], given: bytes | None) -> bytes | None:
+        if given is None:
             return None
-        given = header[7:].strip()
         found = None
         for key in keys:  # compare with every key: the time does not say which one matched
             if hmac.compare_digest(given, key) and found is None:
@@ -176,6 +177,21 @@ class Guard:
             return (1.0 - tokens) / self.rate
         self.buckets[key] = (tokens - 1.0, now)
         return 0.0
+
+
+def _given_key(scope) -> bytes | None:
+    """The key the client sent: a Bearer Authorization header, else X-Api-Key (None: neither)."""
+    bearer = _bearer(_header(scope, b"authorization"))
+    if bearer is not None:
+        return bearer
+    given = _header(scope, b"x-api-key")
+    return given.strip() if given is not None else None
+
+
+def _bearer(header: bytes | None) -> bytes | None:
+    if header is None or header[:7].lower() != b"bearer ":
+        return None
+    return header[7:].strip()
 
 
 def _client_address(scope) -> str | None:

@@ -15,6 +15,7 @@ from fastapi import Request
 from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
+from .. import __version__
 from ..chat_format import chat_prompt_ids
 from ..engine.request import EngineStopped, Finished, FinishReason, Overloaded, RequestHandle, SamplingParams
 from .errors import APIError
@@ -54,6 +55,11 @@ class Settings:
     # Client-chosen trees ("tree": "mc_sim_7b_63" pads every row of the batch to 64 positions): an operator
     # opt-in. By default the adaptive policy decides; clients may still turn speculation off for themselves.
     allow_client_trees: bool = False
+    max_prompts: int = 16  # prompts in one /v1/completions request (each takes a slot in the batch)
+    # Browsers may call the API from pages on these origins (CORS). "*" as llama-server and vLLM: the API is
+    # authenticated by a key in a header, not by a cookie, so a foreign page cannot use a visitor's access.
+    # [] = no CORS headers (browsers then allow only the server's own chat page).
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
 
     @property
     def keys(self) -> list[str]:
@@ -91,6 +97,12 @@ class Service:
         if self.settings.model_name:
             return self.settings.model_name
         return None if self.engine is None else str(self.engine.model_name)
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's `system_fingerprint`: what served the answer (nbkit version and engine), so that a client
+        comparing answers sees when the backend changed."""
+        return f"fp_nbkit-{__version__}-{self.settings.engine_name}"
 
     def status(self) -> tuple[str, str | None]:
         if self.stopping:
@@ -143,7 +155,8 @@ class Service:
         chars = sum(len(m.get("content") or "") for m in messages)
         if max_input and chars > 16 * max_input:
             raise APIError(None, f"the messages have {chars} characters: far more than the {max_input} input "
-                                 "tokens allowed", param="messages", code="context_length_exceeded")
+                                 f"tokens allowed (this model's maximum context length is {self.limits()[1]} "
+                                 "tokens)", param="messages", code="context_length_exceeded")
 
     async def chat_ids(self, messages: list[dict]) -> list[int]:
         tokenizer = self.ready().tokenizer
@@ -154,14 +167,14 @@ class Service:
         except (ValueError, TemplateError) as err:
             raise APIError(None, f"the chat template refused these messages: {err}", param="messages") from None
 
-    def check_token_ids(self, ids: list[int]) -> None:
+    def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
         tokenizer = self.ready().tokenizer
         try:
             n_vocab = len(tokenizer)
         except TypeError:
             n_vocab = tokenizer.vocab_size
         if any(not 0 <= i < n_vocab for i in ids):
-            raise APIError(None, f"token ids must be in [0, {n_vocab})", param="prompt")
+            raise APIError(None, f"token ids must be in [0, {n_vocab})", param=param)
 
     def sampling(self, n_prompt: int, max_tokens: int | None, *, name: str = "max_tokens", stop=None,
                  **params) -> SamplingParams:
@@ -173,7 +186,8 @@ class Service:
         if n_prompt == 0:
             raise APIError(None, "the prompt is empty", param="prompt")
         if n_prompt > max_input:
-            raise APIError(None, f"the prompt has {n_prompt} tokens; at most {max_input} are allowed",
+            raise APIError(None, f"the prompt has {n_prompt} tokens; at most {max_input} input tokens are allowed "
+                                 f"(this model's maximum context length is {total} tokens)",
                            param="prompt", code="context_length_exceeded")
         room = total - n_prompt
         if max_tokens is None:
@@ -181,8 +195,9 @@ class Service:
         elif max_tokens > s.max_new_tokens:
             raise APIError(None, f"{name} is {max_tokens}; at most {s.max_new_tokens} are allowed", param=name)
         elif max_tokens > room:
-            raise APIError(None, f"the prompt ({n_prompt} tokens) plus {name} ({max_tokens}) exceed the context "
-                                 f"limit of {total} tokens", param=name, code="context_length_exceeded")
+            raise APIError(None, f"the prompt ({n_prompt} tokens) plus {name} ({max_tokens}) exceed this model's "
+                                 f"maximum context length of {total} tokens", param=name,
+                           code="context_length_exceeded")
         if len(stop) > s.max_stop:
             raise APIError(None, f"{len(stop)} stop sequences; at most {s.max_stop} are allowed", param="stop")
         if any(len(x) > s.max_stop_chars for x in stop):

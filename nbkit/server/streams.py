@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -61,38 +62,64 @@ async def tgi_events(svc: Service, handle: RequestHandle, max_tokens: int, prefi
             yield token_event(last, special=True, fin=fin)
 
 
-async def openai_chunks(svc: Service, handle: RequestHandle, rid: str, model: str, chat: bool,
-                         include_usage: bool):
+async def follow_all(svc: Service, handles: list[RequestHandle]):
+    """(choice index, event) from several requests as their events arrive; each ends with its Finished."""
+    streams = [svc.follow(h) for h in handles]
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=pending.__getitem__):
+                i = pending.pop(future)
+                event = future.result()
+                yield i, event
+                if not isinstance(event, Finished):
+                    pending[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for future in pending:
+            future.cancel()
+        for stream in streams:
+            await stream.aclose()  # a gone client: follow() cancels its request
+
+
+async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, model: str, chat: bool,
+                        include_usage: bool):
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
+    fingerprint = svc.fingerprint
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+    def chunk(i: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
         if chat:
             delta = {} if text is None else ({"role": "assistant", "content": text} if role else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        out = {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": fingerprint,
+               "choices": [choice]}
         if include_usage:
             out["usage"] = None
         return sse_json(out)
 
     if chat:
-        yield chunk("", role=True)
-    async for event in svc.follow(handle):
+        for i in range(len(handles)):
+            yield chunk(i, "", role=True)
+    fins: list[Finished] = []
+    async for i, event in follow_all(svc, handles):
         if isinstance(event, TokenEvent):
             if event.text:
-                yield chunk(event.text)
+                yield chunk(i, event.text)
             continue
         fin = event
         if (err := svc.failure(fin, openai=True)) is not None:
             yield sse_json({"error": {"message": err.message, "type": "server_error", "param": None,
-                                   "code": fin.finish_reason}})
-        else:
-            yield chunk(None, fin.finish_reason.openai)
-            if include_usage:
-                yield sse_json({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-                             "usage": usage(fin).model_dump(), "nbkit": stats(fin)})
+                                      "code": fin.finish_reason}})
+            break  # follow_all's exit cancels the other choices
+        fins.append(fin)
+        yield chunk(i, None, fin.finish_reason.openai)
+    if include_usage and len(fins) == len(handles):
+        yield sse_json({"id": rid, "object": kind, "created": created, "model": model,
+                        "system_fingerprint": fingerprint, "choices": [], "usage": usage(*fins).model_dump(),
+                        "nbkit": stats(fins[0]) if len(fins) == 1 else None})
     yield "[DONE]"
 
 
@@ -102,7 +129,7 @@ def stats(fin: Finished) -> dict:
             "tokens_per_s": round(fin.tokens_per_s, 2)}
 
 
-def usage(fin: Finished) -> Usage:
-    return Usage(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens,
-                 total_tokens=fin.prompt_tokens + fin.completion_tokens)
+def usage(*fins: Finished) -> Usage:
+    prompt, completion = sum(f.prompt_tokens for f in fins), sum(f.completion_tokens for f in fins)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 

@@ -93,7 +93,9 @@ WRONG = {
     "no scheme": {"Authorization": KEYS[0]},
     "basic": {"Authorization": "Basic " + base64.b64encode(f"user:{KEYS[0]}".encode()).decode()},
     "empty bearer": {"Authorization": "Bearer"},
-    "other header": {"X-API-Key": KEYS[0]},
+    "other header": {"X-Auth-Token": KEYS[0]},
+    "wrong X-Api-Key": {"X-Api-Key": KEYS[0][:-1]},
+    "wrong bearer, right X-Api-Key": {"Authorization": "Bearer sk-nbkit-alpha-0123456789abcdeX", "X-Api-Key": KEYS[0]},
     "cookie": {"Cookie": f"api_key={KEYS[0]}"},
     "two keys": {"Authorization": f"Bearer {KEYS[0]} {KEYS[1]}"},
 }
@@ -123,6 +125,7 @@ def test_every_route_but_health_refuses_a_missing_or_wrong_key(keyed):
         for path in ("/info", "/metrics", "/docs", "/redoc", "/openapi.json", "/v1/models"):
             assert http.get(path, headers=GOOD).status_code == 200, path
         assert http.get("/info", headers={"authorization": "bearer " + KEYS[1]}).status_code == 200
+        assert http.get("/info", headers={"x-api-key": KEYS[1]}).status_code == 200  # llama-server's header
 
 
 def test_the_chat_page_api_calls_need_the_key(keyed):

@@ -247,7 +247,9 @@ OPENAI_BAD = [
     ("/v1/completions", {"model": TINY_MODEL, "prompt": 3}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": ""}, 400),
     ("/v1/completions", {"model": TINY_MODEL}, 400),
-    ("/v1/completions", {"model": TINY_MODEL, "prompt": ["a", "b"]}, 400),
+    ("/v1/completions", {"model": TINY_MODEL, "prompt": ["a", 5]}, 400),  # a list of prompts is one kind
+    ("/v1/completions", {"model": TINY_MODEL, "prompt": []}, 400),
+    ("/v1/completions", {"model": TINY_MODEL, "prompt": ["a", ""]}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": [1, 99999]}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": -5}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": 10**9}, 400),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
 
-from ...engine.request import SamplingParams
+from ...engine.request import RequestHandle, SamplingParams
 from ..errors import APIError
 from ..schemas import (
     ChatChoice,
@@ -24,7 +25,7 @@ from ..service import Service, get_service
 from ..streams import SSE_HEADERS, STREAMED, openai_chunks, usage
 from ..timeouts import TimedEventSourceResponse
 
-router = APIRouter(prefix="/v1", tags=["OpenAI"],
+router = APIRouter(tags=["OpenAI"],  # included at /v1 and at the root
                    responses={code: {"model": OpenAIError} for code in (400, 401, 404, 413, 429, 500, 503)})
 
 
@@ -41,46 +42,70 @@ def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, n
                         tree=body.tree)
 
 
-async def completion_ids(svc: Service, prompt) -> list[int]:
-    """A completion's prompt: one string, a list of one string, or token ids."""
-    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-        svc.check_token_ids(prompt)
-        return list(prompt)
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(None, "send exactly one prompt per request", param="prompt")
-        prompt = prompt[0]
-    return await svc.encode(prompt)
+async def completion_prompts(svc: Service, prompt) -> list[list[int]]:
+    """A completion's prompts: one text or token-id list, or a list of them (one choice each)."""
+    if isinstance(prompt, str):
+        return [await svc.encode(prompt)]
+    if prompt and all(isinstance(x, int) for x in prompt):
+        prompt = [prompt]
+    if not 1 <= len(prompt) <= svc.settings.max_prompts:
+        raise APIError(None, f"{len(prompt)} prompts; send 1 to {svc.settings.max_prompts}", param="prompt")
+    prompts = []
+    for p in prompt:
+        if isinstance(p, str):
+            prompts.append(await svc.encode(p))
+        else:
+            svc.check_token_ids(p)
+            prompts.append(list(p))
+    return prompts
 
 
-async def run(svc: Service, body, request: Request, ids: list[int], params: SamplingParams, rid: str, chat: bool):
-    """Submit; then either the SSE response (`stream: true`) or the finished request, failures raised as 4xx/5xx."""
-    handle = svc.submit(ids, params)
+def submit_all(svc: Service, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestHandle]:
+    """Queue every prompt (they decode side by side in the batch); none stays queued if one is refused."""
+    handles: list[RequestHandle] = []
+    try:
+        for ids, p in zip(prompts, params, strict=True):
+            handles.append(svc.submit(ids, p))
+    except APIError:
+        for h in handles:
+            h.cancel()
+            svc.inflight.discard(h)
+        raise
+    return handles
+
+
+async def run(svc: Service, body, request: Request, prompts: list[list[int]], params: list[SamplingParams],
+              rid: str, chat: bool):
+    """Submit; then either the SSE response (`stream: true`) or the finished requests, failures raised as 4xx/5xx."""
+    handles = submit_all(svc, prompts, params)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        chunks = openai_chunks(svc, handle, rid, svc.model_id, chat=chat, include_usage=include_usage)
+        chunks = openai_chunks(svc, handles, rid, svc.model_id, chat=chat, include_usage=include_usage)
         return TimedEventSourceResponse(chunks, headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
-    fin = await svc.result(handle, request)
-    if (err := svc.failure(fin, openai=True)) is not None:
-        raise err
-    return fin
+    fins = await asyncio.gather(*(svc.result(h, request) for h in handles))
+    for fin in fins:
+        if (err := svc.failure(fin, openai=True)) is not None:
+            raise err
+    return fins
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)):
-    """Text completion (no chat template). `stream: true` answers SSE chunks, then `data: [DONE]`."""
+    """Text completion (no chat template). `prompt` may be a list: one choice per prompt (`index` says which).
+    `stream: true` answers SSE chunks, then `data: [DONE]`."""
     svc.check_model(body.model)
     if body.echo or body.suffix or (body.best_of or 1) != 1:
         raise APIError(None, "echo, suffix and best_of are not supported", param="echo")
-    ids = await completion_ids(svc, body.prompt)
-    params = openai_sampling(svc, body, len(ids), body.max_tokens, "max_tokens")
+    prompts = await completion_prompts(svc, body.prompt)
+    params = [openai_sampling(svc, body, len(ids), body.max_tokens, "max_tokens") for ids in prompts]
     rid, model = f"cmpl-{uuid.uuid4().hex}", svc.model_id
-    fin = await run(svc, body, request, ids, params, rid, chat=False)
-    if isinstance(fin, TimedEventSourceResponse):
-        return fin
-    return CompletionResponse(id=rid, created=int(time.time()), model=model, usage=usage(fin),
-                              choices=[CompletionChoice(text=fin.text,
-                                                        finish_reason=fin.finish_reason.openai)])
+    fins = await run(svc, body, request, prompts, params, rid, chat=False)
+    if isinstance(fins, TimedEventSourceResponse):
+        return fins
+    choices = [CompletionChoice(index=i, text=fin.text, finish_reason=fin.finish_reason.openai)
+               for i, fin in enumerate(fins)]
+    return CompletionResponse(id=rid, created=int(time.time()), model=model, system_fingerprint=svc.fingerprint,
+                              usage=usage(*fins), choices=choices)
 
 
 @router.post("/chat/completions", response_model=ChatResponse, responses=STREAMED)
@@ -97,12 +122,14 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
         max_tokens, name = body.max_tokens, "max_tokens"
     params = openai_sampling(svc, body, len(ids), max_tokens, name)
     rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
-    fin = await run(svc, body, request, ids, params, rid, chat=True)
-    if isinstance(fin, TimedEventSourceResponse):
-        return fin
+    fins = await run(svc, body, request, [ids], [params], rid, chat=True)
+    if isinstance(fins, TimedEventSourceResponse):
+        return fins
+    fin = fins[0]
     choice = ChatChoice(message={"role": "assistant", "content": fin.text},
                         finish_reason=fin.finish_reason.openai)
-    return ChatResponse(id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage(fin))
+    return ChatResponse(id=rid, created=int(time.time()), model=model, system_fingerprint=svc.fingerprint,
+                        choices=[choice], usage=usage(fin))
 
 
 @router.get("/models", response_model=ModelList)
