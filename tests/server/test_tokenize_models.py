@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from nbkit.engine.policy import CostModel
 
 from nbkit.engine.loader import load_engine
+from nbkit.engine.speculation import CostModel
 from nbkit.server.launch import start_server
 
 TEXT = "Héllo wörld! 日本語 🙂 and\n  spaces, ÄÖÜ."
