@@ -224,3 +224,30 @@ def observed(n: int, hit_rate: float):
     for i in range(n):
         req.observe([(0, 0)] if i < n * hit_rate else [(0, None)])
     return req
+
+
+class RunnerWrapper:
+    """A runner that hands everything to `inner` except what a subclass overrides (injected faults)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class NonRootNoise(RunnerWrapper):
+    """A tree mask bug: every tree node below the root sees something it should not (its logits move)."""
+
+    def __init__(self, inner, amount: float = 1.0):
+        super().__init__(inner)
+        self.amount = amount
+
+    def verify(self, batch):
+        out = self.inner.verify(batch)
+        for slot, (logits, hidden) in out.items():
+            logits = logits.clone()
+            bump = torch.linspace(-self.amount, self.amount, logits.shape[-1])
+            logits[1:] += bump[torch.randperm(logits.shape[-1], generator=torch.Generator().manual_seed(slot))]
+            out[slot] = (logits, hidden)
+        return out

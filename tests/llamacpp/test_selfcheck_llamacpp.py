@@ -1,4 +1,4 @@
-"""The start-up self-check on llama.cpp (issue 22): a tiny random GGUF passes in exact and fast mode, and a tree
+"""The start-up self-check on llama.cpp: a tiny random GGUF passes in exact and fast mode, and a tree
 bug in the runner fails it. The tiny model is gpu_check's (head size 32: exact mode's q8_0 V cache needs it)."""
 
 import os
@@ -7,6 +7,8 @@ import pytest
 import torch
 
 os.environ.setdefault("NBKIT_LLAMA_THREADS", "1")
+
+from helpers import NonRootNoise
 
 from nbkit.bench.random_model import build
 from nbkit.engine.llamacpp.runner import LlamaCppRunner
@@ -23,21 +25,6 @@ def tiny_gguf(tmp_path_factory):
     work = tmp_path_factory.mktemp("tiny")
     build(work / "hf", "tiny", "cpu", torch.float32)
     return convert(work / "hf", work / "tiny.Q8_0.gguf", outtype="f16", quantize_to="Q8_0")  # what a T4 serves
-
-
-class NonRootNoise:
-    """A tree mask bug: the logits of every tree node below the root move."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def verify(self, batch):
-        out = self.inner.verify(batch)
-        bump = torch.linspace(-1.0, 1.0, self.inner.vocab_size)
-        return {s: (torch.cat([logits[:1], logits[1:] + bump]), hidden) for s, (logits, hidden) in out.items()}
 
 
 @pytest.mark.parametrize("exact", [True, False])

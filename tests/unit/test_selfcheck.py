@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import ToyTokenizer, hf_greedy, random_heads, tiny_llama
+from helpers import NonRootNoise, RunnerWrapper, ToyTokenizer, hf_greedy, random_heads, tiny_llama
 
 from nbkit.engine.engine import Engine
 from nbkit.engine.request import SamplingParams
@@ -37,25 +37,6 @@ def engine_on(runner, heads, **kw) -> Engine:
     return Engine(runner, ToyTokenizer(), heads, cost_model=CHEAP, self_check=True, **kw).prepare()
 
 
-class NonRootNoise:
-    """A tree mask bug: every tree node below the root sees something it should not (its logits move)."""
-
-    def __init__(self, inner, amount: float = 1.0):
-        self.inner, self.amount = inner, amount
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def verify(self, batch):
-        out = self.inner.verify(batch)
-        for slot, (logits, hidden) in out.items():
-            logits = logits.clone()
-            bump = torch.linspace(-self.amount, self.amount, logits.shape[-1])
-            logits[1:] += bump[torch.randperm(logits.shape[-1], generator=torch.Generator().manual_seed(slot))]
-            out[slot] = (logits, hidden)
-        return out
-
-
 class WrongPositions(TorchRunner):
     """Tree nodes at consecutive positions, as if the tree were one chain (siblings get different positions)."""
 
@@ -65,14 +46,8 @@ class WrongPositions(TorchRunner):
         return super().verify(batch)
 
 
-class BatchBug:
+class BatchBug(RunnerWrapper):
     """Rows verified together perturb each other (a KV or padding bug that only shows in a batch)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
     def verify(self, batch):
         out = self.inner.verify(batch)
@@ -81,15 +56,13 @@ class BatchBug:
         return out
 
 
-class NearTie:
+class NearTie(RunnerWrapper):
     """Float noise that decides a near-tie: at one position, plain steps see the top-2 tokens `delta` apart;
     tree steps see them swapped. Everything else is exact."""
 
     def __init__(self, inner, position: int, delta: float = 1e-4):
-        self.inner, self.position, self.delta = inner, position, delta
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        super().__init__(inner)
+        self.position, self.delta = position, delta
 
     def _tie(self, row: torch.Tensor, swap: bool) -> None:
         first, second = row.topk(2).indices.tolist()
