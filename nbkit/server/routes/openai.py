@@ -55,7 +55,7 @@ async def completion_ids(svc: Service, prompt) -> list[int]:
 
 async def run(svc: Service, body, request: Request, ids: list[int], params: SamplingParams, rid: str, chat: bool):
     """Submit; then either the SSE response (`stream: true`) or the finished request, failures raised as 4xx/5xx."""
-    handle = svc.submit(ids, params)
+    handle = svc.submit(ids, params, request.url.path)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = openai_chunks(svc, handle, rid, svc.model_id, chat=chat, include_usage=include_usage)
