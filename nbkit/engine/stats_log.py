@@ -58,12 +58,12 @@ class EngineLog:
             raise ValueError("interval must be positive (leave the EngineLog out to turn the lines off)")
         self.engine, self.interval, self.clock = engine, interval, clock
         self.start: Mark | None = None  # None: idle (no interval open)
-        self.rest: dict | None = None  # the snapshot when the engine went idle (the next interval counts from it)
+        self.rest: dict | None = None  # the counters when the engine went idle (the next interval counts from them)
 
     def attach(self) -> EngineLog:
         """Observe the engine's steps, chaining any previous on_step hook (the metrics')."""
         previous = self.engine.on_step
-        self.rest = self.engine.snapshot()
+        self.rest = dict(self.engine.counters)
 
         def on_step(info: dict) -> None:
             self.step()
@@ -74,11 +74,14 @@ class EngineLog:
         return self
 
     def step(self) -> None:
-        now, s = self.clock(), self.engine.snapshot()
+        """After each decoding step (engine thread). Per step only the clock and the counters are read: the
+        full snapshot (acceptance statistics included) is taken once per line."""
+        now, engine = self.clock(), self.engine
         if self.start is None:
-            self.start = Mark.of(now, self.rest or s)
+            self.start = Mark.of(now, self.rest or engine.counters)
         elif now - self.start.at >= self.interval:
+            s = engine.snapshot()
             log.info(engine_line(s, self.start, now))
             self.start = Mark.of(now, s)
-        if s["running"] == 0 and s["waiting"] == 0:
-            self.start, self.rest = None, s  # idle from here: the next work opens a new interval
+        if not engine.active and not engine.waiting:
+            self.start, self.rest = None, dict(engine.counters)  # idle from here: the next work opens an interval
