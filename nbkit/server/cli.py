@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -72,18 +71,10 @@ def kv_budget_bytes(args) -> int | None:
     return None if args.kv_budget_gib is None else int(args.kv_budget_gib * 1024**3)
 
 
-def show_logs(level: str) -> None:
-    """Print nbkit's own log lines (per-request latency, the engine's periodic line) beside uvicorn's."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("nbkit")
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
-
-
 def cmd_serve(args) -> int:
     from .app import Settings
     from .launch import start_server
+    from .request_log import show_logs
 
     try:
         keys = read_keys(args.api_key, args.api_key_file)

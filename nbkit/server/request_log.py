@@ -7,6 +7,7 @@ Logger "nbkit.requests", key=value pairs. Only the route and numbers: never the 
 from __future__ import annotations
 
 import logging
+import sys
 
 from ..engine.request import Finished
 
@@ -28,3 +29,32 @@ def request_line(route: str, fin: Finished) -> str:
 
 def log_request(route: str, fin: Finished) -> None:
     log.info(request_line(route, fin))
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to sys.stdout or sys.stderr as they are when a line is written: a notebook's cell output and
+    pytest's capture replace them, and a handler holding the old stream would write to a closed one."""
+
+    def __init__(self, which: str):
+        self.which = which
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.which)
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.<which>
+
+
+def show_logs(level: str = "info", which: str = "stderr") -> None:
+    """Print nbkit's log lines (one per finished request, the engine's periodic line) on sys.<which>, beside
+    uvicorn's. Calling it again replaces the handler (a re-run notebook cell prints each line once)."""
+    logger = logging.getLogger("nbkit")
+    for old in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+        logger.removeHandler(old)
+    handler = ConsoleHandler(which)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())

@@ -81,3 +81,21 @@ def test_the_engine_line_shows_while_busy(http, caplog):
     expected = {"running", "waiting", "prompt_tok_s", "gen_tok_s", "kv_use", "prefix_hit_rate", "speculation"}
     assert expected <= set(lines[0])
     assert lines[0]["prefix_hit_rate"] == "n/a"
+
+
+def test_show_logs_prints_each_line_once_on_the_current_stdout(capsys):
+    from nbkit.server.request_log import ConsoleHandler, show_logs
+
+    logger = logging.getLogger("nbkit")
+    level = logger.level
+    try:
+        show_logs("info", "stdout")
+        show_logs("info", "stdout")  # a re-run serve cell
+        logging.getLogger("nbkit.requests").info("route=/generate finish=length")
+        logging.getLogger("nbkit.engine").debug("not at info")
+        out = capsys.readouterr().out  # the handler looks sys.stdout up per line: capsys's here
+        assert out.count("nbkit.requests: route=/generate finish=length") == 1 and "not at info" not in out
+    finally:
+        for h in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+            logger.removeHandler(h)
+        logger.setLevel(level)
