@@ -202,7 +202,7 @@ class Engine:
                 if not cells_free(self.waiting[0], self.active, self.runner, self._tree_reserve):
                     break  # FIFO: it waits for the cells of requests that finish
                 req = self.waiting.popleft()
-                req.slot, req.state = self.runner.alloc(), RequestState.PREFILLING
+                req.slot, req.state, req.admitted_at = self.runner.alloc(), RequestState.PREFILLING, time.monotonic()
                 req.acceptance = self.speculation.new_request()
                 self.active.append(req)
 

@@ -115,6 +115,9 @@ class Finished:
     latency: float
     error: str | None = None
     error_type: str | None = None
+    queue_time: float | None = None  # seconds from submit() to a slot (None: made outside the engine)
+    # Prompt tokens whose KV was reused rather than prefilled: 0 until there is a prefix cache, which sets it.
+    cached_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -333,6 +336,7 @@ class Request:
     handle: RequestHandle
     text: TextStream
     created: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # when it got a slot (None: still waiting, or never admitted)
     state: RequestState = RequestState.WAITING
     slot: int | None = None
     n_prefilled: int = 0
@@ -354,10 +358,12 @@ class Request:
     def finished(self, reason: FinishReason, error: str | None = None, error_type: str | None = None) -> Finished:
         """The request's last event (its state is FINISHED from now on)."""
         self.state = RequestState.FINISHED
+        now = time.monotonic()
         ttft = None if self.first_token_at is None else self.first_token_at - self.created
+        queued = (self.admitted_at if self.admitted_at is not None else now) - self.created  # never admitted: all
         return Finished(self.text.text, list(self.output_ids), reason, len(self.prompt_ids), self.steps,
-                        self.accepted_tokens, ttft, time.monotonic() - self.created, error,
-                        (error_type or "generation") if reason is FinishReason.ERROR else None)
+                        self.accepted_tokens, ttft, now - self.created, error,
+                        (error_type or "generation") if reason is FinishReason.ERROR else None, queued)
 
     def set_hidden(self, hidden: torch.Tensor) -> None:
         """The hidden state behind `pending` (an empty one: the runner did not compute it)."""

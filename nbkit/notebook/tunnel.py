@@ -361,6 +361,7 @@ def serve(
     the llama.cpp engine's numerics (README).
     `server_kwargs` go to nbkit.server.launch.start_server (speculation, max_batch, ...)."""
     from ..server.launch import start_server
+    from ..server.request_log import show_logs
 
     if llama_mode not in ("auto", "exact", "fast"):
         raise ValueError(f"LLAMA_MODE must be 'auto', 'exact' or 'fast', not {llama_mode!r}")
@@ -375,6 +376,8 @@ def serve(
     server_kwargs.setdefault("kv_budget_bytes", getattr(prepared, "kv_budget_bytes", None))  # the plan's
     handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,
                           api_key=key, **server_kwargs)
+    if show:  # each finished request's latency line and the engine's periodic line, under the serve cell
+        show_logs("info", "stdout")
     check = getattr(handle.engine, "self_check", None)
     if show and check is not None:  # the lossless promise, checked on this very GPU
         print(check.describe())

@@ -40,6 +40,9 @@ def register_cli(subparsers) -> None:
                         "not fit are refused; default: no budget, the cache grows on demand")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-interval", type=float, default=10.0,
+                   help="seconds between the engine's log lines while it has work (0 = none); every finished "
+                        "request logs one line at info")
     p.set_defaults(func=cmd_serve)
 
 
@@ -81,15 +84,17 @@ def kv_budget_bytes(args) -> int | None:
 def cmd_serve(args) -> int:
     from .app import Settings
     from .launch import start_server
+    from .request_log import show_logs
 
     try:
         keys = read_keys(args.api_key, args.api_key_file)
         settings = Settings(api_key=keys, rate_limit=args.rate_limit or None, max_new_tokens=args.max_new_tokens,
-                            cors_origins=cors_origins(args.cors_origin))
+                            cors_origins=cors_origins(args.cors_origin), log_interval=args.log_interval)
         settings.keys  # noqa: B018 -- a short key is refused before the model loads
     except (OSError, ValueError) as err:
         print(f"nbkit serve: {err}", file=sys.stderr)
         return 2
+    show_logs(args.log_level)
     stop = threading.Event()
 
     def on_signal(signum, frame):

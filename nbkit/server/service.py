@@ -18,8 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..chat_format import chat_prompt_ids
 from ..engine.request import EngineStopped, Finished, FinishReason, Overloaded, RequestHandle, SamplingParams
+from ..engine.stats_log import EngineLog
 from .errors import APIError
 from .metrics import Metrics
+from .request_log import log_request
 
 WATCH_EVERY = 0.25  # seconds between checks for a gone client or a dead engine while waiting for tokens
 MIN_KEY_LENGTH = 16
@@ -60,6 +62,7 @@ class Settings:
     # authenticated by a key in a header, not by a cookie, so a foreign page cannot use a visitor's access.
     # [] = no CORS headers (browsers then allow only the server's own chat page).
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    log_interval: float = 10.0  # seconds between the engine's lines while it has work (stats_log); 0 = none
 
     @property
     def keys(self) -> list[str]:
@@ -80,7 +83,7 @@ class Service:
     def __init__(self, engine, settings: Settings, metrics: Metrics):
         self.engine = None
         self.settings, self.metrics = settings, metrics
-        self.inflight: set[RequestHandle] = set()
+        self.inflight: dict[RequestHandle, str] = {}  # requests being answered -> their route (for the log)
         self.stopping = False
         self.created = int(time.time())
         if engine is not None:
@@ -89,6 +92,8 @@ class Service:
     def attach(self, engine) -> None:
         """Serve `engine` (a started Engine); until then /health says "loading"."""
         self.metrics.attach(engine)
+        if self.settings.log_interval > 0:
+            EngineLog(engine, self.settings.log_interval).attach()
         self.engine = engine
 
     # ---- state ------------------------------------------------------------------------------
@@ -211,8 +216,8 @@ class Service:
                            param="tree", code="tree_not_allowed")
         return SamplingParams(max_tokens=max_tokens, stop=stop, **params)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Queue a request (call from the event loop: the handle wakes this loop)."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, route: str) -> RequestHandle:
+        """Queue a request answered on `route` (call from the event loop: the handle wakes this loop)."""
         engine = self.ready()
         try:
             handle = engine.submit(prompt_ids, params)
@@ -223,7 +228,7 @@ class Service:
                            headers={"Retry-After": str(self.settings.retry_after)}) from None
         except EngineStopped as err:
             raise APIError(503, str(err), "unavailable") from None
-        self.inflight.add(handle)
+        self.inflight[handle] = route
         return handle
 
     async def follow(self, handle: RequestHandle, request: Request | None = None):
@@ -252,23 +257,28 @@ class Service:
                     if dead_ticks >= 2 and handle.finished is None:
                         fin = Finished("", [], FinishReason.ERROR, 0, 0, 0, None, 0.0,
                                        engine.dead or "the engine stopped", "generation")
-                        self.metrics.observe_finished(fin)
+                        self.finished(handle, fin)
                         yield fin
                         return
                     continue
                 event = pending.result()
                 pending = None
                 if isinstance(event, Finished):
-                    self.metrics.observe_finished(event)
+                    self.finished(handle, event)
                     yield event
                     return
                 yield event
         finally:
-            self.inflight.discard(handle)
+            self.inflight.pop(handle, None)
             if pending is not None:
                 pending.cancel()
             if handle.finished is None:
                 handle.cancel()
+
+    def finished(self, handle: RequestHandle, fin: Finished) -> None:
+        """Count the request's end in the metrics and write its log line."""
+        self.metrics.observe_finished(fin)
+        log_request(self.inflight.get(handle, "unknown"), fin)
 
     async def result(self, handle: RequestHandle, request: Request) -> Finished:
         fin = None

@@ -58,7 +58,7 @@ async def generate(body: GenerateRequest, request: Request, svc: Service = Depen
         raise APIError(None, "stream is not supported on /generate: use /generate_stream (or POST /)",
                        param="stream")
     ids, params, tgi, prompt = await tgi_request(svc, body)
-    fin = await svc.result(svc.submit(ids, params), request)
+    fin = await svc.result(svc.submit(ids, params, request.url.path), request)
     if (err := svc.failure(fin, openai=False)) is not None:
         raise err
     if tgi is None:
@@ -76,11 +76,11 @@ async def generate(body: GenerateRequest, request: Request, svc: Service = Depen
 
 
 @router.post("/generate_stream", response_class=EventSourceResponse)
-async def generate_stream(body: GenerateRequest, svc: Service = Depends(get_service)):
+async def generate_stream(body: GenerateRequest, request: Request, svc: Service = Depends(get_service)):
     """TGI's token stream (SSE): one event per token; the last one carries `generated_text` and
     `details.finish_reason`. Errors after the stream started arrive as `{"error", "error_type"}`."""
     ids, params, tgi, prompt = await tgi_request(svc, body)
-    handle = svc.submit(ids, params)
+    handle = svc.submit(ids, params, request.url.path)
     prefix = prompt if tgi is not None and tgi.return_full_text else ""
     seed = tgi.seed if tgi is not None else body.seed
     return TimedEventSourceResponse(tgi_events(svc, handle, params.max_tokens, prefix, seed), headers=SSE_HEADERS,
@@ -92,5 +92,5 @@ async def tgi_root(body: GenerateRequest, request: Request, svc: Service = Depen
     """TGI's compatibility route (huggingface_hub's `InferenceClient(model=URL).text_generation` posts here):
     `stream: true` answers like `/generate_stream`, otherwise like `/generate`."""
     if body.stream:
-        return await generate_stream(body, svc)
+        return await generate_stream(body, request, svc)
     return await generate(body, request, svc)

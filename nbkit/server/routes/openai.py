@@ -60,16 +60,17 @@ async def completion_prompts(svc: Service, prompt) -> list[list[int]]:
     return prompts
 
 
-def submit_all(svc: Service, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestHandle]:
+def submit_all(svc: Service, prompts: list[list[int]], params: list[SamplingParams],
+               route: str) -> list[RequestHandle]:
     """Queue every prompt (they decode side by side in the batch); none stays queued if one is refused."""
     handles: list[RequestHandle] = []
     try:
         for ids, p in zip(prompts, params, strict=True):
-            handles.append(svc.submit(ids, p))
+            handles.append(svc.submit(ids, p, route))
     except APIError:
         for h in handles:
             h.cancel()
-            svc.inflight.discard(h)
+            svc.inflight.pop(h, None)
         raise
     return handles
 
@@ -77,7 +78,7 @@ def submit_all(svc: Service, prompts: list[list[int]], params: list[SamplingPara
 async def run(svc: Service, body, request: Request, prompts: list[list[int]], params: list[SamplingParams],
               rid: str, chat: bool):
     """Submit; then either the SSE response (`stream: true`) or the finished requests, failures raised as 4xx/5xx."""
-    handles = submit_all(svc, prompts, params)
+    handles = submit_all(svc, prompts, params, request.url.path)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = openai_chunks(svc, handles, rid, svc.model_id, chat=chat, include_usage=include_usage)
