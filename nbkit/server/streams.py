@@ -78,6 +78,8 @@ async def follow_all(svc: Service, handles: list[RequestHandle]):
     finally:
         for future in pending:
             future.cancel()
+        # A stream's step must have ended before the stream is closed (aclose() refuses a running generator).
+        await asyncio.gather(*pending, return_exceptions=True)
         for stream in streams:
             await stream.aclose()  # a gone client: follow() cancels its request
 
