@@ -58,13 +58,22 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return chars
 
 
+def _skipped_ids(tokenizer) -> frozenset[int]:
+    """The ids decode(skip_special_tokens=True) drops: the declared special tokens, and every added token marked
+    special (SmolLM2's `<repo_name>` and friends are not in `all_special_ids`, yet decode skips them)."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(i for i, token in added.items() if getattr(token, "special", False))
+    return frozenset(ids)
+
+
 class TokenBoundaries:
     """A tokenizer's joining rule and what each token is under it (looked up once per token id)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.joining = _joining(tokenizer)
-        self.special = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
+        self.special = _skipped_ids(tokenizer)
         self._byte_of = _gpt2_byte_decoder() if self.joining is Joining.BYTE_LEVEL else {}
         self._bytes: dict[int, bytes] = {}
         self._is_byte_piece: dict[int, bool] = {}
