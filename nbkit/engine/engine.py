@@ -24,6 +24,7 @@ from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain
 from .admission import Admission, ContinuousAdmission, cells_free, check_fits
 from .budget import fit_trees
+from .emit import emit_tokens
 from .introspect import EngineLimits, limits, new_counters, report_step, snapshot
 from .request import (
     EngineStopped,
@@ -35,7 +36,6 @@ from .request import (
     RequestState,
     SamplingParams,
     TextStream,
-    TokenEvent,
 )
 from .runner import Runner, SlotOutput, TreeInput, runner_member
 from .selfcheck import SelfCheck, run_self_check
@@ -121,6 +121,8 @@ class Engine:
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if params.grammar is not None:
+            raise ValueError("structured output is not supported by this engine")
         if params.tree not in (None, "none") and self.heads is None:
             raise ValueError("this engine has no Medusa heads: tree must be 'none'")
         if params.tree not in (None, "none") and self.trees_refused:
@@ -342,30 +344,9 @@ class Engine:
             self._emit_safely(r, first)
 
     def _emit(self, r: Request, tokens: list[int]) -> None:
-        now = time.monotonic()
-        for tok in tokens:
-            if r.first_token_at is None:
-                r.first_token_at = now
-            r.output_ids.append(tok)
-            r.pending = tok
-            self.counters["tokens"] += 1
-            reason = None
-            if tok in self.eos_ids and not r.params.ignore_eos:
-                reason, delta = FinishReason.EOS_TOKEN, ""
-            else:
-                delta, stopped = r.text.update(r.output_ids)
-                if stopped:
-                    reason = FinishReason.STOP_SEQUENCE
-                elif len(r.output_ids) >= r.params.max_tokens:
-                    reason = FinishReason.LENGTH
-            if reason in (FinishReason.EOS_TOKEN, FinishReason.LENGTH):
-                delta += r.text.final()  # text held back in case a stop string was starting
-                if r.text.stopped:  # a stop string completed in that held-back text: it is why the answer ends
-                    reason = FinishReason.STOP_SEQUENCE
-            r.handle.push(TokenEvent(tok, delta, len(r.output_ids) - 1))
-            if reason is not None:
-                self._finish(r, reason)
-                return
+        if (reason := emit_tokens(r, tokens, self.eos_ids, self.counters)) is not None:
+            self._finish(r, reason)
+            return
         self.speculation.resolve_probes(r, final=False)
 
     def _finish(self, r: Request, reason: FinishReason, error: str | None = None,

@@ -30,6 +30,22 @@ class EngineStopped(EngineError):
     """The engine is not running (stopped, or its thread died): requests cannot be served (HTTP 503)."""
 
 
+class GrammarKind(enum.StrEnum):
+    """What constrains a request's output (OpenAI's response_format, TGI's grammar, /generate's fields)."""
+
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # JSON valid against `GrammarSpec.value` (a JSON schema, as JSON text)
+    REGEX = "regex"  # text matching `GrammarSpec.value` (a regular expression)
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A request's output constraint, as the client gave it (hashable: compiled grammars are cached by it)."""
+
+    kind: GrammarKind
+    value: str = ""  # the schema's JSON text or the regex ("" for any JSON object)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 50
@@ -42,6 +58,7 @@ class SamplingParams:
     tree: str | None = None  # force a tree ("none", "chain-2", "mc_sim_7b_63"); None = the engine's policy
     acceptance: str = "exact"  # "exact" (greedy / lossless sampling) or "typical" (Medusa's, faster, lossy)
     ignore_eos: bool = False
+    grammar: GrammarSpec | None = None  # constrained decoding (None: free text)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
