@@ -58,12 +58,15 @@ def snapshot(engine) -> dict:
 
 
 def kv_use(engine) -> dict:
-    """KV cells held now (running requests' prefilled prompt and output, plus cells a runner parks) and the
-    cells there are (a shared cache's `kv_cells`, else every slot's `max_context`)."""
+    """KV cells held now (running requests' prefilled prompt and output, plus cells a runner parks), the
+    cells there are (a shared cache's `kv_cells`, else every slot's `max_context`) and the bytes allocated
+    (0 when the runner does not say)."""
     held = sum(r.n_prefilled + len(r.output_ids) for r in list(engine.active))  # a copy: other threads read
     cells = runner_member(engine.runner, "kv_cells")
     total = cells if cells is not None else engine.runner.max_slots * engine.runner.max_context
-    return {"kv_used_tokens": held + runner_member(engine.runner, "kv_parked"), "kv_total_tokens": total}
+    kv_bytes = runner_member(engine.runner, "kv_bytes")
+    return {"kv_used_tokens": held + runner_member(engine.runner, "kv_parked"), "kv_total_tokens": total,
+            "kv_bytes": kv_bytes() if kv_bytes is not None else 0}
 
 
 def report_step(on_step: Callable[[dict], None] | None, batch: int, chosen: MedusaTree, seconds: float,

@@ -94,6 +94,7 @@ OPTIONAL: dict[str, Any] = {
     # max_tokens and tree room fit beside the others'. None: every slot owns `max_context` cells.
     "kv_cells": None,
     "kv_parked": 0,  # shared cells held by finished requests and not reusable yet (llama.cpp's exact mode)
+    "kv_bytes": None,  # () -> int: bytes the KV cache holds now (it may grow: memory checks subtract it)
     "n_batch": None,  # tokens one forward pass may take (llama.cpp's n_batch; the trees are cut to it)
     "numerics": None,  # {"mode", "guarantee", "mode_reason", "kv_cells"} for /info (llama.cpp's modes)
     # fresh(max_slots=None) -> Runner: a new runner with its own cache over the same weights; the supervisor

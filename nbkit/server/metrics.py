@@ -86,6 +86,8 @@ class _EngineCollector:
             return
         yield _gauge("nbkit_queue_size", "Requests waiting for a slot", s["waiting"])
         yield _gauge("nbkit_batch_size", "Requests running now (holding a slot)", s["running"])
+        yield _gauge("nbkit_kv_cache_bytes", "Bytes the KV cache holds (the torch runner's grows with the longest "
+                     "sequence served and is kept)", s.get("kv_bytes", 0))
         yield _gauge("nbkit_engine_alive", "1 while the engine thread runs", 1 if engine.alive else 0)
         yield _counter("nbkit_engine_restarts", "Times the supervisor restarted the engine after a crash",
                        s.get("restarts", 0))

@@ -138,6 +138,7 @@ def test_the_context_is_sized_from_the_kv_budget_and_llama_cpp_agrees():
     # llama.cpp's own report of what it allocated: "llama_kv_cache: size = X MiB (N cells, ...)".
     sizes = [float(m.group(1)) for line in runner.context.kv_log if (m := re.search(r"size =\s*([\d.]+) MiB \(\s*\d+ cells", line))]
     assert sizes and abs(sizes[0] - 1280 * per_cell / 2**20) < 0.01
+    assert abs(runner.kv_bytes() / 2**20 - sizes[0]) < 0.01  # what /metrics reports as nbkit_kv_cache_bytes
     assert runner.max_context == 1280  # what the engine advertises per request
 
 

@@ -85,11 +85,13 @@ def test_off_is_leaving_it_out():
 
 
 def test_snapshot_reports_kv_in_use(engine):
-    assert engine.snapshot()["kv_used_tokens"] == 0
+    assert engine.snapshot()["kv_used_tokens"] == 0 and engine.snapshot()["kv_bytes"] == 0  # allocated lazily
     engine.submit([5, 6, 7, 8], SamplingParams(max_tokens=5, ignore_eos=True))
     engine.step()  # admitted and prefilled: the 4 prompt tokens are in the cache, the first token is pending
     s = engine.snapshot()
     assert s["kv_used_tokens"] == 4 + 1 and s["kv_total_tokens"] == engine.runner.max_slots * engine.runner.max_context
+    runner = engine.runner
+    assert s["kv_bytes"] == runner.capacity * runner.max_slots * runner.kv_bytes_per_token() > 0
 
 
 def test_finished_carries_queue_time_and_no_cached_tokens(engine):

@@ -125,6 +125,10 @@ class LlamaCppRunner:
         """Cells of finished requests parked on the retired id (exact mode): the engine counts them as held."""
         return self.context.kv_parked
 
+    def kv_bytes(self) -> int:
+        """The one context's KV cells, allocated whole at start-up."""
+        return int(self.context.n_ctx * self.context.kv_bytes_per_cell)
+
     def seq_ranges(self) -> dict[int, tuple[int, int]]:
         return self.context.seq_ranges()
 
