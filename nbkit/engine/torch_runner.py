@@ -261,7 +261,10 @@ class TorchRunner:
             if start + n > self.max_context:
                 raise ValueError(f"context of {start + n} tokens exceeds the model's {self.max_context}")
         b, q = len(slots), max(sizes)
-        kv_len = max(starts) + q
+        # Real tokens end at start + n; a row's pads (start + n .. start + q) all go to one scratch column past
+        # every row's end, so padding never grows the cache (max(starts) + q once doubled it under load).
+        kv_len = max(st + n for st, n in zip(starts, sizes))
+        kv_len += any(st + q > kv_len for st in starts)
         if self.kv_budget_bytes is not None:  # pads past the end all write the scratch column, never read
             kv_len = min(kv_len, self.max_context + 1)
         self._grow(kv_len)
