@@ -39,7 +39,7 @@ def processed_logprobs(rows: torch.Tensor, temperature: float, top_p: float = 1.
     temperature <= 0: the raw distribution."""
     if temperature <= 0.0:
         return torch.log_softmax(rows.float(), dim=-1)
-    scaled = rows.float() / temperature
+    scaled = rows.float() / max(temperature, 1e-5)  # the sampler's floor: a tiny temperature must not overflow
     if top_k and top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k).values[..., -1, None]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

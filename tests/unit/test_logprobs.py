@@ -114,6 +114,9 @@ def test_processed_logprobs_are_the_samplers_distribution():
         logp = processed_logprobs(rows, temperature, top_p, top_k)
         assert torch.equal(probs > 0, logp > float("-inf"))  # the same support, cut by the same rule
         torch.testing.assert_close(logp.exp(), probs, atol=1e-6, rtol=1e-5)
+    tiny = processed_logprobs(rows, 1e-300)  # the sampler's temperature floor (1e-5): finite, not NaN
+    assert not tiny.isnan().any() and torch.equal(tiny.argmax(-1), rows.argmax(-1))
+    torch.testing.assert_close(tiny.exp(), probs_from_logits(rows, 1e-300), atol=1e-6, rtol=1e-5)
 
 
 def test_not_asked_computes_nothing_and_limits_are_checked():
