@@ -143,3 +143,14 @@ class CutTracker:
         while j >= 0 and token_ids[j] in self.b.special:
             j -= 1
         return j if j >= 0 else cut
+
+
+_BOUNDARIES: dict[int, TokenBoundaries] = {}  # per tokenizer (id(tokenizer); the entry keeps it alive)
+
+
+def boundaries_of(tokenizer) -> TokenBoundaries:
+    """The tokenizer's TokenBoundaries, made once (its per-token lookups are cached in it)."""
+    found = _BOUNDARIES.get(id(tokenizer))
+    if found is None or found.tokenizer is not tokenizer:
+        found = _BOUNDARIES[id(tokenizer)] = TokenBoundaries(tokenizer)
+    return found

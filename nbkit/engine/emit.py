@@ -33,7 +33,8 @@ def emit_tokens(r: Request, tokens: list[int], eos_ids: set[int], counters: dict
             delta += r.text.final()  # text held back in case a stop string was starting
             if r.text.stopped:  # a stop string completed in that held-back text: it is why the answer ends
                 reason = FinishReason.STOP_SEQUENCE
-        r.handle.push(TokenEvent(tok, delta, len(r.output_ids) - 1))
+        index = len(r.output_ids) - 1
+        r.handle.push(TokenEvent(tok, delta, index, r.logprobs[index] if index < len(r.logprobs) else None))
         if reason is not None:
             return reason
     return None

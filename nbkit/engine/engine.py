@@ -26,6 +26,7 @@ from .admission import Admission, ContinuousAdmission, cells_free, check_fits
 from .budget import fit_trees
 from .emit import emit_tokens
 from .introspect import EngineLimits, limits, new_counters, report_step, snapshot
+from .logprobs import token_logprobs
 from .request import (
     EngineStopped,
     Finished,
@@ -276,6 +277,7 @@ class Engine:
             try:
                 logits, hidden = results[r.slot]
                 emitted[r.id], nodes = accept(tree, item.tokens, logits, r.params, r.generator_on(logits.device))
+                r.logprobs += token_logprobs(logits, nodes, emitted[r.id], r.params)
             except Exception as err:
                 self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
                 continue
@@ -336,6 +338,7 @@ class Engine:
             logits, hidden = results[r.slot]
             try:
                 first, _ = accept(chain(0), [0], logits[None], r.params, r.generator_on(logits.device))
+                r.logprobs += token_logprobs(logits[None], [0], first, r.params)
             except Exception as err:
                 self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
                 continue

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .boundaries import CutTracker, Joining, TokenBoundaries
+from .boundaries import CutTracker, Joining, boundaries_of
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from .speculation.estimates import Probe, RequestAcceptance
 
 
@@ -59,6 +60,8 @@ class SamplingParams:
     acceptance: str = "exact"  # "exact" (greedy / lossless sampling) or "typical" (Medusa's, faster, lossy)
     ignore_eos: bool = False
     grammar: GrammarSpec | None = None  # constrained decoding (None: free text)
+    logprobs: bool = False  # report each emitted token's log-probability (engine/logprobs.py says which)
+    top_logprobs: int = 0  # and this many most likely tokens at its position (0-20; with logprobs)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -73,6 +76,8 @@ class SamplingParams:
             raise ValueError("acceptance must be 'exact' or 'typical'")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop sequences must be non-empty strings")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
@@ -118,6 +123,7 @@ class TokenEvent:
     token_id: int
     text: str  # text released by this token (may be "" while a stop string or UTF-8 char is pending)
     index: int  # position in the output
+    logprobs: TokenLogprob | None = None  # when the request asked for them (SamplingParams.logprobs)
 
 
 @dataclass
@@ -135,6 +141,7 @@ class Finished:
     queue_time: float | None = None  # seconds from submit() to a slot (None: made outside the engine)
     # Prompt tokens whose KV was reused rather than prefilled: 0 until there is a prefix cache, which sets it.
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
 
     @property
     def completion_tokens(self) -> int:
@@ -254,7 +261,7 @@ class TextStream:
         self._prefix = 0  # token index where the decode window starts (context for the tokens after `_read`)
         self._read = 0  # tokens whose text is in self.text
         self._ids: list[int] = []
-        self._cuts = CutTracker(_boundaries(tokenizer))
+        self._cuts = CutTracker(boundaries_of(tokenizer))
         self.stopped = False  # final() found a stop string in the text it flushed
 
     def _decode(self, ids: list[int]) -> str:
@@ -320,16 +327,6 @@ class TextStream:
         return delta, False
 
 
-_BOUNDARIES: dict[int, TokenBoundaries] = {}  # per tokenizer (id(tokenizer); the entry keeps it alive)
-
-
-def _boundaries(tokenizer) -> TokenBoundaries:
-    found = _BOUNDARIES.get(id(tokenizer))
-    if found is None or found.tokenizer is not tokenizer:
-        found = _BOUNDARIES[id(tokenizer)] = TokenBoundaries(tokenizer)
-    return found
-
-
 def _partial_stop(text: str, stop: str) -> int:
     """The length of the longest suffix of `text` that is a proper prefix of `stop` (0 if none).
 
@@ -371,6 +368,7 @@ class Request:
     probes: list[Probe] = field(default_factory=list)  # heads' top-k awaiting the tokens that followed
     acceptance: RequestAcceptance | None = None  # the request's own acceptance counts (set when admitted)
     spec_steps: int = 0  # steps that verified a tree
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per emitted token, when asked (may run ahead)
 
     def finished(self, reason: FinishReason, error: str | None = None, error_type: str | None = None) -> Finished:
         """The request's last event (its state is FINISHED from now on)."""
@@ -380,7 +378,8 @@ class Request:
         queued = (self.admitted_at if self.admitted_at is not None else now) - self.created  # never admitted: all
         return Finished(self.text.text, list(self.output_ids), reason, len(self.prompt_ids), self.steps,
                         self.accepted_tokens, ttft, now - self.created, error,
-                        (error_type or "generation") if reason is FinishReason.ERROR else None, queued)
+                        (error_type or "generation") if reason is FinishReason.ERROR else None, queued,
+                        logprobs=self.logprobs[:len(self.output_ids)])
 
     def set_hidden(self, hidden: torch.Tensor) -> None:
         """The hidden state behind `pending` (an empty one: the runner did not compute it)."""

@@ -31,7 +31,7 @@ Text = Annotated[str, AfterValidator(_unicode_text)]  # every string a client se
 
 # Unsupported fields whose neutral value is not null/false/0/empty: the value that changes nothing.
 NEUTRAL = {
-    "repetition_penalty": (1, 1.0), "typical_p": (1, 1.0), "best_of": (1,), "n": (1,), "top_logprobs": (0,),
+    "repetition_penalty": (1, 1.0), "typical_p": (1, 1.0), "best_of": (1,), "n": (1,),
     "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True,),
     "service_tier": ("auto", "default"), "modalities": (["text"],),
 }
@@ -79,6 +79,9 @@ class TGIParameters(Strict):
     do_sample: bool = False
     details: bool = False
     return_full_text: bool = False
+    top_n_tokens: int | None = Field(None, ge=0, le=20, description="the most likely tokens at each position "
+                                     "(details.top_tokens; a stream event's top_tokens)")
+    decoder_input_details: bool = Field(False, description="not supported: the prompt's log-probabilities")
     speculate: bool | None = None
     tree: Text | None = None
 
@@ -123,6 +126,7 @@ class TGIDetails(BaseModel):
     seed: int | None = None
     prefill: list[TGIToken] = Field(default_factory=list)
     tokens: list[TGIToken] = Field(default_factory=list)
+    top_tokens: list[list[TGIToken]] | None = Field(None, description="with top_n_tokens: per token, most likely first")
 
 
 class TGIGenerateResponse(BaseModel):
@@ -161,7 +165,8 @@ class CompletionRequest(OpenAIRequest):
         description="text or token ids; a list of texts or of token-id lists gives one choice per prompt")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="not supported: must be false")
-    logprobs: int | None = Field(None, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=20, description="each token's log-probability and this many most "
+                                 "likely tokens' (after temperature, top-k and top-p; temperature 0: the model's own)")
     best_of: int | None = Field(None, description="only 1 is supported")
     suffix: Text | None = Field(None, description="not supported")
 
@@ -181,7 +186,9 @@ class ChatRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; same as max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = Field(False, description="not supported")
+    logprobs: bool = Field(False, description="each token's log-probability (after temperature, top-k, top-p; "
+                           "temperature 0: the model's own distribution)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many most likely tokens' (with logprobs)")
 
 
 class Usage(BaseModel):
@@ -190,10 +197,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -212,10 +226,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 

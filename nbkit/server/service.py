@@ -20,6 +20,7 @@ from ..chat_format import chat_prompt_ids
 from ..engine.request import EngineStopped, Finished, FinishReason, Overloaded, RequestHandle, SamplingParams
 from ..engine.stats_log import EngineLog
 from .errors import APIError
+from .logprobs import TokenLog
 from .metrics import Metrics
 from .request_log import log_request
 
@@ -295,6 +296,10 @@ class Service:
                 return APIError(503, fin.error or "the engine stopped", "unavailable")
             return APIError(500 if openai else 424, fin.error or "generation failed", "generation")
         return None
+
+    def token_log(self) -> TokenLog:
+        """A choice's token texts and log-probabilities in the APIs' shapes (logprobs.py)."""
+        return TokenLog(self.engine.tokenizer, self.engine.eos_ids)
 
     def cancel_all(self) -> None:
         for handle in list(self.inflight):

@@ -7,6 +7,7 @@ import json
 import time
 
 from ..engine.request import Finished, FinishReason, RequestHandle, TokenEvent
+from .logprobs import TokenLog
 from .schemas import Usage
 from .service import Service
 
@@ -22,21 +23,28 @@ def sse_json(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-async def tgi_events(svc: Service, handle: RequestHandle, max_tokens: int, prefix: str, seed):
+async def tgi_events(svc: Service, handle: RequestHandle, max_tokens: int, prefix: str, seed,
+                     log: TokenLog | None = None):
     """TGI's stream: the final event is a token event that also carries generated_text and details.
 
     A token is held back only when it may be the last (EOS, max_tokens, or the request already
-    finished), so that it can carry the final text; the others go out at once.
+    finished), so that it can carry the final text; the others go out at once. With `log` (the request
+    asked for details or top_n_tokens) each token carries its logprob, and top_tokens when asked.
     """
     eos = svc.engine.eos_ids
     held: TokenEvent | None = None
 
     def token_event(e: TokenEvent, special: bool = False, fin: Finished | None = None) -> str:
-        return sse_json({"index": e.index, "token": {"id": e.token_id, "text": e.text, "logprob": None,
-                                                  "special": special or e.token_id in eos},
-                      "generated_text": None if fin is None else prefix + fin.text,
-                      "details": None if fin is None else {"finish_reason": fin.finish_reason,
-                                                           "generated_tokens": fin.completion_tokens, "seed": seed}})
+        token = {"id": e.token_id, "text": e.text, "logprob": None, "special": special or e.token_id in eos}
+        out = {"index": e.index, "token": token, "generated_text": None if fin is None else prefix + fin.text,
+               "details": None if fin is None else {"finish_reason": fin.finish_reason,
+                                                    "generated_tokens": fin.completion_tokens, "seed": seed}}
+        if log is not None and e.logprobs is not None:
+            piece, top = log.tgi(e.logprobs)
+            token["logprob"] = piece["logprob"]
+            if top:
+                out["top_tokens"] = top
+        return sse_json(out)
 
     async for event in svc.follow(handle):
         if isinstance(event, TokenEvent):
@@ -85,17 +93,25 @@ async def follow_all(svc: Service, handles: list[RequestHandle]):
 
 
 async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, model: str, chat: bool,
-                        include_usage: bool):
+                        include_usage: bool, logprobs: bool = False):
+    """OpenAI's chunks; with `logprobs`, each chunk carries the log-probabilities of the tokens whose text it
+    sends (a token whose text is held back, a stop string or a character in progress, goes with the next)."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     fingerprint = svc.fingerprint
+    logs = [svc.token_log() for _ in handles] if logprobs else []
+    waiting: list[list] = [[] for _ in handles]  # each choice's entries not yet sent
 
     def chunk(i: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+        entries, waiting[i] = waiting[i], []
+        lp = None
+        if entries:
+            lp = logs[i].openai_chat(entries) if chat else logs[i].openai_completion(entries)
         if chat:
             delta = {} if text is None else ({"role": "assistant", "content": text} if role else {"content": text})
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
         out = {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": fingerprint,
                "choices": [choice]}
         if include_usage:
@@ -108,6 +124,8 @@ async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, mo
     fins: list[Finished] = []
     async for i, event in follow_all(svc, handles):
         if isinstance(event, TokenEvent):
+            if logs and event.logprobs is not None:
+                waiting[i].append(event.logprobs)
             if event.text:
                 yield chunk(i, event.text)
             continue

@@ -118,6 +118,21 @@ def test_medusa_greedy_equals_plain_alone(medusa, prompt_ids, refs, speculation)
     assert sum(accepted) / len(accepted) > (1.3 if speculation.startswith("chain") else 2.0)
 
 
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 40, "seed": 5}], ids=["greedy", "sampled"])
+def test_logprobs_equal_with_and_without_speculation(plain, medusa, prompt_ids, sampling):
+    """Top 5 per token from the verified tree rows equal plain decoding's (the exact configuration), the greedy
+    token first; a sampled request's are after its temperature and top-k."""
+    params = dict(max_tokens=N_TOKENS, ignore_eos=True, logprobs=True, top_logprobs=5, **sampling)
+    ref = plain.generate(prompt_ids[0], SamplingParams(**params))
+    out = medusa.generate(prompt_ids[0], SamplingParams(tree="mc_sim_7b_63", **params))
+    assert out.token_ids == ref.token_ids and (out.mean_accepted > 2.0 or sampling)
+    for a, b in zip(out.logprobs, ref.logprobs):
+        assert len(a.top) == 5 and [t for t, _ in a.top] == [t for t, _ in b.top]
+        torch.testing.assert_close(torch.tensor([a.logprob, *(v for _, v in a.top)]),
+                                   torch.tensor([b.logprob, *(v for _, v in b.top)]), atol=1e-4, rtol=0)
+        assert a.top[0][0] == a.token_id or sampling
+
+
 def test_medusa_greedy_equals_plain_in_a_batch(medusa, prompt_ids, refs):
     """Requests of different trees share every step; one finishes early, one arrives late."""
     trees = ["mc_sim_7b_63", "none", "chain-3"]

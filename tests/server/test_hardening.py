@@ -54,12 +54,11 @@ UNSUPPORTED = [
     ("/v1/chat/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
     ("/v1/chat/completions", "logit_bias", {"50256": -100}, {}),
-    ("/v1/chat/completions", "top_logprobs", 3, 0),
     ("/v1/completions", "logit_bias", {"1": 5}, {}),
     ("/generate", "grammar", {"type": "json", "value": {}}, None),
     ("/generate", "repetition_penalty", 1.2, 1.0),
     ("/generate", "truncate", 100, None),
-    ("/generate", "top_n_tokens", 5, None),
+    ("/generate", "decoder_input_details", True, False),
     ("/generate", "no_such_option", "x", None),
 ]
 

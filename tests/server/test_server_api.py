@@ -255,7 +255,8 @@ OPENAI_BAD = [
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": 10**9}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "temperature": 3}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "n": 2}, 400),
-    ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "logprobs": 2}, 400),
+    ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "logprobs": 21}, 400),
+    ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "logprobs": -1}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "presence_penalty": 0.5}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "stop": ["1", "2", "3", "4", "5"]}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "z" * 3000}, 400),
@@ -269,6 +270,10 @@ OPENAI_BAD = [
     ("/v1/chat/completions", {"model": TINY_MODEL, "messages": [{"role": "user", "content": "x"}],
                               "stream": "yes"}, 400),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404),
+    ("/v1/chat/completions", {"model": TINY_MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 3}, 400),  # OpenAI's rule: top_logprobs needs logprobs: true
+    ("/v1/chat/completions", {"model": TINY_MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "logprobs": True, "top_logprobs": 21}, 400),
 ]
 
 

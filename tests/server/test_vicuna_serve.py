@@ -183,6 +183,39 @@ def test_medusa_greedy_equals_plain_alone_and_batched(served, hf_tok, tree):
     assert r.status_code == 200 and r.json()["response"] == ref_runs[2].text
 
 
+def test_logprobs_equal_with_and_without_speculation(served):
+    """openai's chat and huggingface_hub's text_generation: top 5 per token, the greedy token first, the token
+    texts spelling the answer (sentencepiece's leading spaces as served), and the same numbers whether the
+    rows came from a Medusa tree or from plain decoding, streamed or not."""
+    import openai
+    from huggingface_hub import InferenceClient
+
+    oai = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Tell me a story about a lion."}]
+
+    def chat(extra, stream=False):
+        return oai.chat.completions.create(model="m", messages=messages, max_tokens=N, temperature=0, logprobs=True,
+                                           top_logprobs=5, extra_body=extra, stream=stream)
+
+    plain, spec = chat({"speculate": False}).choices[0], chat({"tree": "mc_sim_7b_63"}).choices[0]
+    streamed = [t for c in chat({"tree": "mc_sim_7b_63"}, stream=True) if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert plain.message.content == spec.message.content
+    assert any(t.token.startswith(" ") for t in plain.logprobs.content)  # "▁fox": its space, as in the answer
+    for content in (plain.logprobs.content, spec.logprobs.content, streamed):
+        assert "".join(t.token for t in content) == plain.message.content and len(content) == N
+        assert all(len(t.top_logprobs) == 5 and t.top_logprobs[0].token == t.token for t in content)
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(content, plain.logprobs.content)) <= 1e-4
+    tgi = InferenceClient(model=served.url, timeout=120)
+    out = tgi.text_generation(PROMPTS[1], max_new_tokens=N, details=True, top_n_tokens=3)
+    assert "".join(t.text for t in out.details.tokens) == out.generated_text
+    assert all(top[0]["id"] == t.id and len(top) == 3 for t, top in zip(out.details.tokens, out.details.top_tokens))
+    r = served.http.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": N, "temperature": 0,
+                                                  "logprobs": 0, "speculate": False})
+    plain_lp = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert max(abs(t.logprob - v) for t, v in zip(out.details.tokens, plain_lp)) <= 1e-4
+
+
 @pytest.mark.parametrize("kind", ["torch", "llamacpp"])
 def test_serve_by_hub_ids(kind, vicuna_mirror, hf_tok, monkeypatch):
     """`python -m nbkit serve --model lmsys/vicuna-7b-v1.3 --heads FasterDecoding/...`: fetched through the

@@ -41,12 +41,16 @@ async def tgi_request(svc: Service, body: GenerateRequest):
                               tree=body.tree)
         return ids, params, None, body.prompt
     p = body.parameters or TGIParameters()
+    if p.decoder_input_details:
+        raise APIError(400, "decoder_input_details is not supported: the prompt's log-probabilities are not "
+                            "computed (details.tokens[].logprob and top_n_tokens are)", param="decoder_input_details")
     ids = await svc.encode(body.inputs)
     temperature = p.temperature if p.temperature is not None else (1.0 if p.do_sample else 0.0)
     params = svc.sampling(len(ids), p.max_new_tokens or TGI_DEFAULT_MAX_NEW_TOKENS, name="max_new_tokens",
                           stop=p.stop, temperature=temperature, top_p=p.top_p or 1.0, top_k=p.top_k or 0,
                           seed=p.seed, speculate=p.speculate if p.speculate is not None else body.speculate,
-                          tree=p.tree or body.tree)
+                          tree=p.tree or body.tree, logprobs=p.details or bool(p.top_n_tokens),
+                          top_logprobs=p.top_n_tokens or 0)
     return ids, params, p, body.inputs
 
 
@@ -67,10 +71,11 @@ async def generate(body: GenerateRequest, request: Request, svc: Service = Depen
                                 steps=fin.steps, mean_accepted=round(fin.mean_accepted, 4))
     details = None
     if tgi.details:
-        tokenizer, eos = svc.engine.tokenizer, svc.engine.eos_ids
+        log = svc.token_log()
+        pieces = [log.tgi(entry) for entry in fin.logprobs]
+        top_tokens = [[TGIToken(**t) for t in top] for _, top in pieces] if tgi.top_n_tokens else None
         details = TGIDetails(finish_reason=fin.finish_reason, generated_tokens=fin.completion_tokens,
-                             seed=tgi.seed, tokens=[TGIToken(id=t, text=tokenizer.decode([t]), special=t in eos)
-                                                    for t in fin.token_ids])
+                             seed=tgi.seed, tokens=[TGIToken(**token) for token, _ in pieces], top_tokens=top_tokens)
     return TGIGenerateResponse(generated_text=(prompt if tgi.return_full_text else "") + fin.text,
                                details=details)
 
@@ -83,8 +88,9 @@ async def generate_stream(body: GenerateRequest, request: Request, svc: Service 
     handle = svc.submit(ids, params, request.url.path)
     prefix = prompt if tgi is not None and tgi.return_full_text else ""
     seed = tgi.seed if tgi is not None else body.seed
-    return TimedEventSourceResponse(tgi_events(svc, handle, params.max_tokens, prefix, seed), headers=SSE_HEADERS,
-                                    send_timeout=svc.settings.send_timeout)
+    log = svc.token_log() if params.logprobs else None
+    return TimedEventSourceResponse(tgi_events(svc, handle, params.max_tokens, prefix, seed, log),
+                                    headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
 
 
 @router.post("/", response_model=GenerateResponse | TGIGenerateResponse, responses=STREAMED)

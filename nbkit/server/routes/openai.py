@@ -35,11 +35,19 @@ def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, n
     for field_name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, field_name):
             raise APIError(None, f"{field_name} is not supported: leave it at 0", param=field_name)
-    if body.logprobs:
-        raise APIError(None, "logprobs are not supported", param="logprobs")
+    logprobs, top_logprobs = requested_logprobs(body)
     return svc.sampling(n_prompt, max_tokens, name=name, stop=body.stop, temperature=body.temperature,
                         top_p=body.top_p, top_k=body.top_k, seed=body.seed, speculate=body.speculate,
-                        tree=body.tree)
+                        tree=body.tree, logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def requested_logprobs(body) -> tuple[bool, int]:
+    """(logprobs, top_logprobs): chat's `logprobs` and `top_logprobs`, or completions' `logprobs` (how many)."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(None, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return body.logprobs, body.top_logprobs or 0
+    return body.logprobs is not None, body.logprobs or 0
 
 
 async def completion_prompts(svc: Service, prompt) -> list[list[int]]:
@@ -81,7 +89,8 @@ async def run(svc: Service, body, request: Request, prompts: list[list[int]], pa
     handles = submit_all(svc, prompts, params, request.url.path)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        chunks = openai_chunks(svc, handles, rid, svc.model_id, chat=chat, include_usage=include_usage)
+        chunks = openai_chunks(svc, handles, rid, svc.model_id, chat=chat, include_usage=include_usage,
+                               logprobs=params[0].logprobs)
         return TimedEventSourceResponse(chunks, headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
     fins = await asyncio.gather(*(svc.result(h, request) for h in handles))
     for fin in fins:
@@ -103,8 +112,9 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
     fins = await run(svc, body, request, prompts, params, rid, chat=False)
     if isinstance(fins, TimedEventSourceResponse):
         return fins
-    choices = [CompletionChoice(index=i, text=fin.text, finish_reason=fin.finish_reason.openai)
-               for i, fin in enumerate(fins)]
+    choices = [CompletionChoice(index=i, text=fin.text, finish_reason=fin.finish_reason.openai,
+                                logprobs=svc.token_log().openai_completion(fin.logprobs) if p.logprobs else None)
+               for i, (fin, p) in enumerate(zip(fins, params))]
     return CompletionResponse(id=rid, created=int(time.time()), model=model, system_fingerprint=svc.fingerprint,
                               usage=usage(*fins), choices=choices)
 
@@ -127,8 +137,8 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
     if isinstance(fins, TimedEventSourceResponse):
         return fins
     fin = fins[0]
-    choice = ChatChoice(message={"role": "assistant", "content": fin.text},
-                        finish_reason=fin.finish_reason.openai)
+    choice = ChatChoice(message={"role": "assistant", "content": fin.text}, finish_reason=fin.finish_reason.openai,
+                        logprobs=svc.token_log().openai_chat(fin.logprobs) if params.logprobs else None)
     return ChatResponse(id=rid, created=int(time.time()), model=model, system_fingerprint=svc.fingerprint,
                         choices=[choice], usage=usage(fin))
 
