@@ -83,6 +83,7 @@ class SelfCheck:
     seconds: float
     served: str = ""  # the speculation mode served after the check
     fallback: str | None = None  # what the engine gave up because of a failure, in words
+    cached: bool = False  # the verdict of an earlier identical check (startcache.py), not checked again now
 
     @property
     def max_abs_diff(self) -> float:
@@ -99,11 +100,12 @@ class SelfCheck:
                 "argmax_agrees": all(r.disagreements == 0 for r in self.runs.values()),
                 "tokens_equal": all(r.disagreements == 0 and r.near_ties == 0 for r in self.runs.values()),
                 "near_ties": self.near_ties, "positions": sum(r.positions for r in self.runs.values()),
-                "device": self.device, "dtype": self.dtype, "seconds": round(self.seconds, 3), "runs": runs}
+                "device": self.device, "dtype": self.dtype, "seconds": round(self.seconds, 3), "runs": runs,
+                "cached": self.cached}
 
     def describe(self) -> str:
         """One line for the notebook."""
-        verdict = "passed" if self.passed else "FAILED"
+        verdict = ("passed" if self.passed else "FAILED") + (" (cached verdict)" if self.cached else "")
         line = (f"self-check {verdict} on {self.device} ({self.dtype}): {sum(r.positions for r in self.runs.values())}"
                 f" positions, max |logit diff| {self.max_abs_diff:.2g} (noise allowed {self.tolerance:.2g}), "
                 f"{self.near_ties} near-tie(s); serving with speculation {self.served}")
@@ -227,8 +229,13 @@ def run_self_check(engine) -> SelfCheck:
     spec = engine.speculation
     speculating = engine.heads is not None and spec.mode != "off"
     tree = (spec.fixed or engine.base_tree) if speculating else None
-    prompts = [engine.encode(p) for p in PROMPTS]
-    check = check_runner(engine.runner, engine.heads, tree, prompts, batch=engine.max_batch > 1)
+    cache = engine.startup_cache  # the verdict of an identical check on this machine, if one was made
+    check = cache.self_check() if cache is not None else None
+    if check is None:
+        prompts = [engine.encode(p) for p in PROMPTS]
+        check = check_runner(engine.runner, engine.heads, tree, prompts, batch=engine.max_batch > 1)
+        if cache is not None:
+            cache.save_self_check(check)
     runs = check.runs
     if not check.passed:
         failed = [name for name, r in runs.items() if not r.passed]
