@@ -80,8 +80,9 @@ def main() -> int:
         took, cpu, info = launch(args.serve_args, args.timeout)
         seconds.append(took)
         check = info.get("self_check") or {}
-        print(f"launch {run + 1}: healthy after {took:.1f} s ({cpu:.1f} CPU s)  engine {info['engine']} ({info.get('mode')}), "
-              f"calibration {info.get('calibration')}, self-check cached {check.get('cached')}", flush=True)
+        print(f"launch {run + 1}: healthy after {took:.1f} s ({cpu:.1f} CPU s)  engine {info['engine']} "
+              f"({info.get('mode')}), calibration {info.get('calibration')}, "
+              f"self-check cached {check.get('cached')}", flush=True)
     rest = seconds[1:] or seconds
     print(f"median of launches {2 if len(seconds) > 1 else 1}-{len(seconds)}: {statistics.median(rest):.1f} s "
           f"({os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f})")

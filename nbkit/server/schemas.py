@@ -283,6 +283,8 @@ class SelfCheckInfo(BaseModel):
     dtype: str
     seconds: float
     runs: dict[str, SelfCheckRun] = Field(description="plain_batched, tree_alone, tree_batched (those that ran)")
+    tree: str = Field("none", description="the tree verified: the served one on a GPU, a 16-node sub-tree of it "
+                                          "on a CPU, 'none' without speculation")
     cached: bool = Field(False, description="the verdict of an earlier identical check on this machine, model, "
                                             "engine, mode and nbkit code (not run again at this start)")
 
