@@ -8,6 +8,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 # Converted models are cached in the repo's ignored .cache/ unless told otherwise.
 os.environ.setdefault("NBKIT_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"))
+# Every start measures: tests patch clocks and self-checks, and a verdict cached by one must not reach another
+# (tests/server/test_startup.py turns the start-up cache on, in a tmp dir).
+os.environ["NBKIT_STARTUP_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

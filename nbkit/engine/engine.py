@@ -81,6 +81,7 @@ class Engine:
         self.run_self_check = self_check
         self.self_check: SelfCheck | None = None
         self.trees_refused: str | None = None  # why requests may not ask for a tree (a failed self-check)
+        self.startup_cache = None  # startcache.StartupCache: an earlier start's verdict and prices (load_engine)
 
     # ---- life cycle (the thread: threads.EngineLoop) ------------------------------------------
     def start(self, timeout: float = 600.0) -> Engine:
@@ -112,7 +113,7 @@ class Engine:
         measure the forward cost once (adaptive speculation needs it)."""
         if self.run_self_check and self.self_check is None:
             self.self_check = run_self_check(self)
-        self.speculation.prepare(self.runner, self.heads, self.max_batch)
+        self.speculation.prepare(self.runner, self.heads, self.max_batch, self.startup_cache)
         return self
 
     # ---- requests -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class EngineLimits:
     # llama.cpp: {"mode": "exact" or "fast", "guarantee" and "mode_reason" in words, "kv_cells"}; None: no modes
     numerics: dict | None = None
     self_check: dict | None = None  # the start-up self-check (selfcheck.SelfCheck.to_dict); None: not run
+    calibration: str = "none"  # where the tree prices come from: measured, cached, declared or none
 
 
 def new_counters() -> dict:
@@ -42,7 +43,8 @@ def limits(engine) -> EngineLimits:
     return EngineLimits(engine.runner.max_context - engine.tree_reserve, engine.max_batch, engine.max_queue,
                         engine.speculation.mode, engine.heads.n_heads if engine.heads is not None else None,
                         runner_member(engine.runner, "numerics"),
-                        engine.self_check.to_dict() if engine.self_check is not None else None)
+                        engine.self_check.to_dict() if engine.self_check is not None else None,
+                        engine.speculation.costs_source)
 
 
 def snapshot(engine) -> dict:

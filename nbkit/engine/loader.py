@@ -23,7 +23,7 @@ ENGINES = ("torch", "llamacpp")
 def load_engine(
     kind: str = "torch", model: str | os.PathLike | None = None,
     heads: str | os.PathLike | MedusaHeads | None = None, device: str | None = None, max_batch: int = 16,
-    kv_budget_bytes: int | None = None, self_check: bool = True, **kwargs,
+    kv_budget_bytes: int | None = None, self_check: bool = True, startup_cache: bool = True, **kwargs,
 ) -> Engine:
     """An Engine (not started) for `model` (default: the embedded SmolLM2) and its Medusa heads.
 
@@ -34,7 +34,9 @@ def load_engine(
     v_type, n_ctx, n_threads and n_gpu_layers. Every other keyword goes to Engine.
     self_check: at start-up the engine checks that decoding is lossless on this device (selfcheck.py) and
     falls back to a mode that is when it is not. kv_budget_bytes: the plan's KV budget for either runner
-    (None: no budget; the torch cache then grows on demand, as on a CPU).
+    (None: no budget; the torch cache then grows on demand, as on a CPU). startup_cache: reuse the self-check's
+    verdict and the calibration of an earlier start on this machine with these files and settings, and keep
+    this start's (startcache.py, under $NBKIT_CACHE_DIR/startup).
 
     A hub id as model or heads (`lmsys/vicuna-7b-v1.3`) is fetched first, once, into the cache (from
     $NBKIT_HUB_MIRROR when set), and the engine is named by that id, which is what clients send.
@@ -46,14 +48,31 @@ def load_engine(
     model = fetched
     kwargs["self_check"] = self_check
     if kind == "torch":
-        return _torch_engine(model, heads, device, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, **kwargs)
-    if kind == "llamacpp":
+        engine = _torch_engine(model, heads, device, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, **kwargs)
+    elif kind == "llamacpp":
         try:
             from .llamacpp.runner import LlamaCppRunner  # noqa: F401  (the bindings must import)
         except ImportError as err:
             raise ValueError(f"the llama.cpp engine is not available ({err}); use --engine torch") from None
-        return _llamacpp_engine(model, heads, device, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, **kwargs)
-    raise ValueError(f"unknown engine {kind!r}: choose torch or llamacpp")
+        engine = _llamacpp_engine(model, heads, device, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, **kwargs)
+    else:
+        raise ValueError(f"unknown engine {kind!r}: choose torch or llamacpp")
+    if startup_cache:
+        engine.startup_cache = _startup_cache(kind, model, heads, engine)
+    return engine
+
+
+def _startup_cache(kind: str, model, heads: MedusaHeads | Path | None, engine: Engine):
+    """The start-up cache for this engine's files and settings (None where the files are not known: heads
+    handed over as an object, a model transformers fetches itself) or turned off (NBKIT_STARTUP_CACHE=off)."""
+    from ..models import resolve_model_dir
+    from .startcache import StartupCache, enabled, startup_key
+
+    runner = engine.runner
+    model_file = runner.model_path if kind == "llamacpp" else resolve_model_dir(model)
+    if not enabled() or isinstance(heads, MedusaHeads) or not isinstance(model_file, Path):
+        return None
+    return StartupCache(startup_key(kind, model_file, heads if engine.heads is not None else None, runner, engine))
 
 
 def _heads(heads: MedusaHeads | Path | None, hidden_size: int, device, dtype: torch.dtype) -> MedusaHeads | None:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..medusa.acceptance import tree_candidates
-from ..medusa.trees import TOPK, MedusaTree, chain
+from ..medusa.trees import TOPK, MedusaTree, chain, subtree
 from .runner import Runner, TreeInput
 
 log = logging.getLogger("nbkit.engine")
@@ -35,6 +35,11 @@ NEW_TOKENS = 8  # per prompt: a few dozen positions in all (a tree step checks s
 # fp32 sums in another order differ in the last bits; f16/bf16 activations carry 11/8 significant bits
 # through every layer (and llama.cpp keeps its KV cache in f16 whatever the torch dtype).
 RELATIVE_NOISE = {torch.float32: 2e-3, torch.float16: 3e-2, torch.bfloat16: 8e-2}
+# On a CPU the check verifies a sub-tree of the served tree with this many speculated nodes: every depth, and
+# siblings at each (what a mask or position bug breaks). The CPU kernels with the full trees at every batch
+# are what the test suite checks. (In llama.cpp's exact mode the check's cost is mostly per step, not per
+# node: what keeps later starts short is the cached verdict, startcache.py.)
+CPU_CHECK_NODES = 15
 
 
 @dataclass
@@ -82,7 +87,9 @@ class SelfCheck:
     dtype: str
     seconds: float
     served: str = ""  # the speculation mode served after the check
+    tree: str = "none"  # the tree verified (check_tree: the served one, or its sub-tree on a CPU)
     fallback: str | None = None  # what the engine gave up because of a failure, in words
+    cached: bool = False  # the verdict of an earlier identical check (startcache.py), not checked again now
 
     @property
     def max_abs_diff(self) -> float:
@@ -99,11 +106,12 @@ class SelfCheck:
                 "argmax_agrees": all(r.disagreements == 0 for r in self.runs.values()),
                 "tokens_equal": all(r.disagreements == 0 and r.near_ties == 0 for r in self.runs.values()),
                 "near_ties": self.near_ties, "positions": sum(r.positions for r in self.runs.values()),
-                "device": self.device, "dtype": self.dtype, "seconds": round(self.seconds, 3), "runs": runs}
+                "device": self.device, "dtype": self.dtype, "seconds": round(self.seconds, 3), "runs": runs,
+                "tree": self.tree, "cached": self.cached}
 
     def describe(self) -> str:
         """One line for the notebook."""
-        verdict = "passed" if self.passed else "FAILED"
+        verdict = ("passed" if self.passed else "FAILED") + (" (cached verdict)" if self.cached else "")
         line = (f"self-check {verdict} on {self.device} ({self.dtype}): {sum(r.positions for r in self.runs.values())}"
                 f" positions, max |logit diff| {self.max_abs_diff:.2g} (noise allowed {self.tolerance:.2g}), "
                 f"{self.near_ties} near-tie(s); serving with speculation {self.served}")
@@ -222,13 +230,27 @@ def _force(topk: torch.Tensor | None, tree: MedusaTree, path: list[int], continu
         topk[d - 1, ranks[d - 1]] = continuation[d - 1]
 
 
+def check_tree(served: MedusaTree, device: torch.device) -> MedusaTree:
+    """The tree the check verifies: the served one on a GPU; on a CPU its sub-tree of CPU_CHECK_NODES nodes
+    that ranks paths by the sum of their ranks (the all-top-1 chain through every depth first, then the
+    branches one rank off it)."""
+    if device.type != "cpu" or served.size <= CPU_CHECK_NODES + 1:
+        return served
+    return subtree(served, {p: -float(sum(p)) for p in served.paths}, CPU_CHECK_NODES)
+
+
 def run_self_check(engine) -> SelfCheck:
     """Check the engine's runner with the tree it serves, and fall back to a mode that passed."""
     spec = engine.speculation
     speculating = engine.heads is not None and spec.mode != "off"
-    tree = (spec.fixed or engine.base_tree) if speculating else None
-    prompts = [engine.encode(p) for p in PROMPTS]
-    check = check_runner(engine.runner, engine.heads, tree, prompts, batch=engine.max_batch > 1)
+    tree = check_tree(spec.fixed or engine.base_tree, engine.runner.device) if speculating else None
+    cache = engine.startup_cache  # the verdict of an identical check on this machine, if one was made
+    check = cache.self_check() if cache is not None else None
+    if check is None:
+        prompts = [engine.encode(p) for p in PROMPTS]
+        check = check_runner(engine.runner, engine.heads, tree, prompts, batch=engine.max_batch > 1)
+        if cache is not None:
+            cache.save_self_check(check)
     runs = check.runs
     if not check.passed:
         failed = [name for name, r in runs.items() if not r.passed]
@@ -241,7 +263,7 @@ def run_self_check(engine) -> SelfCheck:
             engine.trees_refused = f"the self-check failed on this device ({', '.join(failed)})"
             check.fallback = ", ".join(filter(None, [check.fallback, "speculation off"]))
         check.fallback = f"{check.fallback}: {', '.join(failed)} failed"
-    check.served = spec.mode
+    check.served, check.tree = spec.mode, tree.name if tree is not None else "none"
     if check.passed:
         log.info("%s", check.describe())
     else:

@@ -15,7 +15,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--model", default=None, help="HF folder, .gguf file or hub id (default: embedded SmolLM2)")
     p.add_argument("--heads", default=None, help="Medusa heads folder/file, 'embedded' or 'none'")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--engine", choices=("torch", "llamacpp"), default="torch")
+    p.add_argument("--engine", choices=("auto", "torch", "llamacpp"), default="auto",
+                   help="auto = the fastest for this machine and model: llama.cpp on a CPU with a GGUF (the "
+                        "embedded model is one), torch on a GPU or for a transformers folder; the start-up log "
+                        "and GET /info say which and why")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (set an API key)")
     p.add_argument("--port", type=int, default=8000, help="0 = a free port")
     p.add_argument("--api-key", action="append", default=None,
@@ -72,9 +75,10 @@ def cors_origins(given: list[str] | None) -> list[str]:
 LLAMA_MODES = {"auto": None, "exact": True, "fast": False}  # --llama-mode -> the runner's `exact`
 
 
-def llama_kwargs(args) -> dict:
-    """The llama.cpp engine's options (the torch engine takes none of them)."""
-    return {"exact": LLAMA_MODES[args.llama_mode]} if args.engine == "llamacpp" else {}
+def llama_kwargs(args, engine: str | None = None) -> dict:
+    """The llama.cpp engine's options (the torch engine takes none of them); `engine`: the one chosen for
+    --engine auto."""
+    return {"exact": LLAMA_MODES[args.llama_mode]} if (engine or args.engine) == "llamacpp" else {}
 
 
 def kv_budget_bytes(args) -> int | None:
@@ -82,6 +86,7 @@ def kv_budget_bytes(args) -> int | None:
 
 
 def cmd_serve(args) -> int:
+    from ..engine.choice import choose_engine
     from .app import Settings
     from .launch import start_server
     from .request_log import show_logs
@@ -109,11 +114,14 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        print(f"nbkit serve: loading the model ({args.engine}) ...", file=sys.stderr, flush=True)
-        handle = start_server(model=args.model, heads=args.heads, engine=args.engine, device=args.device,
+        choice = choose_engine(args.engine, args.model, args.device)
+        print(f"nbkit serve: loading the model (engine {choice.name}: {choice.reason}) ...", file=sys.stderr,
+              flush=True)
+        handle = start_server(model=args.model, heads=args.heads, engine=choice, device=args.device,
                               host=args.host, port=args.port, api_key=keys, max_batch=args.max_batch,
                               max_queue=args.max_queue, speculation=args.speculation, settings=settings,
-                              log_level=args.log_level, kv_budget_bytes=kv_budget_bytes(args), **llama_kwargs(args))
+                              log_level=args.log_level, kv_budget_bytes=kv_budget_bytes(args),
+                              **llama_kwargs(args, choice.name))
     except KeyboardInterrupt:
         print("nbkit serve: interrupted while loading", file=sys.stderr)
         return 130

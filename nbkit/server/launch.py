@@ -20,6 +20,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..engine.choice import EngineChoice
 
 log = logging.getLogger("nbkit.server")
 
@@ -93,14 +97,14 @@ class ServerHandle:
 
 
 def start_server(
-    engine_or_none=None, /, *, model=None, heads=None, engine: str = "torch", device: str | None = None,
+    engine_or_none=None, /, *, model=None, heads=None, engine: str | EngineChoice = "torch", device: str | None = None,
     host: str = "127.0.0.1", port: int = 8000, api_key: str | list[str] | None = None,
     max_batch: int = 16, speculation: str = "adaptive", max_queue: int = 64, settings=None,
     start_timeout: float = 30.0, log_level: str = "warning", kv_budget_bytes: int | None = None, **engine_kwargs,
 ) -> ServerHandle:
     """Serve `engine_or_none` (an Engine, started here if needed), or load `model`/`heads` with the
-    `engine` backend ("torch" or "llamacpp"). port=0 picks a free port. Returns once requests are served.
-
+    `engine` backend ("torch", "llamacpp", "auto": the fastest for this device and model, or an EngineChoice
+    made by the caller). port=0 picks a free port. Returns once requests are served.
     `settings` (nbkit.server.app.Settings) sets the limits; `api_key` overrides its key; kv_budget_bytes: the plan's.
     """
     global _current
@@ -111,7 +115,7 @@ def start_server(
     if api_key is not None:
         settings.api_key = api_key
     if engine_or_none is None:
-        settings.engine_name = engine
+        engine = _choose(engine, model, device, settings)
     settings.keys  # noqa: B018 -- validate the keys before anything starts
 
     _close_unkeyed_tunnel(port, settings.keys)
@@ -152,6 +156,16 @@ def start_server(
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.keys:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     return handle
+
+
+def _choose(engine: str | EngineChoice, model, device: str | None, settings) -> str:
+    """The engine that loads `model` (engine/choice.py for "auto"), kept with its reason in `settings`."""
+    from ..engine.choice import EngineChoice, choose_engine  # noqa: F811 (the annotation's name, at run time)
+
+    choice = engine if isinstance(engine, EngineChoice) else choose_engine(engine, model, device)
+    settings.engine_name, settings.engine_reason = choice.name, choice.reason
+    log.info("engine: %s (%s)", choice.name, choice.reason)
+    return choice.name
 
 
 def _close_unkeyed_tunnel(port: int, keys: list[str]) -> None:

@@ -312,11 +312,17 @@ class SelfCheckInfo(BaseModel):
     dtype: str
     seconds: float
     runs: dict[str, SelfCheckRun] = Field(description="plain_batched, tree_alone, tree_batched (those that ran)")
+    tree: str = Field("none", description="the tree verified: the served one on a GPU, a 16-node sub-tree of it "
+                                          "on a CPU, 'none' without speculation")
+    cached: bool = Field(False, description="the verdict of an earlier identical check on this machine, model, "
+                                            "engine, mode and nbkit code (not run again at this start)")
 
 
 class Info(BaseModel):
     model_id: str | None
     engine: str
+    engine_reason: str | None = Field(None, description="why this engine serves: named, or the fastest for this "
+                                                        "machine and model (nbkit/engine/choice.py)")
     status: str
     heads: int | None = Field(description="Medusa heads (None = no heads)")
     speculation: str | None
@@ -335,6 +341,9 @@ class Info(BaseModel):
     api_key_required: bool
     rate_limit_per_minute: float | None
     self_check: SelfCheckInfo | None = Field(None, description="the start-up self-check (None: not run)")
+    calibration: str | None = Field(None, description="where the tree prices come from: 'measured' at this start, "
+                                                      "'cached' from an earlier start on this machine, 'declared', "
+                                                      "or 'none' (no adaptive speculation)")
     version: str
 
 

@@ -41,6 +41,7 @@ class Settings:
     retry_after: int = 1  # seconds, sent with 429 when the queue is full
     model_name: str | None = None  # the served model id (default: the engine's)
     engine_name: str = "torch"
+    engine_reason: str | None = None  # why that engine serves (engine/choice.py), shown by /info
     # Chat messages are text: "<|im_start|>system" in a message is not a special token (no forged turns).
     # True lets clients write raw special tokens into messages (trusted clients only).
     allow_special_tokens_in_chat: bool = False

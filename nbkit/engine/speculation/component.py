@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from ...medusa.heads import MedusaHeads
 from ...medusa.trees import MedusaTree, chain, get_tree
@@ -23,6 +24,16 @@ if TYPE_CHECKING:
     from ..runner import Runner
 
 log = logging.getLogger("nbkit.engine")
+
+
+class CostCache(Protocol):
+    """Where an earlier start's calibration is kept (startcache.StartupCache)."""
+
+    path: Path
+
+    def costs(self) -> CostModel | None: ...
+
+    def save_costs(self, model: CostModel) -> None: ...
 
 
 @dataclass
@@ -70,6 +81,10 @@ class Speculation:
         self.stats = AcceptanceStats(max(self.n_heads, 1),
                                      measured=getattr(heads, "config", {}).get("acceptance_q"))
         self.cost_model = cost_model  # None until calibrated (a placeholder prices the policy until then)
+        # Where the prices come from: "declared" (given), "measured" (calibrated at this start), "cached" (an
+        # earlier start's calibration on this machine), "none" (no trees to price); `calibrations` counts runs.
+        self.costs_source = "declared" if cost_model is not None else "none"
+        self.calibrations = 0
         self.policy = SpeculationPolicy(
             self.base_tree, self.stats, cost_model or CostModel({1: 1.0}), mode="fixed" if fixed else mode,
             fixed=fixed, max_leaves=max_leaves, recomputes_accepted=recomputes_accepted)
@@ -110,11 +125,21 @@ class Speculation:
                 "tree_choices": dict(self.policy.choices), **self.stats.snapshot(), **self.policy.snapshot()}
 
     # ---- life cycle -------------------------------------------------------------------------
-    def prepare(self, runner: Runner, heads: MedusaHeads | None, max_batch: int) -> None:
-        """Adaptive speculation prices trees with the forward cost measured once on the runner."""
-        if self.mode == "adaptive" and self.cost_model is None:
+    def prepare(self, runner: Runner, heads: MedusaHeads | None, max_batch: int, cache: CostCache | None) -> None:
+        """Adaptive speculation prices trees with the forward cost measured once on the runner (or by an earlier
+        start on this machine: `cache`, startcache.py)."""
+        if self.mode != "adaptive" or self.cost_model is not None:
+            return
+        cached = cache.costs() if cache is not None else None
+        if cached is not None:
+            self.cost_model, self.costs_source = cached, "cached"
+            log.info("cost model: the calibration cached in %s (re-measured on drift)", cache.path)
+        else:
             self.cost_model = calibrate(runner, heads, max_batch, max_tree=self.base_tree.size)
-            self.policy.use_costs(self.cost_model)
+            self.costs_source, self.calibrations = "measured", self.calibrations + 1
+            if cache is not None:
+                cache.save_costs(self.cost_model)
+        self.policy.use_costs(self.cost_model)
 
     def new_request(self) -> RequestAcceptance:
         """A request's own acceptance counts, empty (it is admitted)."""

@@ -41,7 +41,8 @@ async def info(svc: Service = Depends(get_service)):
     settings = svc.settings
     limits = svc.engine.limits() if svc.engine is not None else None
     max_input, total = svc.limits()
-    return Info(model_id=svc.model_id, engine=settings.engine_name, status=svc.status()[0],
+    return Info(model_id=svc.model_id, engine=settings.engine_name, engine_reason=settings.engine_reason,
+                status=svc.status()[0],
                 heads=limits.heads if limits else None, speculation=limits.speculation if limits else None,
                 **((limits.numerics or {}) if limits else {}),
                 max_concurrent_requests=limits.max_batch if limits else None,
@@ -49,7 +50,8 @@ async def info(svc: Service = Depends(get_service)):
                 max_input_tokens=max_input, max_total_tokens=total, max_new_tokens=settings.max_new_tokens,
                 max_stop_sequences=settings.max_stop, max_body_bytes=settings.max_body_bytes,
                 api_key_required=bool(settings.keys), rate_limit_per_minute=settings.rate_limit or None,
-                self_check=limits.self_check if limits else None, version=__version__)
+                self_check=limits.self_check if limits else None,
+                calibration=limits.calibration if limits else None, version=__version__)
 
 
 @router.get("/metrics", response_class=Response)
