@@ -171,10 +171,47 @@ class TextPart(Strict):
     text: Text
 
 
+class FunctionCall(Strict):
+    name: Text
+    arguments: Text = Field(description="the arguments as JSON text")
+
+
+class ToolCall(Strict):
+    """A call the assistant made (in answers, and in the history clients send back)."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict | None = Field(None, description="a JSON schema of the arguments (an object)")
+    strict: bool | None = Field(None, description="accepted: arguments are always schema-constrained when a "
+                                                  "call is forced (tool_choice required or named)")
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: Text
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made")
+    tool_call_id: Text | None = Field(None, description="tool: the call this message answers")
 
 
 class ChatRequest(OpenAIRequest):
@@ -182,6 +219,10 @@ class ChatRequest(OpenAIRequest):
     max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; same as max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = Field(False, description="not supported")
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: 'auto' with tools, 'none' without")
+    parallel_tool_calls: bool = Field(True, description="allow several calls in one answer")
 
 
 class Usage(BaseModel):
@@ -209,7 +250,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

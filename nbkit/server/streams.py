@@ -9,6 +9,7 @@ import time
 from ..engine.request import Finished, FinishReason, RequestHandle, TokenEvent
 from .schemas import Usage
 from .service import Service
+from .tools import ToolPlan, ToolStream
 
 # OpenAPI: routes that answer JSON, or SSE events when the body says `stream: true`.
 SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
@@ -85,14 +86,17 @@ async def follow_all(svc: Service, handles: list[RequestHandle]):
 
 
 async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, model: str, chat: bool,
-                        include_usage: bool):
+                        include_usage: bool, tools: ToolPlan | None = None):
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     fingerprint = svc.fingerprint
+    shapers = [ToolStream(tools) for _ in handles] if tools is not None else None  # text -> tool_calls deltas
 
-    def chunk(i: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+    def chunk(i: int, text: str | None, finish_reason: str | None = None, role: bool = False,
+              delta: dict | None = None) -> str:
         if chat:
-            delta = {} if text is None else ({"role": "assistant", "content": text} if role else {"content": text})
+            if delta is None:
+                delta = {} if text is None else ({"role": "assistant", "content": text} if role else {"content": text})
             choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
@@ -109,7 +113,8 @@ async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, mo
     async for i, event in follow_all(svc, handles):
         if isinstance(event, TokenEvent):
             if event.text:
-                yield chunk(i, event.text)
+                for out in _pieces(chunk, shapers, i, event.text):
+                    yield out
             continue
         fin = event
         if (err := svc.failure(fin, openai=True)) is not None:
@@ -117,12 +122,26 @@ async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, mo
                                       "code": fin.finish_reason}})
             break  # follow_all's exit cancels the other choices
         fins.append(fin)
-        yield chunk(i, None, fin.finish_reason.openai)
+        for out in _closing(chunk, shapers, i, fin.finish_reason.openai):
+            yield out
     if include_usage and len(fins) == len(handles):
         yield sse_json({"id": rid, "object": kind, "created": created, "model": model,
                         "system_fingerprint": fingerprint, "choices": [], "usage": usage(*fins).model_dump(),
                         "nbkit": stats(fins[0]) if len(fins) == 1 else None})
     yield "[DONE]"
+
+
+def _pieces(chunk, shapers: list[ToolStream] | None, i: int, text: str) -> list[str]:
+    """The chunks of a piece of choice i's text: its content, or what its ToolStream makes of it."""
+    return [chunk(i, text)] if shapers is None else [chunk(i, None, delta=d) for d in shapers[i].feed(text)]
+
+
+def _closing(chunk, shapers: list[ToolStream] | None, i: int, reason: str) -> list[str]:
+    """The last chunks of choice i: what its ToolStream still held, then the finish reason."""
+    if shapers is None:
+        return [chunk(i, None, reason)]
+    held = [chunk(i, None, delta=d) for d in shapers[i].close()]
+    return held + [chunk(i, None, shapers[i].finish_reason(reason))]
 
 
 def stats(fin: Finished) -> dict:
