@@ -4,6 +4,7 @@ knows no tools: the plain-text format) and the vicuna miniature (no template: vi
 - a forced call (a named function; `required`) parses and its arguments validate against the function's schema;
 - the round trip (call -> tool result -> answer) completes, the history rendered as chat_format renders it;
 - the streamed call's argument deltas join into valid JSON, equal to the same greedy call answered whole.
+Two tests per model and engine: each forced call costs seconds on the embedded model.
 
 Forced calls are constrained decoding (SamplingParams.grammar): Medusa trees run under the grammar here.
 """
@@ -80,24 +81,17 @@ def valid_calls(calls) -> list[tuple[str, dict]]:
     return out
 
 
-@pytest.mark.parametrize("choice", [NAMED, "required"], ids=["named", "required"])
-def test_a_forced_call_parses_and_validates(served, choice):
-    reply = create(served, messages=ASK, tool_choice=choice, parallel_tool_calls=False)
-    out = reply.choices[0]
-    assert out.finish_reason == "tool_calls", out
-    calls = valid_calls(out.message.tool_calls)
-    assert len(calls) == 1 and out.message.content is None
-    if choice == NAMED:
-        assert calls[0][0] == "get_weather"
-
-
-def test_the_round_trip_completes(served):
+def test_a_named_call_parses_and_validates_and_the_round_trip_completes(served):
     messages = list(ASK)
     first = create(served, messages=messages, tool_choice=NAMED)
-    (call,) = first.choices[0].message.tool_calls
-    messages.append(first.choices[0].message)  # the client's own object, sent back as it is
+    out = first.choices[0]
+    assert out.finish_reason == "tool_calls" and out.message.content is None, out
+    assert [name for name, _ in valid_calls(out.message.tool_calls)] == ["get_weather"]
+    (call,) = out.message.tool_calls
+    messages.append(out.message)  # the client's own object, sent back as it is
     messages.append({"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'})
-    final = create(served, messages=messages, tool_choice="none")
+    final = served.oai.chat.completions.create(model="m", tools=TOOLS, messages=messages, tool_choice="none",
+                                               max_tokens=8, temperature=0)
     assert final.choices[0].finish_reason in ("stop", "length")
     assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
@@ -106,8 +100,9 @@ def test_the_round_trip_completes(served):
     assert final.usage.prompt_tokens == len(rendered)  # the call and its result are in the prompt
 
 
-def test_streamed_argument_deltas_join_into_valid_json(served):
+def test_a_required_call_parses_and_its_streamed_argument_deltas_join_into_valid_json(served):
     whole = create(served, messages=ASK, tool_choice="required", parallel_tool_calls=False)
+    assert whole.choices[0].finish_reason == "tool_calls" and len(valid_calls(whole.choices[0].message.tool_calls)) == 1
     stream = create(served, messages=ASK, tool_choice="required", parallel_tool_calls=False, stream=True)
     name, arguments, fragments, finish = None, "", 0, None
     for chunk in stream:
