@@ -1,7 +1,7 @@
 """Request and response bodies. Typed so that the OpenAPI schema (/docs) is the documentation.
 
 Requests are strict: "50" is not an int and 1.5 is not a max_tokens. Fields we do not implement, known
-(`tools`, `logit_bias`, `response_format`, `grammar`, `repetition_penalty`, ...) or not, are refused with
+(`logit_bias`, `response_format`, `grammar`, `repetition_penalty`, ...) or not, are refused with
 an error naming them when set to anything but a neutral value (null, false, 0, "", {}, [], or the field's
 own default such as `repetition_penalty: 1`), so nobody gets a silently different answer; clients that
 send every optional field with its default (huggingface_hub does) are served.
