@@ -7,6 +7,15 @@ are real: the client wrote the whole prompt.
 Chat messages: the tokenizer's chat template, or, when it has none (vicuna-7b-v1.3 and other Llama-1-era
 repositories), FastChat's vicuna_v1.1 conversation, the format vicuna was trained on.
 
+Tools (OpenAI's `tools`, assistant `tool_calls`, `role: "tool"` results): a chat template that knows tools
+(one that reads a `tools` variable) gets them as `apply_chat_template(..., tools=...)`. Other models (vicuna,
+SmolLM2) get `tool_messages`, a plain-text format any chat model can follow:
+- a system message (after the client's own system text, if any) that lists each function as JSON
+  (`{"name", "description", "parameters"}`, one a line) and asks for a call as JSON alone:
+  `{"name": "<function>", "arguments": {...}}`, or a JSON list of such objects for several calls;
+- an assistant turn that called functions is its text (if any) followed by the calls in that same JSON;
+- tool results become one user turn: `Function <name> returned: <content>`, one line per result.
+
 Role forgery: `apply_chat_template` renders the messages to one string and tokenizes it, so a user message
 that contains "<|im_end|>\\n<|im_start|>system\\n..." (or "</s>USER:" for vicuna) becomes REAL special tokens:
 the user has written a turn of their own. Here the template's own text is tokenized as usual, but what
@@ -16,6 +25,7 @@ characters.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 
@@ -50,27 +60,43 @@ def special_strings(tokenizer) -> list[str]:
     return [t.content for t in decoder.values() if getattr(t, "content", "")]
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], allow_special: bool = False) -> list[int]:
-    """The prompt ids of `messages` (dicts with role and str content) with the generation prompt.
+def knows_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders OpenAI-style tools itself (it reads `tools`)."""
+    return bool(re.search(r"\btools\b", getattr(tokenizer, "chat_template", None) or ""))
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], allow_special: bool = False,
+                    tools: list[dict] | None = None) -> list[int]:
+    """The prompt ids of `messages` (dicts with role and str content; assistant `tool_calls` and `tool`
+    results too) with the generation prompt; `tools` are OpenAI function definitions (the `function` objects).
 
     allow_special=True keeps the plain behaviour (special tokens in messages are parsed): an explicit
     opt-in for clients that build raw turns themselves. Raises ValueError when a message with special
     tokens cannot be placed safely (a template that rewrites content).
     """
+    template_tools = bool(tools) and knows_tools(tokenizer)
+    if template_tools:  # templates index arguments as objects (`arguments | tojson`), not as JSON text
+        messages = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": _arguments(
+            c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+    else:  # the plain-text format: tools and calls become ordinary messages
+        messages = tool_messages(messages, tools or [], vicuna=not has_chat_template(tokenizer))
     if not has_chat_template(tokenizer):
         return vicuna_prompt_ids(tokenizer, messages, allow_special)
     specials = special_strings(tokenizer)
+    extra = {"tools": [{"type": "function", "function": f} for f in tools]} if template_tools else {}
+    if template_tools and not allow_special and any(s in json.dumps(tools, ensure_ascii=False) for s in specials):
+        raise ValueError("special tokens in tool definitions are refused (they would open turns of their own)")
     if allow_special or not any(s in (m.get("content") or "") for m in messages for s in specials):
         # nothing to forge: the template's own tokenization, unchanged
         return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
+                                                  return_dict=False, **extra))
     # Render with a unique marker in place of each content, check that the template copies content
     # verbatim, then tokenize the template's text and each content separately.
     # One pass over the rendered text (a regex split), so the work is linear in the number of messages.
     tag = secrets.token_hex(8)
     marked = [{**m, "content": f"NBKITCONTENT{tag}X{i}X"} for i, m in enumerate(messages)]
-    template_text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    template_text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False, **extra)
+    full_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     parts = re.split(f"NBKITCONTENT{tag}X([0-9]+)X", template_text)  # text, index, text, index, ..., text
     if [int(i) for i in parts[1::2]] != list(range(len(messages))):
         raise ValueError("this chat template cannot keep special tokens in messages as plain text")
@@ -104,6 +130,58 @@ def _encode(tokenizer, text: str, split_special: bool) -> list[int]:
 def _ids(ids) -> list[int]:
     """A list of ids from a tokenizer call (a BatchEncoding or dict) or apply_chat_template (a list)."""
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+# --- tools as plain text, for chat templates that know none ----------------------------------------------
+TOOLS_PREAMBLE = ("You can call these functions:\n{functions}\nTo call a function, answer with JSON alone: "
+                  '{{"name": "<function name>", "arguments": {{<its arguments>}}}}, or a JSON list of such objects '
+                  "to call several. Otherwise answer in text.")
+
+
+def tools_preamble(tools: list[dict]) -> str:
+    lines = [json.dumps({k: f[k] for k in ("name", "description", "parameters") if f.get(k) is not None},
+                        ensure_ascii=False) for f in tools]
+    return TOOLS_PREAMBLE.format(functions="\n".join(lines))
+
+
+def call_text(calls: list[dict]) -> str:
+    """Calls ({"name", "arguments": JSON text or object}) as the format asks the model to write them."""
+    objs = [{"name": c["name"], "arguments": _arguments(c["arguments"])} for c in calls]
+    return json.dumps(objs[0] if len(objs) == 1 else objs, ensure_ascii=False)
+
+
+def _arguments(arguments):
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments  # kept as the client sent it: the model sees what was called
+
+
+def tool_messages(messages: list[dict], tools: list[dict], vicuna: bool = False) -> list[dict]:
+    """`messages` with tools, assistant calls and tool results in the plain-text format (module docstring)."""
+    names = {c.get("id"): c["function"]["name"] for m in messages for c in m.get("tool_calls") or []}
+    out: list[dict] = []
+    for m in messages:
+        if m.get("role") == "tool":
+            line = f"Function {names.get(m.get('tool_call_id'), m.get('name') or 'a function')} returned: " \
+                   f"{m.get('content') or ''}"
+            if out and out[-1].get("tool_result"):
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + line}
+            else:
+                out.append({"role": "user", "content": line, "tool_result": True})
+        elif m.get("tool_calls"):
+            calls = call_text([c["function"] for c in m["tool_calls"]])
+            out.append({"role": "assistant", "content": "\n".join(filter(None, [m.get("content"), calls]))})
+        else:
+            out.append({"role": m["role"], "content": m.get("content")})
+    if tools:
+        systems = [m for m in out if m["role"] == "system"]
+        first = (systems[-1]["content"] or "") if systems else (VICUNA_SYSTEM if vicuna else "")
+        system = {"role": "system", "content": "\n\n".join(filter(None, [first, tools_preamble(tools)]))}
+        out = [system] + [m for m in out if m["role"] != "system"]
+    return [{"role": m["role"], "content": m["content"]} for m in out]
 
 
 # --- vicuna v1.1, for tokenizers without a chat template ---------------------------------------------------

@@ -42,3 +42,29 @@ async def asse_events(lines: AsyncIterable[str]) -> AsyncIterator:
     async for line in lines:
         if (data := sse_data(line)) is not None:
             yield data
+
+
+def merge_tool_calls(calls: list[dict], deltas: list[dict]) -> list[dict]:
+    """Fold a stream's `delta.tool_calls` into whole calls in OpenAI's form: a call's first delta brings its
+    id and name, the later ones fragments of its arguments (JSON text) to append."""
+    for delta in deltas:
+        while len(calls) <= delta["index"]:
+            calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        call, function = calls[delta["index"]], delta.get("function") or {}
+        call["id"] = delta.get("id") or call["id"]
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+    return calls
+
+
+def tool_call_text(calls: list[dict]) -> str:
+    """Calls as people read them: `→ name(arguments)`, the arguments pretty JSON (as sent while unfinished)."""
+    lines = []
+    for call in calls:
+        arguments = call["function"]["arguments"]
+        try:
+            arguments = json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
+        except ValueError:
+            pass  # still streaming, or not JSON: as it came
+        lines.append(f"→ {call['function']['name']}({arguments})")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 import ipywidgets as widgets
 
-from ..client import DONE, auth_headers, sse_data
+from ..client import DONE, auth_headers, merge_tool_calls, sse_data, tool_call_text
 
 USER_STYLE = "background:#e8f0fe;border-radius:8px;padding:6px 10px;margin:4px 0 4px 15%;white-space:pre-wrap"
 BOT_STYLE = "background:#f1f3f4;border-radius:8px;padding:6px 10px;margin:4px 15% 4px 0;white-space:pre-wrap"
@@ -34,6 +34,7 @@ class Reply:
     """One assistant reply and what it cost."""
 
     text: str = ""
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI's form, when the model called functions
     chunks: int = 0
     completion_tokens: int | None = None
     steps: int | None = None  # decoding steps (tree verifications), when the server reports them
@@ -60,8 +61,13 @@ class Reply:
         elapsed = self.last_token_at - self.first_token_at
         return (self.tokens - 1) / elapsed if elapsed > 0 else None
 
+    @property
+    def shown(self) -> str:
+        """The text, then its calls as people read them."""
+        return "\n".join(filter(None, [self.text, tool_call_text(self.tool_calls)]))
+
     def __repr__(self) -> str:  # a cell ending with send() shows the reply and its numbers
-        return f"{self.text.strip()}\n[{self.stats()}]"
+        return f"{self.shown.strip()}\n[{self.stats()}]"
 
     def stats(self) -> str:
         parts = [f"{self.tokens} tokens"]
@@ -117,6 +123,7 @@ class ChatPanel:
         self.temperature = widgets.FloatSlider(value=temperature, min=0.0, max=1.5, step=0.05,
                                                description="temperature", readout_format=".2f")
         self.max_tokens = widgets.IntSlider(value=max_tokens, min=8, max=2048, step=8, description="max tokens")
+        self.json_mode = widgets.Checkbox(value=False, description="JSON", indent=False)  # response_format
         self.status = widgets.HTML(value=f"<span style='{STATS_STYLE}'>{html.escape(self.url)}</span>")
         self.send_button.on_click(self._on_send_click)
         self.stop_button.on_click(lambda _: self.stop())
@@ -124,7 +131,7 @@ class ChatPanel:
         self.widget = widgets.VBox([
             self.history, self.prompt,
             widgets.HBox([self.send_button, self.stop_button, self.clear_button]),
-            widgets.HBox([self.temperature, self.max_tokens]), self.status,
+            widgets.HBox([self.temperature, self.max_tokens, self.json_mode]), self.status,
         ])
 
     # --- what the buttons do -------------------------------------------------------------------
@@ -158,6 +165,8 @@ class ChatPanel:
                 "temperature": float(self.temperature.value), "max_tokens": int(self.max_tokens.value)}
         if self.model:
             body["model"] = self.model
+        if self.json_mode.value:  # the reply is one JSON object
+            body["response_format"] = {"type": "json_object"}
         return body
 
     def _begin(self, text: str) -> tuple[Reply, widgets.HTML, widgets.HTML]:
@@ -189,14 +198,16 @@ class ChatPanel:
             reply.finish_reason = "error"
             return True
         for choice in chunk.get("choices") or []:
-            piece = (choice.get("delta") or {}).get("content") or ""
-            if piece:
+            delta = choice.get("delta") or {}
+            piece, calls = delta.get("content") or "", delta.get("tool_calls") or []
+            if piece or calls:
                 now = time.perf_counter()
                 reply.first_token_at = reply.first_token_at or now
                 reply.last_token_at = now
                 reply.text += piece
                 reply.chunks += 1
-                bubble.value = self._bubble(reply.text, BOT_STYLE)
+                merge_tool_calls(reply.tool_calls, calls)
+                bubble.value = self._bubble(reply.shown, BOT_STYLE)
             if choice.get("finish_reason"):
                 reply.finish_reason = choice["finish_reason"]
         if chunk.get("usage"):
@@ -211,12 +222,13 @@ class ChatPanel:
             reply.finish_reason = "stopped"
         if reply.mean_accepted is None and counters is not None:
             reply.steps, reply.mean_accepted = self._from_counters(counters)
-        if reply.text:
-            self.messages.append({"role": "assistant", "content": reply.text})
+        if reply.text or reply.tool_calls:
+            calls = {"tool_calls": reply.tool_calls} if reply.tool_calls else {}
+            self.messages.append({"role": "assistant", "content": reply.text or None, **calls})
         else:  # nothing came back: forget the question (and a system prompt sent with it) so a retry is clean
             while self.messages and self.messages[-1]["role"] != "assistant":
                 self.messages.pop()
-        bubble.value = self._bubble(reply.text or "", BOT_STYLE) if reply.text else self._bubble(
+        bubble.value = self._bubble(reply.shown, BOT_STYLE) if reply.shown else self._bubble(
             f"[{reply.error or reply.finish_reason or 'no reply'}]", BOT_STYLE)
         stats.value = f"<div style='{STATS_STYLE}'>{html.escape(reply.stats())}</div>"
         self.status.value = f"<span style='{STATS_STYLE}'>last reply: {html.escape(reply.stats())}</span>"

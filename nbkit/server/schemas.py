@@ -1,7 +1,7 @@
 """Request and response bodies. Typed so that the OpenAPI schema (/docs) is the documentation.
 
 Requests are strict: "50" is not an int and 1.5 is not a max_tokens. Fields we do not implement, known
-(`tools`, `logit_bias`, `response_format`, `grammar`, `repetition_penalty`, ...) or not, are refused with
+(`logit_bias`, `response_format`, `grammar`, `repetition_penalty`, ...) or not, are refused with
 an error naming them when set to anything but a neutral value (null, false, 0, "", {}, [], or the field's
 own default such as `repetition_penalty: 1`), so nobody gets a silently different answer; clients that
 send every optional field with its default (huggingface_hub does) are served.
@@ -176,10 +176,47 @@ class TextPart(Strict):
     text: Text
 
 
+class FunctionCall(Strict):
+    name: Text
+    arguments: Text = Field(description="the arguments as JSON text")
+
+
+class ToolCall(Strict):
+    """A call the assistant made (in answers, and in the history clients send back)."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict | None = Field(None, description="a JSON schema of the arguments (an object)")
+    strict: bool | None = Field(None, description="accepted: arguments are always schema-constrained when a "
+                                                  "call is forced (tool_choice required or named)")
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: Text
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made")
+    tool_call_id: Text | None = Field(None, description="tool: the call this message answers")
 
 
 class ChatRequest(OpenAIRequest):
@@ -189,6 +226,10 @@ class ChatRequest(OpenAIRequest):
     logprobs: bool = Field(False, description="each token's log-probability (after temperature, top-k, top-p; "
                            "temperature 0: the model's own distribution)")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many most likely tokens' (with logprobs)")
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: 'auto' with tools, 'none' without")
+    parallel_tool_calls: bool = Field(True, description="allow several calls in one answer")
 
 
 class Usage(BaseModel):
@@ -223,7 +264,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -279,101 +321,3 @@ class OpenAIErrorBody(BaseModel):
 
 class OpenAIError(BaseModel):
     error: OpenAIErrorBody
-
-
-# ---- operations -----------------------------------------------------------------------------
-
-class Health(BaseModel):
-    status: str
-    error: str | None = None
-
-
-class SelfCheckRun(BaseModel):
-    positions: int = Field(description="verified positions compared with plain decoding alone")
-    max_abs_diff: float
-    near_ties: int = Field(description="argmax flipped where plain decoding's top-2 margin is within the noise")
-    disagreements: int = Field(description="argmax flipped where the margin is beyond the noise")
-    passed: bool
-
-
-class SelfCheckInfo(BaseModel):
-    """The start-up check that decoding is lossless on the device that serves (nbkit/engine/selfcheck.py)."""
-
-    passed: bool
-    served: str = Field(description="the speculation mode served after the check")
-    fallback: str | None = Field(description="what a failed check made the engine give up (None: nothing)")
-    max_abs_diff: float = Field(description="largest |verified - plain| logit over every compared position")
-    tolerance: float = Field(description="the noise allowed for this dtype (relative to the largest logit)")
-    argmax_agrees: bool = Field(description="argmax equal wherever plain decoding's top-2 margin is beyond the noise")
-    tokens_equal: bool = Field(description="every greedy token equal (near-ties included)")
-    near_ties: int
-    positions: int
-    device: str
-    dtype: str
-    seconds: float
-    runs: dict[str, SelfCheckRun] = Field(description="plain_batched, tree_alone, tree_batched (those that ran)")
-    tree: str = Field("none", description="the tree verified: the served one on a GPU, a 16-node sub-tree of it "
-                                          "on a CPU, 'none' without speculation")
-    cached: bool = Field(False, description="the verdict of an earlier identical check on this machine, model, "
-                                            "engine, mode and nbkit code (not run again at this start)")
-
-
-class Info(BaseModel):
-    model_id: str | None
-    engine: str
-    engine_reason: str | None = Field(None, description="why this engine serves: named, or the fastest for this "
-                                                        "machine and model (nbkit/engine/choice.py)")
-    status: str
-    heads: int | None = Field(description="Medusa heads (None = no heads)")
-    speculation: str | None
-    mode: str | None = Field(None, description="llama.cpp engine: 'exact' (the default on a CPU) or 'fast'")
-    guarantee: str | None = Field(None, description="what the llama.cpp mode promises for greedy output")
-    mode_reason: str | None = Field(None, description="why the llama.cpp engine serves that mode")
-    kv_cells: int | None = Field(None, description="llama.cpp engine: KV cells all requests share (they wait "
-                                                   "for cells rather than fail)")
-    max_concurrent_requests: int | None = Field(description="requests decoded together (slots)")
-    max_queue: int | None
-    max_input_tokens: int | None
-    max_total_tokens: int | None
-    max_new_tokens: int
-    max_stop_sequences: int
-    max_body_bytes: int
-    api_key_required: bool
-    rate_limit_per_minute: float | None
-    self_check: SelfCheckInfo | None = Field(None, description="the start-up self-check (None: not run)")
-    calibration: str | None = Field(None, description="where the tree prices come from: 'measured' at this start, "
-                                                      "'cached' from an earlier start on this machine, 'declared', "
-                                                      "or 'none' (no adaptive speculation)")
-    version: str
-
-
-# ---- tokenizer: /tokenize, /detokenize (llama-server's shapes; vLLM's `prompt` too) ----------
-
-class TokenizeRequest(Strict):
-    content: Text | None = Field(None, description="llama-server: the text to tokenize")
-    prompt: Text | None = Field(None, description="vLLM: the text to tokenize (same as content)")
-    add_special: bool | None = Field(None, description="llama-server: add BOS as the tokenizer does (default false)")
-    add_special_tokens: bool | None = Field(None, description="vLLM: the same (default true)")
-    with_pieces: bool = Field(False, description="llama-server: tokens as {id, piece} objects")
-    model: Text | None = None
-
-
-class TokenPiece(BaseModel):
-    id: int
-    piece: str
-
-
-class TokenizeResponse(BaseModel):
-    tokens: list[int] | list[TokenPiece]
-    count: int = Field(description="vLLM: the number of tokens")
-    max_model_len: int | None = Field(None, description="vLLM: the context length (prompt and output)")
-
-
-class DetokenizeRequest(Strict):
-    tokens: list[int] = Field(description="token ids")
-    model: Text | None = None
-
-
-class DetokenizeResponse(BaseModel):
-    content: str = Field(description="llama-server's field")
-    prompt: str = Field(description="vLLM's field (the same text)")

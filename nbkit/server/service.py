@@ -165,12 +165,13 @@ class Service:
                                  f"tokens allowed (this model's maximum context length is {self.limits()[1]} "
                                  "tokens)", param="messages", code="context_length_exceeded")
 
-    async def chat_ids(self, messages: list[dict]) -> list[int]:
+    async def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt ids of a chat; `tools` (function definitions) as chat_format.chat_prompt_ids shows them."""
         tokenizer = self.ready().tokenizer
         self.check_messages(messages)
         allow = self.settings.allow_special_tokens_in_chat
         try:
-            return await run_in_threadpool(chat_prompt_ids, tokenizer, messages, allow)
+            return await run_in_threadpool(chat_prompt_ids, tokenizer, messages, allow, tools)
         except (ValueError, TemplateError) as err:
             raise APIError(None, f"the chat template refused these messages: {err}", param="messages") from None
 

@@ -10,6 +10,7 @@ from ..engine.request import Finished, FinishReason, RequestHandle, TokenEvent
 from .logprobs import TokenLog
 from .schemas import Usage
 from .service import Service
+from .tools import ToolPlan, ToolStream
 
 # OpenAPI: routes that answer JSON, or SSE events when the body says `stream: true`.
 SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
@@ -92,42 +93,56 @@ async def follow_all(svc: Service, handles: list[RequestHandle]):
             await stream.aclose()  # a gone client: follow() cancels its request
 
 
-async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, model: str, chat: bool,
-                        include_usage: bool, logprobs: bool = False):
-    """OpenAI's chunks; with `logprobs`, each chunk carries the log-probabilities of the tokens whose text it
-    sends (a token whose text is held back, a stop string or a character in progress, goes with the next)."""
-    created = int(time.time())
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    fingerprint = svc.fingerprint
-    logs = [svc.token_log() for _ in handles] if logprobs else []
-    waiting: list[list] = [[] for _ in handles]  # each choice's entries not yet sent
+class _Chunker:
+    """Builds one OpenAI chunk of choice i; holds each choice's logprob entries until text goes with them."""
 
-    def chunk(i: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
-        entries, waiting[i] = waiting[i], []
+    def __init__(self, svc: Service, n: int, rid: str, model: str, chat: bool, include_usage: bool,
+                 logprobs: bool):
+        self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": model, "system_fingerprint": svc.fingerprint}
+        self.chat, self.include_usage = chat, include_usage
+        self.logs = [svc.token_log() for _ in range(n)] if logprobs else []
+        self.waiting: list[list] = [[] for _ in range(n)]  # each choice's entries not yet sent
+
+    def hold(self, i: int, event: TokenEvent) -> None:
+        if self.logs and event.logprobs is not None:
+            self.waiting[i].append(event.logprobs)
+
+    def __call__(self, i: int, text: str | None, finish_reason: str | None = None, role: bool = False,
+                 delta: dict | None = None) -> str:
+        entries, self.waiting[i] = self.waiting[i], []
         lp = None
         if entries:
-            lp = logs[i].openai_chat(entries) if chat else logs[i].openai_completion(entries)
-        if chat:
-            delta = {} if text is None else ({"role": "assistant", "content": text} if role else {"content": text})
+            lp = self.logs[i].openai_chat(entries) if self.chat else self.logs[i].openai_completion(entries)
+        if self.chat:
+            if delta is None:
+                delta = {} if text is None else ({"role": "assistant", "content": text} if role else {"content": text})
             choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
         else:
             choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
-        out = {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": fingerprint,
-               "choices": [choice]}
-        if include_usage:
+        out = {**self.head, "choices": [choice]}
+        if self.include_usage:
             out["usage"] = None
         return sse_json(out)
 
+
+async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, model: str, chat: bool,
+                        include_usage: bool, logprobs: bool = False, tools: ToolPlan | None = None):
+    """OpenAI's chunks; with `logprobs`, each chunk carries the log-probabilities of the tokens whose text it
+    sends (a token whose text is held back, a stop string or a character in progress, goes with the next);
+    with `tools`, a ToolStream per choice turns the text into tool_calls deltas."""
+    chunk = _Chunker(svc, len(handles), rid, model, chat, include_usage, logprobs)
+    shapers = [ToolStream(tools) for _ in handles] if tools is not None else None  # text -> tool_calls deltas
     if chat:
         for i in range(len(handles)):
             yield chunk(i, "", role=True)
     fins: list[Finished] = []
     async for i, event in follow_all(svc, handles):
         if isinstance(event, TokenEvent):
-            if logs and event.logprobs is not None:
-                waiting[i].append(event.logprobs)
+            chunk.hold(i, event)
             if event.text:
-                yield chunk(i, event.text)
+                for out in _pieces(chunk, shapers, i, event.text):
+                    yield out
             continue
         fin = event
         if (err := svc.failure(fin, openai=True)) is not None:
@@ -135,12 +150,25 @@ async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, mo
                                       "code": fin.finish_reason}})
             break  # follow_all's exit cancels the other choices
         fins.append(fin)
-        yield chunk(i, None, fin.finish_reason.openai)
+        for out in _closing(chunk, shapers, i, fin.finish_reason.openai):
+            yield out
     if include_usage and len(fins) == len(handles):
-        yield sse_json({"id": rid, "object": kind, "created": created, "model": model,
-                        "system_fingerprint": fingerprint, "choices": [], "usage": usage(*fins).model_dump(),
+        yield sse_json({**chunk.head, "choices": [], "usage": usage(*fins).model_dump(),
                         "nbkit": stats(fins[0]) if len(fins) == 1 else None})
     yield "[DONE]"
+
+
+def _pieces(chunk, shapers: list[ToolStream] | None, i: int, text: str) -> list[str]:
+    """The chunks of a piece of choice i's text: its content, or what its ToolStream makes of it."""
+    return [chunk(i, text)] if shapers is None else [chunk(i, None, delta=d) for d in shapers[i].feed(text)]
+
+
+def _closing(chunk, shapers: list[ToolStream] | None, i: int, reason: str) -> list[str]:
+    """The last chunks of choice i: what its ToolStream still held, then the finish reason."""
+    if shapers is None:
+        return [chunk(i, None, reason)]
+    held = [chunk(i, None, delta=d) for d in shapers[i].close()]
+    return held + [chunk(i, None, shapers[i].finish_reason(reason))]
 
 
 def stats(fin: Finished) -> dict:

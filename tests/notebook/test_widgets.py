@@ -19,7 +19,7 @@ WORDS = ["Medusa", " adds", " heads", " that", " guess", " the", " next", " toke
 class FakeServer:
     """/v1/chat/completions streams WORDS (or `n_chunks` words) OpenAI-style; /metrics counts steps."""
 
-    def __init__(self, delay=0.0, n_chunks=None, stats_in_usage=True, status=200):
+    def __init__(self, delay=0.0, n_chunks=None, stats_in_usage=True, status=200, deltas=None):
         self.requests, self.disconnected = [], threading.Event()
         self.steps = self.tokens = 0
         fake = self
@@ -50,19 +50,20 @@ class FakeServer:
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
                 words = WORDS if n_chunks is None else [f" w{i}" for i in range(n_chunks)]
+                streamed = deltas or [{"content": word} for word in words]
                 try:
                     self.wfile.write(b": ping\n\n")
-                    for i, word in enumerate(words):
+                    for i, delta in enumerate(streamed):
                         chunk = {"object": "chat.completion.chunk",
-                                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
                         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
                         fake.tokens += 1
                         fake.steps += i % 2 == 1  # the prefill gives token 0, then 2 tokens per step
                         time.sleep(delay)
-                    final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                    final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if deltas else "stop"}]}
                     self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
-                    usage = {"prompt_tokens": 12, "completion_tokens": len(words), "total_tokens": 12 + len(words)}
+                    usage = {"prompt_tokens": 12, "completion_tokens": len(streamed), "total_tokens": 12 + len(streamed)}
                     if stats_in_usage:
                         usage.update(steps=4, mean_accepted=2.25)
                     self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
@@ -124,6 +125,25 @@ def test_streamed_reply_fills_history_and_stats(fake):
     panel.send("And why is it fast?")
     assert [m["role"] for m in server.requests[1]["body"]["messages"]] == ["system", "user", "assistant", "user"]
     assert len(panel.history.children) == 6
+
+
+def test_json_toggle_asks_for_an_object_and_tool_calls_are_shown_readably(fake):
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    pieces = ['{"city"', ': "Paris",', ' "unit": "celsius"}']
+    server = fake(deltas=[{"role": "assistant", "tool_calls": [call]}] + [
+        {"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in pieces])
+    panel = chat_panel(server.url)
+    panel.send("Weather?")
+    assert "response_format" not in server.requests[0]["body"]  # off by default: the model writes freely
+    bot = panel.history.children[1].value
+    assert "→ get_weather({" in bot and "&quot;city&quot;: &quot;Paris&quot;,\n" in bot  # pretty, escaped JSON
+    arguments = json.dumps({"city": "Paris", "unit": "celsius"})
+    assert json.loads(panel.messages[-1]["tool_calls"][0]["function"]["arguments"]) == json.loads(arguments)
+    assert panel.messages[-1]["content"] is None and panel.replies[-1].finish_reason == "tool_calls"
+    panel.json_mode.value = True
+    panel.send("As JSON")
+    assert server.requests[1]["body"]["response_format"] == {"type": "json_object"}
+    assert server.requests[1]["body"]["messages"][1]["tool_calls"][0]["id"] == "call_1"  # history as OpenAI's
 
 
 def test_stop_keeps_the_partial_reply_and_closes_the_stream(fake):

@@ -106,3 +106,78 @@ def test_chat_page_asks_for_key_and_streams_a_reply(browser):
         _until(lambda: reply().get_attribute("data-state") == "stopped")
         _until(lambda: engine.snapshot()["cancelled"] == cancelled + 1 and engine.snapshot()["running"] == 0,
                timeout=5)
+
+
+# The page sends no tools of its own: a test hook around fetch records each body and adds tools, as a client
+# page that offers functions would, so that the answer streams tool calls for the page to show.
+RECORD_FETCH = """
+window.sentBodies = [];
+const realFetch = window.fetch;
+window.fetch = (url, init) => {
+  if (init && init.body) {
+    const body = JSON.parse(init.body);
+    window.sentBodies.push(JSON.parse(init.body));
+    delete body.response_format;  // the scripted engine answers the same either way
+    if (window.addTools) Object.assign(body, window.addTools);
+    init = Object.assign({}, init, {body: JSON.stringify(body)});
+  }
+  return realFetch(url, init);
+};
+"""
+
+
+def _scripted(engine, texts: list[str]):
+    """engine.submit answers the next of `texts` (a few characters a token) and records nothing else."""
+    import asyncio
+
+    from nbkit.engine.request import Finished, FinishReason, RequestHandle, TokenEvent
+
+    def submit(prompt_ids, params):
+        text = texts.pop(0)
+        handle = RequestHandle(len(texts) + 50_000, asyncio.get_running_loop())
+        pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+        for i, piece in enumerate(pieces):
+            handle.push(TokenEvent(5, piece, i))
+        handle.push(Finished(text, [5] * len(pieces), FinishReason.EOS_TOKEN, len(prompt_ids), len(pieces),
+                             len(pieces), 0.01, 0.02))
+        return handle
+
+    engine.submit = submit
+
+
+def test_json_toggle_and_tool_calls_shown_readably(browser):
+    from selenium.webdriver.common.by import By
+
+    engine = tiny_engine()
+    _scripted(engine, ['{"answer": 42}', '{"name": "get_weather", "arguments": {"city": "Paris"}}', "Sunny."])
+    with start_server(engine, port=0) as handle:
+        browser.get(handle.url + "/")
+        el = lambda css: browser.find_element(By.CSS_SELECTOR, css)
+        _until(lambda: el("#status").text == "ready")
+        browser.execute_script(RECORD_FETCH)
+        reply = lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+
+        el("#json").click()
+        el("#prompt").send_keys("An object please")
+        el("#send").click()
+        _until(lambda: reply().get_attribute("data-state") == "done")
+        assert browser.execute_script("return window.sentBodies[0].response_format") == {"type": "json_object"}
+
+        el("#json").click()  # off again: the request asks for text
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        browser.execute_script("window.addTools = arguments[0]", {"tools": [tool], "tool_choice": "required"})
+        el("#prompt").send_keys("Weather in Paris?")
+        el("#send").click()
+        _until(lambda: reply().get_attribute("data-state") == "done")
+        second = browser.execute_script("return window.sentBodies[1]")
+        assert "response_format" not in second and second["messages"][-2] == {"role": "assistant",
+                                                                             "content": '{"answer": 42}'}
+        assert reply().find_element(By.CSS_SELECTOR, ".calls").text == '→ get_weather({\n  "city": "Paris"\n})'
+        assert reply().find_element(By.CSS_SELECTOR, ".text").text == ""
+
+        el("#prompt").send_keys("Thanks")  # the call goes back in the history, as OpenAI's clients send it
+        el("#send").click()
+        _until(lambda: reply().get_attribute("data-state") == "done")
+        (call,) = browser.execute_script("return window.sentBodies[2]")["messages"][-2]["tool_calls"]
+        assert call["id"].startswith("call_") and call["function"] == {"name": "get_weather",
+                                                                        "arguments": '{"city": "Paris"}'}

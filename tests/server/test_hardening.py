@@ -52,7 +52,6 @@ def test_chat_messages_are_capped_before_templating(http):
 
 UNSUPPORTED = [
     ("/v1/chat/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
     ("/v1/chat/completions", "logit_bias", {"50256": -100}, {}),
     ("/v1/completions", "logit_bias", {"1": 5}, {}),
     ("/generate", "grammar", {"type": "json", "value": {}}, None),

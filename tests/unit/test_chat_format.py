@@ -69,7 +69,7 @@ def test_forged_turns_stay_text(tok):
 
 def test_unknown_role_is_refused(tok):
     with pytest.raises(ValueError, match="role"):
-        chat_prompt_ids(tok, [{"role": "tool", "content": "x"}])
+        chat_prompt_ids(tok, [{"role": "narrator", "content": "x"}])
 
 
 def test_smollm2_keeps_its_template_and_gets_no_bos():

@@ -8,7 +8,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 
-from ...engine.request import RequestHandle, SamplingParams
+from ...engine.request import GrammarSpec, RequestHandle, SamplingParams
 from ..errors import APIError
 from ..schemas import (
     ChatChoice,
@@ -24,12 +24,14 @@ from ..schemas import (
 from ..service import Service, get_service
 from ..streams import SSE_HEADERS, STREAMED, openai_chunks, usage
 from ..timeouts import TimedEventSourceResponse
+from ..tools import ToolPlan, answer, tool_plan
 
 router = APIRouter(tags=["OpenAI"],  # included at /v1 and at the root
                    responses={code: {"model": OpenAIError} for code in (400, 401, 404, 413, 429, 500, 503)})
 
 
-def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, name: str) -> SamplingParams:
+def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, name: str,
+                    grammar: GrammarSpec | None = None) -> SamplingParams:
     if body.n != 1:
         raise APIError(None, "n must be 1: one choice per request", param="n")
     for field_name in ("presence_penalty", "frequency_penalty"):
@@ -38,7 +40,7 @@ def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, n
     logprobs, top_logprobs = requested_logprobs(body)
     return svc.sampling(n_prompt, max_tokens, name=name, stop=body.stop, temperature=body.temperature,
                         top_p=body.top_p, top_k=body.top_k, seed=body.seed, speculate=body.speculate,
-                        tree=body.tree, logprobs=logprobs, top_logprobs=top_logprobs)
+                        tree=body.tree, logprobs=logprobs, top_logprobs=top_logprobs, grammar=grammar)
 
 
 def requested_logprobs(body) -> tuple[bool, int]:
@@ -84,13 +86,13 @@ def submit_all(svc: Service, prompts: list[list[int]], params: list[SamplingPara
 
 
 async def run(svc: Service, body, request: Request, prompts: list[list[int]], params: list[SamplingParams],
-              rid: str, chat: bool):
+              rid: str, chat: bool, tools: ToolPlan | None = None):
     """Submit; then either the SSE response (`stream: true`) or the finished requests, failures raised as 4xx/5xx."""
     handles = submit_all(svc, prompts, params, request.url.path)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = openai_chunks(svc, handles, rid, svc.model_id, chat=chat, include_usage=include_usage,
-                               logprobs=params[0].logprobs)
+                               logprobs=params[0].logprobs, tools=tools)
         return TimedEventSourceResponse(chunks, headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
     fins = await asyncio.gather(*(svc.result(h, request) for h in handles))
     for fin in fins:
@@ -122,22 +124,25 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
 @router.post("/chat/completions", response_model=ChatResponse, responses=STREAMED)
 async def chat_completions(body: ChatRequest, request: Request, svc: Service = Depends(get_service)):
     """Chat with the model's chat template. `stream: true` answers SSE chunks, then `data: [DONE]`;
-    `stream_options.include_usage` adds a last chunk with the token counts."""
+    `stream_options.include_usage` adds a last chunk with the token counts. With `tools` the model may call
+    functions (`tool_choice` "required" or a named function: it must, with schema-constrained arguments)."""
     svc.check_model(body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
-                for m in body.messages]
-    ids = await svc.chat_ids(messages)
+    plan = tool_plan(body)
+    ids = await svc.chat_ids([_message(m) for m in body.messages],
+                             tools=list(plan.functions.values()) if plan is not None else None)
     if body.max_completion_tokens is not None:
         max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, name = body.max_tokens, "max_tokens"
-    params = openai_sampling(svc, body, len(ids), max_tokens, name)
+    params = openai_sampling(svc, body, len(ids), max_tokens, name, grammar=plan and plan.grammar)
     rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
-    fins = await run(svc, body, request, [ids], [params], rid, chat=True)
+    fins = await run(svc, body, request, [ids], [params], rid, chat=True, tools=plan)
     if isinstance(fins, TimedEventSourceResponse):
         return fins
     fin = fins[0]
-    choice = ChatChoice(message={"role": "assistant", "content": fin.text}, finish_reason=fin.finish_reason.openai,
+    content, tool_calls, finish_reason = answer(plan, fin.text, fin.finish_reason.openai)
+    choice = ChatChoice(message={"role": "assistant", "content": content, "tool_calls": tool_calls},
+                        finish_reason=finish_reason,
                         logprobs=svc.token_log().openai_chat(fin.logprobs) if params.logprobs else None)
     return ChatResponse(id=rid, created=int(time.time()), model=model, system_fingerprint=svc.fingerprint,
                         choices=[choice], usage=usage(fin))
@@ -147,6 +152,16 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
 async def models(svc: Service = Depends(get_service)):
     svc.ready()
     return ModelList(data=[ModelCard(id=svc.model_id, created=svc.created)])
+
+
+def _message(m) -> dict:
+    """A message as chat_format takes it: text content; an assistant's calls and a tool result's call id."""
+    out = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump(include={"id", "type", "function"}) for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def _text(content) -> str:

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ... import __version__
 from ..metrics import CONTENT_TYPE
-from ..schemas import Health, Info
+from ..schemas_ops import Health, Info
 from ..service import Service, get_service
 
 CHAT_PAGE = Path(__file__).resolve().parents[1] / "static" / "chat.html"

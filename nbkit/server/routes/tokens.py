@@ -10,14 +10,8 @@ from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import APIError
-from ..schemas import (
-    DetokenizeRequest,
-    DetokenizeResponse,
-    OpenAIError,
-    TokenizeRequest,
-    TokenizeResponse,
-    TokenPiece,
-)
+from ..schemas import OpenAIError
+from ..schemas_ops import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenPiece
 from ..service import Service, get_service
 
 # Errors in OpenAI's shape, as llama-server answers them on these routes (errors.OPENAI_PATHS).
