@@ -53,9 +53,15 @@ def has_prefix_cache_switch(help_text: str) -> bool:
 
 
 def serve_help() -> str:
-    """`python -m nbkit serve --help` of the nbkit this process imports (the one the servers will run)."""
-    return subprocess.run([sys.executable, "-m", "nbkit", "serve", "--help"], capture_output=True, text=True,
-                          timeout=120, env=_env(None)).stdout
+    """`nbkit serve --help` of the nbkit this process imports, the one the server subprocesses run (its parser
+    built here: a `python -m nbkit serve --help` subprocess would cost seconds of imports)."""
+    import argparse
+
+    from ..server.cli import register_cli
+
+    sub = argparse.ArgumentParser(prog="nbkit").add_subparsers()
+    register_cli(sub)
+    return sub.choices["serve"].format_help()
 
 
 def configurations(engines: list[Engine], switch: bool, llama_server_off: bool = True) -> list[Config]:

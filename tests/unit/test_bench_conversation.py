@@ -148,8 +148,8 @@ def test_quick_run_on_the_embedded_model_torch_engine(tmp_path, embedded):
     from nbkit.chat_format import chat_prompt_ids
 
     out = tmp_path / "conv.json"
-    args = ["--quick", "--engines", "torch", "--threads", "1", "--questions", str(write_questions(tmp_path / "q.jsonl")),
-            "--out", str(out)]
+    args = ["--quick", "--engines", "torch", "--threads", "1", "--speculation", "off",  # off: no calibration
+            "--questions", str(write_questions(tmp_path / "q.jsonl")), "--out", str(out)]
     assert conv.main(args) == 0
     report = json.loads(out.read_text())
     switch = report["prefix_cache_switch"]
@@ -169,6 +169,35 @@ def test_quick_run_on_the_embedded_model_torch_engine(tmp_path, embedded):
         assert report["target"]["torch"].split(":")[0] in ("met", "NOT met")
     else:
         assert report["target"]["torch"].startswith("not measured")
+
+
+@pytest.mark.slow
+def test_quick_run_on_the_vicuna_miniature_both_engines(tmp_path, vicuna_mirror, monkeypatch):
+    """Llama with sentencepiece, BOS and no chat template of its own (FastChat's vicuna_v1.1 is rendered),
+    fetched by its hub id through the mirror, on both engines; the exact history is checked with the
+    repository's own tokenizer."""
+    pytest.importorskip("llama_cpp", reason="the llama.cpp bindings are not installed")
+    from transformers import AutoTokenizer
+    from vicuna_mini import BASE_ID
+
+    from nbkit.chat_format import chat_prompt_ids
+
+    monkeypatch.setenv("NBKIT_HUB_MIRROR", str(vicuna_mirror))
+    out = tmp_path / "conv.json"
+    args = ["--quick", "--engines", "torch,llamacpp", "--threads", "1", "--speculation", "off", "--model", BASE_ID,
+            "--questions", str(write_questions(tmp_path / "q.jsonl")), "--out", str(out)]
+    assert conv.main(args) == 0
+    report = json.loads(out.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(vicuna_mirror / BASE_ID)
+    names = [n for n in report["configurations"]]
+    assert [n.split()[0] for n in names] == (["torch", "torch", "llamacpp", "llamacpp"]
+                                             if report["prefix_cache_switch"] else ["torch", "llamacpp"])
+    for name in names:
+        messages = []
+        for user, turn in zip(C.chain(ROWS)[0].turns, check_history_fed_back(report, name, 6)):
+            messages.append({"role": "user", "content": user})
+            assert turn["prompt_tokens"] == len(chat_prompt_ids(tokenizer, messages)), name
+            messages.append({"role": "assistant", "content": turn["text"]})
 
 
 FAKE_LLAMA_SERVER = Path(__file__).parents[1] / "helpers" / "fake_llama_server.py"
