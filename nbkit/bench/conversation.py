@@ -4,8 +4,9 @@ engines and llama-server with cache_prompt, side by side in one run.
     python -m nbkit.bench.conversation                     # 8 chats of 6 turns, torch, llamacpp, llama-server
     python -m nbkit.bench.conversation --quick --engines torch   # one chat, 8 tokens a turn: a smoke test
 
-Every configuration is a server process (`python -m nbkit serve`, `llama-server`), all started first; each wave
-of chats is then served by every configuration in rotating order, so load from elsewhere hits all of them alike.
+Every configuration is a server process (`python -m nbkit serve`, `llama-server`), all started first (one at a
+time); each wave of chats is then served by every configuration in rotating order, so load from elsewhere hits
+all of them alike.
 A chat is 6 user turns chained from MT-Bench's two-turn questions (nbkit/bench/chats.py); each turn is a
 streamed greedy /v1/chat/completions request with the whole history, the assistant's earlier answers included,
 and a fixed max_tokens. Time to first token is measured by the client: request sent -> first non-empty text.
@@ -227,15 +228,16 @@ def launch(config: Config, args, logs: Path) -> Server:
     return Server(config.name, cmd, port, logs / (config.name.replace(" ", "_") + ".log"), args.threads)
 
 
-def start_servers(configs: list[Config], args, logs: Path) -> dict[Config, Server]:
-    """Every configuration's server, started together, each ready and warmed up by one short turn."""
+def start_servers(configs: list[Config], args, logs: Path, log=print) -> dict[Config, Server]:
+    """Every configuration's server, each ready and warmed up by one short turn. One at a time: adaptive
+    speculation times the model while it starts, and a neighbour loading its own model would skew that."""
     servers: dict[Config, Server] = {}
     try:
         for config in configs:
-            servers[config] = launch(config, args, logs)
-        for config, server in servers.items():
-            server.wait_ready(args.start_timeout)
+            start = time.perf_counter()
+            servers[config] = server = launch(config, args, logs).wait_ready(args.start_timeout)
             asyncio.run(serve_wave(server.url, config, [Chat("warm-up", ("Say hello.",))], 2, args.timeout))
+            log(f"  {config.name}: ready in {time.perf_counter() - start:.0f} s")
     except BaseException:
         for server in servers.values():
             server.stop()
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     print(f"{len(chats)} chats x {args.turns} turns, {args.max_tokens} tokens per answer, "
           f"{args.concurrency} at once: {', '.join(c.name for c in configs)}", flush=True)
-    servers = start_servers(configs, args, out.parent / f"{out.stem}-logs")
+    servers = start_servers(configs, args, out.parent / f"{out.stem}-logs", log=lambda line: print(line, flush=True))
     try:
         done = run_interleaved(servers, chats, args.max_tokens, args.concurrency, args.timeout,
                                log=lambda line: print(line, flush=True))
