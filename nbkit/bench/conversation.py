@@ -203,6 +203,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="as for `nbkit serve` (default: the embedded SmolLM2)")
     p.add_argument("--heads", default=None, help="as for `nbkit serve`")
     p.add_argument("--speculation", default="adaptive", help="nbkit's speculation, as for `nbkit serve`")
+    p.add_argument("--serve-args", default="", help="extra `nbkit serve` arguments, e.g. '--device cuda'")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per server (default: each one's own)")
     p.add_argument("--llama-server", default=None, help="llama-server binary (default: built by nbkit, CPU)")
     p.add_argument("--llama-server-args", default="", help="extra llama-server arguments, e.g. '-ngl 99'")
@@ -224,7 +225,8 @@ def launch(config: Config, args, logs: Path) -> Server:
         cmd = srv.llama_server_command(_llama_server(args), _gguf(args.model), port, args.concurrency,
                                        args.ctx_per_slot, args.threads, args.llama_server_args.split())
     else:
-        cmd = srv.nbkit_command(config, port, args.model, args.heads, args.speculation, max(16, args.concurrency))
+        cmd = srv.nbkit_command(config, port, args.model, args.heads, args.speculation, max(16, args.concurrency),
+                                args.serve_args.split())
     return Server(config.name, cmd, port, logs / (config.name.replace(" ", "_") + ".log"), args.threads)
 
 

@@ -84,13 +84,13 @@ def free_port() -> int:
 
 
 def nbkit_command(config: Config, port: int, model: str | None, heads: str | None, speculation: str,
-                  max_batch: int) -> list[str]:
+                  max_batch: int, extra: list[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "nbkit", "serve", "--engine", config.engine.value, "--host", "127.0.0.1",
            "--port", str(port), "--speculation", speculation, "--max-batch", str(max_batch), "--rate-limit", "0",
            "--log-level", "warning", "--log-interval", "0"]
     cmd += ["--model", model] if model else []
     cmd += ["--heads", heads] if heads else []
-    return cmd + ([NO_PREFIX_CACHE] if config.reuse is Reuse.OFF else [])
+    return cmd + list(extra) + ([NO_PREFIX_CACHE] if config.reuse is Reuse.OFF else [])
 
 
 def llama_server_command(binary: Path, gguf: Path, port: int, slots: int, ctx_per_slot: int,
@@ -105,6 +105,7 @@ def llama_server_command(binary: Path, gguf: Path, port: int, slots: int, ctx_pe
 
 def _env(threads: int | None) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("NBKIT_API_KEY", None)  # `nbkit serve` would require it; the servers listen on 127.0.0.1 only
     if threads:  # torch reads OMP_NUM_THREADS at import; the llama.cpp engine reads NBKIT_LLAMA_THREADS
         env.update(OMP_NUM_THREADS=str(threads), NBKIT_LLAMA_THREADS=str(threads))
     return env

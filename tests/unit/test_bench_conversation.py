@@ -69,8 +69,8 @@ def test_configurations_follow_the_prefix_cache_switch():
 def test_commands_and_bodies_toggle_reuse_only_where_asked():
     on, off = Config(Engine.TORCH, Reuse.ON), Config(Engine.LLAMACPP, Reuse.OFF)
     assert S.NO_PREFIX_CACHE not in S.nbkit_command(on, 8000, None, None, "adaptive", 16)
-    cmd = S.nbkit_command(off, 8000, "m.gguf", "none", "off", 16)
-    assert cmd[-1] == S.NO_PREFIX_CACHE and cmd[cmd.index("--engine") + 1] == "llamacpp"
+    cmd = S.nbkit_command(off, 8000, "m.gguf", "none", "off", 16, ["--device", "cuda"])
+    assert cmd[-3:] == ["--device", "cuda", S.NO_PREFIX_CACHE] and cmd[cmd.index("--engine") + 1] == "llamacpp"
     assert cmd[cmd.index("--model") + 1] == "m.gguf" and cmd[cmd.index("--speculation") + 1] == "off"
     llama = S.llama_server_command(Path("/x/llama-server"), Path("m.gguf"), 9000, 4, 2048, 1, ["-ngl", "99"])
     assert llama[llama.index("-np") + 1] == "4" and llama[llama.index("-c") + 1] == "8192"
@@ -144,9 +144,10 @@ def check_history_fed_back(report: dict, name: str, n_turns: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_quick_run_on_the_embedded_model_torch_engine(tmp_path, embedded):
+def test_quick_run_on_the_embedded_model_torch_engine(tmp_path, embedded, monkeypatch):
     from nbkit.chat_format import chat_prompt_ids
 
+    monkeypatch.setenv("NBKIT_API_KEY", "a key of the caller's")  # not passed on: the client sends none
     out = tmp_path / "conv.json"
     args = ["--quick", "--engines", "torch", "--threads", "1", "--speculation", "off",  # off: no calibration
             "--questions", str(write_questions(tmp_path / "q.jsonl")), "--out", str(out)]
