@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..errors import APIError
+from ..grammar import generate_grammar, tgi_grammar
 from ..schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -39,6 +40,7 @@ async def tgi_request(svc: Service, body: GenerateRequest):
         params = svc.sampling(len(ids), body.max_tokens, stop=body.stop, temperature=body.temperature,
                               top_p=body.top_p, top_k=body.top_k, seed=body.seed, speculate=body.speculate,
                               tree=body.tree)
+        params.grammar = await svc.compile_grammar(generate_grammar(body.json_schema, body.regex), "json_schema")
         return ids, params, None, body.prompt
     p = body.parameters or TGIParameters()
     ids = await svc.encode(body.inputs)
@@ -47,6 +49,7 @@ async def tgi_request(svc: Service, body: GenerateRequest):
                           stop=p.stop, temperature=temperature, top_p=p.top_p or 1.0, top_k=p.top_k or 0,
                           seed=p.seed, speculate=p.speculate if p.speculate is not None else body.speculate,
                           tree=p.tree or body.tree)
+    params.grammar = await svc.compile_grammar(tgi_grammar(p.grammar), "grammar")
     return ids, params, p, body.inputs
 
 

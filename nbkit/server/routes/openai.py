@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ...engine.request import RequestHandle, SamplingParams
 from ..errors import APIError
+from ..grammar import openai_grammar
 from ..schemas import (
     ChatChoice,
     ChatRequest,
@@ -99,6 +100,9 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
         raise APIError(None, "echo, suffix and best_of are not supported", param="echo")
     prompts = await completion_prompts(svc, body.prompt)
     params = [openai_sampling(svc, body, len(ids), body.max_tokens, "max_tokens") for ids in prompts]
+    grammar = await svc.compile_grammar(openai_grammar(body.response_format), "response_format")
+    for p in params:
+        p.grammar = grammar
     rid, model = f"cmpl-{uuid.uuid4().hex}", svc.model_id
     fins = await run(svc, body, request, prompts, params, rid, chat=False)
     if isinstance(fins, TimedEventSourceResponse):
@@ -122,6 +126,7 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
     else:
         max_tokens, name = body.max_tokens, "max_tokens"
     params = openai_sampling(svc, body, len(ids), max_tokens, name)
+    params.grammar = await svc.compile_grammar(openai_grammar(body.response_format), "response_format")
     rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
     fins = await run(svc, body, request, [ids], [params], rid, chat=True)
     if isinstance(fins, TimedEventSourceResponse):
