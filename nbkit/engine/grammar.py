@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ from .runner import TreeInput
 from .schema_check import check_schema
 
 JUMP_FORWARD_MAX = 16  # forced tokens drafted in one step (a long constant key: the rest come next step)
+CACHED_GRAMMARS = 256  # compiled grammars kept (least recently used dropped): clients choose the schemas
 
 
 @dataclass
@@ -52,7 +54,7 @@ class GrammarStage:
     def __init__(self, tokenizer, eos_ids: set[int]):
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.jump_forward = True  # draft forced text (bench/structured.py compares with and without)
-        self._compiled: dict[GrammarSpec, object] = {}
+        self._compiled: OrderedDict[GrammarSpec, object] = OrderedDict()
         self._compiler = None
         self._lock = threading.Lock()  # compiles come from the server's worker threads
 
@@ -64,15 +66,20 @@ class GrammarStage:
 
     def compile(self, spec: GrammarSpec):
         """The compiled grammar of `spec` (cached); ValueError naming the problem for a bad schema or regex."""
-        if (found := self._compiled.get(spec)) is not None:
-            return found
         with self._lock:
-            if spec not in self._compiled:
-                self._compiled[spec] = self._compile(spec)
-            return self._compiled[spec]
+            if (found := self._compiled.get(spec)) is not None:
+                self._compiled.move_to_end(spec)
+                return found
+        compiled = self._compile(spec)  # outside the lock: one slow schema does not hold up the others
+        with self._lock:
+            self._compiled[spec] = compiled
+            while len(self._compiled) > CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return compiled
 
     def _compile(self, spec: GrammarSpec):
-        compiler = self._compiler or self._new_compiler()
+        with self._lock:
+            compiler = self._compiler or self._new_compiler()
         try:
             if spec.kind is GrammarKind.REGEX:
                 return compiler.compile_regex(spec.value)
