@@ -23,7 +23,7 @@ from ..timeouts import TimedEventSourceResponse
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
 
 router = APIRouter(tags=["original / TGI"],
-                   responses={code: {"model": TGIError} for code in (401, 413, 422, 424, 429, 503)})
+                   responses={code: {"model": TGIError} for code in (400, 401, 413, 422, 424, 429, 503)})
 
 
 async def tgi_request(svc: Service, body: GenerateRequest):
