@@ -69,8 +69,10 @@ def test_tree_masks_prune_what_the_grammar_forbids():
     assert state.matcher.accept_token(4)  # the walk rolled every token back: the matcher is where it was
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("spec", [REGEX, GrammarSpec(GrammarKind.REGEX, "(CDE|CDF|HIJK)+P")])
-def test_greedy_constrained_is_the_same_with_speculation_and_jump_forward(model, spec):
+def test_greedy_constrained_is_the_same_with_speculation_and_jump_forward(model, spec, dtype):
+    model = tiny_llama(seed=3, vocab_size=VOCAB, hidden=32, init=0.08).to(dtype)  # masks on half logits too
     plain = engine_for(model, "off")
     medusa = engine_for(model)
     ref = run(plain, 1, max_tokens=12, grammar=spec)[0]
