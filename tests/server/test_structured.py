@@ -82,8 +82,6 @@ def test_openai_strict_json_schema_with_and_without_speculation(served):
 
 
 def test_openai_json_object_and_completions(served):
-    if served.name.endswith("llamacpp"):
-        return  # the route's field is engine-independent: the torch runs cover it (test time is scarce)
     out = served.oai.completions.create(model="any", prompt="A JSON object:", max_tokens=40, temperature=0,
                                         extra_body={"response_format": {"type": "json_object"}})
     text = out.choices[0].text
