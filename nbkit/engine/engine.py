@@ -19,18 +19,19 @@ from collections import deque
 
 import torch
 
-from ..medusa.acceptance import accept, tree_candidates
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain
 from .admission import Admission, ContinuousAdmission, cells_free, check_fits
 from .budget import fit_trees
 from .emit import emit_tokens
+from .grammar import GrammarStage
 from .introspect import EngineLimits, limits, new_counters, report_step, snapshot
 from .logprobs import token_logprobs
 from .request import (
     EngineStopped,
     Finished,
     FinishReason,
+    GrammarSpec,
     Overloaded,
     Request,
     RequestHandle,
@@ -63,6 +64,7 @@ class Engine:
         self.eos_ids = set(runner.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
+        self.grammar = GrammarStage(tokenizer, self.eos_ids)  # structured output (grammar.py)
         self.speculation = Speculation(heads, base_tree, speculation, cost_model, runner.max_leaves,
                                        runner.recomputes_accepted)
         self.base_tree = self.speculation.base_tree
@@ -123,8 +125,6 @@ class Engine:
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if params.grammar is not None:
-            raise ValueError("structured output is not supported by this engine")
         if params.tree not in (None, "none") and self.heads is None:
             raise ValueError("this engine has no Medusa heads: tree must be 'none'")
         if params.tree not in (None, "none") and self.trees_refused:
@@ -132,6 +132,7 @@ class Engine:
         check_fits(len(prompt_ids), params, self._tree_reserve(params), self.runner)
         if (why := self.loop.refusal()) is not None:
             raise EngineStopped(why)
+        grammar = self.grammar.start(params.grammar)  # compiled already if the caller used compile_grammar
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -148,10 +149,15 @@ class Engine:
                 gen = torch.Generator(device=self.runner.device).manual_seed(
                     params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
             req = Request(handle.id, list(prompt_ids), params, handle, TextStream(self.tokenizer, params.stop),
-                          generator=gen)
+                          generator=gen, grammar=grammar)
             self.waiting.append(req)
             self.cond.notify_all()
         return handle
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile and cache a grammar (seconds for a large schema: call it off the event loop and the engine
+        thread); ValueError naming the problem for a bad or unsupported schema or regex."""
+        self.grammar.compile(spec)
 
     def _tree_reserve(self, params: SamplingParams) -> int:
         """Context a request keeps free for the largest tree it may verify (+1: the root's next token)."""
@@ -255,11 +261,9 @@ class Engine:
     def _schedule(self, running: list[Request]) -> tuple[StepPlan, list[TreeInput]]:
         """Speculation's plan cut to the runner's budgets, and the verification inputs (head top-k included)."""
         plan = self.speculation.plan(running, len(self.active))
-        plan.trees = self._fit(plan.trees, running)
+        plan.trees = self._fit(self.grammar.draft(running, plan.trees), running)
         topk = self._head_topk(plan.heads_rows(running))
-        inputs = [TreeInput(r.slot, plan.trees[r.id], tree_candidates(plan.trees[r.id], r.pending, topk.get(r.id)))
-                  for r in running]
-        return plan, inputs
+        return plan, self.grammar.inputs(running, plan.trees, topk)  # tree tokens; a grammar's nodes pruned
 
     def _fit(self, trees: dict[int, MedusaTree], running: list[Request]) -> dict[int, MedusaTree]:
         """Each request's tree cut to the runner's sequence-id and batch-token budgets (budget.py)."""
@@ -277,7 +281,7 @@ class Engine:
             tree = trees[r.id]
             try:
                 logits, hidden = results[r.slot]
-                emitted[r.id], nodes = accept(tree, item.tokens, logits, r.params, r.generator_on(logits.device))
+                emitted[r.id], nodes = self.grammar.accept(r, tree, item.tokens, logits, r.generator_on(logits.device))
                 r.logprobs += token_logprobs(logits, nodes, emitted[r.id], r.params)
             except Exception as err:
                 self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")
@@ -338,7 +342,7 @@ class Engine:
                 continue
             logits, hidden = results[r.slot]
             try:
-                first, _ = accept(chain(0), [0], logits[None], r.params, r.generator_on(logits.device))
+                first, _ = self.grammar.accept(r, chain(0), [0], logits[None], r.generator_on(logits.device))
                 r.logprobs += token_logprobs(logits[None], [0], first, r.params)
             except Exception as err:
                 self._finish(r, FinishReason.ERROR, f"generation failed: {type(err).__name__}: {err}")

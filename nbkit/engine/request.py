@@ -369,6 +369,7 @@ class Request:
     acceptance: RequestAcceptance | None = None  # the request's own acceptance counts (set when admitted)
     spec_steps: int = 0  # steps that verified a tree
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per emitted token, when asked (may run ahead)
+    grammar: object | None = None  # its GrammarState (grammar.py) when the output is constrained
 
     def finished(self, reason: FinishReason, error: str | None = None, error_type: str | None = None) -> Finished:
         """The request's last event (its state is FINISHED from now on)."""

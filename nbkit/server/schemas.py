@@ -1,7 +1,7 @@
 """Request and response bodies. Typed so that the OpenAPI schema (/docs) is the documentation.
 
 Requests are strict: "50" is not an int and 1.5 is not a max_tokens. Fields we do not implement, known
-(`logit_bias`, `response_format`, `grammar`, `repetition_penalty`, ...) or not, are refused with
+(`logit_bias`, `repetition_penalty`, ...) or not, are refused with
 an error naming them when set to anything but a neutral value (null, false, 0, "", {}, [], or the field's
 own default such as `repetition_penalty: 1`), so nobody gets a silently different answer; clients that
 send every optional field with its default (huggingface_hub does) are served.
@@ -32,7 +32,7 @@ Text = Annotated[str, AfterValidator(_unicode_text)]  # every string a client se
 # Unsupported fields whose neutral value is not null/false/0/empty: the value that changes nothing.
 NEUTRAL = {
     "repetition_penalty": (1, 1.0), "typical_p": (1, 1.0), "best_of": (1,), "n": (1,),
-    "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True,),
+    "tool_choice": ("none", "auto"), "parallel_tool_calls": (True,),
     "service_tier": ("auto", "default"), "modalities": (["text"],),
 }
 # Informational fields that change no output: accepted whatever their value.
@@ -67,6 +67,28 @@ class SpeculationOptions(Strict):
     tree: Text | None = Field(None, description="force a tree: 'none', 'chain-K', 'mc_sim_7b_63', ...")
 
 
+# ---- structured output (server/grammar.py turns these into the engine's GrammarSpec) ----------
+
+JSONSchema = dict | bool | Text  # a schema object (or its JSON text)
+
+
+class TGIGrammar(Strict):
+    type: Literal["json", "regex"] = Field(description="json: value is a JSON schema; regex: a pattern")
+    value: JSONSchema
+
+
+class JSONSchemaFormat(Strict):
+    name: Text | None = None
+    description: Text | None = None
+    schema_: dict | bool | None = Field(None, alias="schema", description="the JSON schema the answer follows")
+    strict: bool | None = Field(None, description="always enforced: unsupported schema keywords answer 400")
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 # ---- the original contract and TGI: POST /generate, POST /generate_stream --------------------
 
 class TGIParameters(Strict):
@@ -82,6 +104,7 @@ class TGIParameters(Strict):
     top_n_tokens: int | None = Field(None, ge=0, le=20, description="the most likely tokens at each position "
                                      "(details.top_tokens; a stream event's top_tokens)")
     decoder_input_details: bool = Field(False, description="not supported: the prompt's log-probabilities")
+    grammar: TGIGrammar | None = Field(None, description="constrain the output to a JSON schema or a regex")
     speculate: bool | None = None
     tree: Text | None = None
 
@@ -97,6 +120,8 @@ class GenerateRequest(SpeculationOptions):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: list[Text] = Field(default_factory=list)
     chat: bool = Field(False, description="apply the model's chat template to the prompt")
+    json_schema: JSONSchema | None = Field(None, description="original contract: the answer follows this JSON schema")
+    regex: Text | None = Field(None, description="original contract: the answer matches this regular expression")
     inputs: Text | None = Field(None, description="TGI: the prompt")
     parameters: TGIParameters | None = Field(None, description="TGI: generation parameters")
     stream: bool = Field(False, description="TGI's POST /: true answers like /generate_stream")
@@ -158,6 +183,7 @@ class OpenAIRequest(SpeculationOptions):
     presence_penalty: float = Field(0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, description="not supported: must be 0")
     user: Text | None = None
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: JSON output")
 
 
 class CompletionRequest(OpenAIRequest):

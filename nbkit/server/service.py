@@ -17,7 +17,15 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..chat_format import chat_prompt_ids
-from ..engine.request import EngineStopped, Finished, FinishReason, Overloaded, RequestHandle, SamplingParams
+from ..engine.request import (
+    EngineStopped,
+    Finished,
+    FinishReason,
+    GrammarSpec,
+    Overloaded,
+    RequestHandle,
+    SamplingParams,
+)
 from ..engine.stats_log import EngineLog
 from .errors import APIError
 from .logprobs import TokenLog
@@ -218,6 +226,16 @@ class Service:
                                  "it with allow_client_trees); leave 'tree' out, or send speculate: false",
                            param="tree", code="tree_not_allowed")
         return SamplingParams(max_tokens=max_tokens, stop=stop, **params)
+
+    async def compile_grammar(self, spec: GrammarSpec | None, param: str) -> GrammarSpec | None:
+        """`spec` once the engine has compiled it: in a worker thread, as a large schema takes seconds (the
+        engine caches it); a bad schema or regex answers 400 naming the problem."""
+        if spec is not None:
+            try:
+                await asyncio.to_thread(self.ready().compile_grammar, spec)
+            except ValueError as err:
+                raise APIError(400, str(err), param=param, code="invalid_grammar") from None
+        return spec
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, route: str) -> RequestHandle:
         """Queue a request answered on `route` (call from the event loop: the handle wakes this loop)."""

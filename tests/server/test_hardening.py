@@ -51,10 +51,10 @@ def test_chat_messages_are_capped_before_templating(http):
 
 
 UNSUPPORTED = [
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
+    ("/v1/chat/completions", "guided_json", {"type": "object"}, None),  # vLLM's: ours is response_format
     ("/v1/chat/completions", "logit_bias", {"50256": -100}, {}),
     ("/v1/completions", "logit_bias", {"1": 5}, {}),
-    ("/generate", "grammar", {"type": "json", "value": {}}, None),
+    ("/generate", "adapter_id", "lora-1", None),
     ("/generate", "repetition_penalty", 1.2, 1.0),
     ("/generate", "truncate", 100, None),
     ("/generate", "decoder_input_details", True, False),

@@ -35,9 +35,9 @@ def test_decisions_on_colab(colab):
     decisions = {d.name.lower().replace("_", "-"): d for d in install.decide(install.read_pins())}
     to_install = {name for name, d in decisions.items() if d.install}
     # transformers 5.15 / tokenizers 0.22 / hub 1.27 are older than the exact versions nbkit follows;
-    # gguf, sse-starlette, pyngrok and diskcache are not in Colab at all.
+    # gguf, sse-starlette, pyngrok, diskcache and xgrammar are not in Colab at all.
     assert to_install == {"transformers", "tokenizers", "huggingface-hub", "gguf", "sse-starlette", "pyngrok",
-                          "diskcache"}
+                          "diskcache", "xgrammar"}
     assert decisions["ipywidgets"].why.startswith("kept") and decisions["ipywidgets"].have == "7.7.1"
     for name in ("numpy", "matplotlib", "fastapi", "uvicorn", "pydantic", "accelerate", "tqdm", "sentencepiece",
                  "httpx", "prometheus-client", "jinja2", "safetensors"):

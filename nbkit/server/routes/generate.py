@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..errors import APIError
+from ..grammar import generate_grammar, tgi_grammar
 from ..schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -22,7 +23,7 @@ from ..timeouts import TimedEventSourceResponse
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
 
 router = APIRouter(tags=["original / TGI"],
-                   responses={code: {"model": TGIError} for code in (401, 413, 422, 424, 429, 503)})
+                   responses={code: {"model": TGIError} for code in (400, 401, 413, 422, 424, 429, 503)})
 
 
 async def tgi_request(svc: Service, body: GenerateRequest):
@@ -39,6 +40,7 @@ async def tgi_request(svc: Service, body: GenerateRequest):
         params = svc.sampling(len(ids), body.max_tokens, stop=body.stop, temperature=body.temperature,
                               top_p=body.top_p, top_k=body.top_k, seed=body.seed, speculate=body.speculate,
                               tree=body.tree)
+        params.grammar = await svc.compile_grammar(generate_grammar(body.json_schema, body.regex), "json_schema")
         return ids, params, None, body.prompt
     p = body.parameters or TGIParameters()
     if p.decoder_input_details:
@@ -51,6 +53,7 @@ async def tgi_request(svc: Service, body: GenerateRequest):
                           seed=p.seed, speculate=p.speculate if p.speculate is not None else body.speculate,
                           tree=p.tree or body.tree, logprobs=p.details or bool(p.top_n_tokens),
                           top_logprobs=p.top_n_tokens or 0)
+    params.grammar = await svc.compile_grammar(tgi_grammar(p.grammar), "grammar")
     return ids, params, p, body.inputs
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ...engine.request import GrammarSpec, RequestHandle, SamplingParams
 from ..errors import APIError
+from ..grammar import openai_grammar
 from ..schemas import (
     ChatChoice,
     ChatRequest,
@@ -30,8 +31,7 @@ router = APIRouter(tags=["OpenAI"],  # included at /v1 and at the root
                    responses={code: {"model": OpenAIError} for code in (400, 401, 404, 413, 429, 500, 503)})
 
 
-def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, name: str,
-                    grammar: GrammarSpec | None = None) -> SamplingParams:
+def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, name: str) -> SamplingParams:
     if body.n != 1:
         raise APIError(None, "n must be 1: one choice per request", param="n")
     for field_name in ("presence_penalty", "frequency_penalty"):
@@ -40,7 +40,7 @@ def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, n
     logprobs, top_logprobs = requested_logprobs(body)
     return svc.sampling(n_prompt, max_tokens, name=name, stop=body.stop, temperature=body.temperature,
                         top_p=body.top_p, top_k=body.top_k, seed=body.seed, speculate=body.speculate,
-                        tree=body.tree, logprobs=logprobs, top_logprobs=top_logprobs, grammar=grammar)
+                        tree=body.tree, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 def requested_logprobs(body) -> tuple[bool, int]:
@@ -50,6 +50,17 @@ def requested_logprobs(body) -> tuple[bool, int]:
             raise APIError(None, "top_logprobs needs logprobs: true", param="top_logprobs")
         return body.logprobs, body.top_logprobs or 0
     return body.logprobs is not None, body.logprobs or 0
+
+
+async def chat_grammar(svc: Service, body: ChatRequest, plan: ToolPlan | None) -> GrammarSpec | None:
+    """The compiled grammar of a chat: a forced tool call's arguments schema, or `response_format`'s."""
+    fmt = openai_grammar(body.response_format)
+    if plan is not None and plan.grammar is not None:
+        if fmt is not None:
+            raise APIError(None, "response_format and a required tool call both constrain the answer: send one",
+                           param="response_format")
+        return await svc.compile_grammar(plan.grammar, "tools")
+    return await svc.compile_grammar(fmt, "response_format")
 
 
 async def completion_prompts(svc: Service, prompt) -> list[list[int]]:
@@ -110,6 +121,9 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
         raise APIError(None, "echo, suffix and best_of are not supported", param="echo")
     prompts = await completion_prompts(svc, body.prompt)
     params = [openai_sampling(svc, body, len(ids), body.max_tokens, "max_tokens") for ids in prompts]
+    grammar = await svc.compile_grammar(openai_grammar(body.response_format), "response_format")
+    for p in params:
+        p.grammar = grammar
     rid, model = f"cmpl-{uuid.uuid4().hex}", svc.model_id
     fins = await run(svc, body, request, prompts, params, rid, chat=False)
     if isinstance(fins, TimedEventSourceResponse):
@@ -134,7 +148,8 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
         max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, name = body.max_tokens, "max_tokens"
-    params = openai_sampling(svc, body, len(ids), max_tokens, name, grammar=plan and plan.grammar)
+    params = openai_sampling(svc, body, len(ids), max_tokens, name)
+    params.grammar = await chat_grammar(svc, body, plan)
     rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
     fins = await run(svc, body, request, [ids], [params], rid, chat=True, tools=plan)
     if isinstance(fins, TimedEventSourceResponse):
