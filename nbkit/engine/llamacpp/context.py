@@ -173,6 +173,16 @@ class LlamaContext:
         self.lib.llama_memory_seq_cp(self.mem, seq, self.retired, -1, -1)
         self.kv_parked += cells
 
+    def drop_cells(self, seq: int, keep: int) -> None:
+        """Remove `seq`'s cells from position `keep` on; exact mode parks them (no hole below running cells)."""
+        last = self.lib.llama_memory_seq_pos_max(self.mem, seq)
+        if last < keep:
+            return
+        if self.exact:
+            self.lib.llama_memory_seq_cp(self.mem, seq, self.retired, keep, -1)
+            self.kv_parked += last + 1 - keep
+        self.lib.llama_memory_seq_rm(self.mem, seq, keep, -1)
+
     def release_parked(self) -> None:
         """Free the retired cells: when no slot runs (nothing left whose order matters) or the context is full."""
         self.lib.llama_memory_seq_rm(self.mem, self.retired, -1, -1)
