@@ -55,16 +55,17 @@ class PrefixCache:
     # ---- admission (Engine._admit) ---------------------------------------------------------
     def fits(self, engine, req: Request) -> bool:
         """Whether `req` fits the KV cells beside the active requests and the retained slots, evicting the least
-        recently used retained slots (the one `req` would take over last) until it does."""
+        recently used retained slots (the one `req` would take over last) until it does. A slot taken over counts
+        its cells past the match: truncating frees them (exact mode parks them until no slot holds cells)."""
         if not self.active(engine):
             return cells_free(req, engine.active, engine.runner, engine._tree_reserve)
-        keep = self._source(engine, req)[0]
+        keep, n = self._source(engine, req)
         while True:
-            held = sum(len(t) for s, t in self.retained.items() if s != keep)
-            if cells_free(req, engine.active, engine.runner, engine._tree_reserve, held):
+            shared = n if keep in self.retained else 0  # in req's own reservation already
+            if cells_free(req, engine.active, engine.runner, engine._tree_reserve, self.held_tokens() - shared):
                 return True
             if not self._evict(engine, protect=keep):
-                if keep is None or keep not in self.retained:
+                if keep not in self.retained:
                     return False
                 keep = None  # the match's own slot must go too
 

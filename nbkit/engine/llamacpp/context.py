@@ -71,11 +71,11 @@ class LlamaContext:
     def guarantee(self) -> str:
         """What the mode promises, in words (the server's /info shows it)."""
         if not self.exact:
-            return ("none: greedy output may differ with a speculation tree, and with the other requests "
-                    "in the batch (near-ties flip)")
+            return ("none: greedy output may differ with a speculation tree, with the other requests "
+                    "in the batch, and with prefix reuse (near-ties flip)")
         where = "" if self.on_cpu else " (verified on the CPU backend; GPU kernels not checked)"
         return ("greedy output is bit-identical with any speculation tree or none, and whatever other "
-                "requests share the batch" + where)
+                "requests share the batch, with prefix reuse or without" + where)
 
     def _load_model(self, n_gpu_layers: int | None) -> None:
         """The process's one copy of the model (model.py): a fresh() runner shares the weights."""
