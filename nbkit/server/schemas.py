@@ -146,7 +146,8 @@ class OpenAIRequest(SpeculationOptions):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension (as in vLLM); 0 = off")
-    n: int = Field(1, description="only 1 is supported")
+    n: int = Field(1, description="choices per prompt, decoded side by side (the prompt prefilled once); a seeded "
+                                  "request gives choice i the seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
@@ -184,10 +185,15 @@ class ChatRequest(OpenAIRequest):
     logprobs: bool = Field(False, description="not supported")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV was reused (prefix cache), not prefilled")
+
+
 class Usage(BaseModel):
-    prompt_tokens: int
+    prompt_tokens: int = Field(description="each prompt counted once, whatever n")
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(BaseModel):
@@ -285,6 +291,15 @@ class SelfCheckInfo(BaseModel):
     runs: dict[str, SelfCheckRun] = Field(description="plain_batched, tree_alone, tree_batched (those that ran)")
 
 
+class PrefixCacheInfo(BaseModel):
+    enabled: bool = Field(description="false: started with --no-prefix-cache")
+    cached_tokens: int = Field(description="prompt tokens reused rather than prefilled, since start")
+    hits: int = Field(description="requests that reused a prefix")
+    hit_rate: float = Field(description="cached / prompt tokens of the finished requests")
+    evictions: int = Field(description="kept KV dropped for room (least recently used first)")
+    retained_tokens: int = Field(description="finished requests' tokens whose KV is kept now")
+
+
 class Info(BaseModel):
     model_id: str | None
     engine: str
@@ -306,6 +321,7 @@ class Info(BaseModel):
     api_key_required: bool
     rate_limit_per_minute: float | None
     self_check: SelfCheckInfo | None = Field(None, description="the start-up self-check (None: not run)")
+    prefix_cache: PrefixCacheInfo | None = Field(None, description="prefix reuse (None: no engine yet)")
     version: str
 
 

@@ -7,7 +7,7 @@ import json
 import time
 
 from ..engine.request import Finished, FinishReason, RequestHandle, TokenEvent
-from .schemas import Usage
+from .schemas import PromptTokensDetails, Usage
 from .service import Service
 
 # OpenAPI: routes that answer JSON, or SSE events when the body says `stream: true`.
@@ -85,7 +85,8 @@ async def follow_all(svc: Service, handles: list[RequestHandle]):
 
 
 async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, model: str, chat: bool,
-                        include_usage: bool):
+                        include_usage: bool, n: int = 1):
+    """Each choice's chunks carry its index (handles[i] is choice i; n choices per prompt, side by side)."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     fingerprint = svc.fingerprint
@@ -105,7 +106,7 @@ async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, mo
     if chat:
         for i in range(len(handles)):
             yield chunk(i, "", role=True)
-    fins: list[Finished] = []
+    fins: dict[int, Finished] = {}
     async for i, event in follow_all(svc, handles):
         if isinstance(event, TokenEvent):
             if event.text:
@@ -116,11 +117,12 @@ async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, mo
             yield sse_json({"error": {"message": err.message, "type": "server_error", "param": None,
                                       "code": fin.finish_reason}})
             break  # follow_all's exit cancels the other choices
-        fins.append(fin)
+        fins[i] = fin
         yield chunk(i, None, fin.finish_reason.openai)
     if include_usage and len(fins) == len(handles):
+        counts = usage([fins[i] for i in range(len(handles))], n).model_dump()
         yield sse_json({"id": rid, "object": kind, "created": created, "model": model,
-                        "system_fingerprint": fingerprint, "choices": [], "usage": usage(*fins).model_dump(),
+                        "system_fingerprint": fingerprint, "choices": [], "usage": counts,
                         "nbkit": stats(fins[0]) if len(fins) == 1 else None})
     yield "[DONE]"
 
@@ -131,7 +133,13 @@ def stats(fin: Finished) -> dict:
             "tokens_per_s": round(fin.tokens_per_s, 2)}
 
 
-def usage(*fins: Finished) -> Usage:
-    prompt, completion = sum(f.prompt_tokens for f in fins), sum(f.completion_tokens for f in fins)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def usage(fins: list[Finished], n: int = 1) -> Usage:
+    """Token counts of `fins`, n choices per prompt in a row: each prompt counts once, and its cached tokens are
+    those of the choice that reused least (the one that prefilled the prompt for the others)."""
+    prompts = [fins[k : k + n] for k in range(0, len(fins), n)]
+    prompt = sum(group[0].prompt_tokens for group in prompts)
+    cached = sum(min(f.cached_tokens for f in group) for group in prompts)
+    completion = sum(f.completion_tokens for f in fins)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
