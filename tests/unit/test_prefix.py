@@ -119,3 +119,25 @@ def test_seeded_choices_are_reproducible_with_reuse(model):
     a, b, c = (h.result().token_ids for h in handles)
     assert a == c and a != b
     assert a == engine(model, prefix_cache=False).generate(p, params[0]).token_ids
+
+
+@pytest.mark.parametrize("argv, expected", [((), True), (("--no-prefix-cache",), False)])
+def test_serve_passes_the_prefix_cache_switch_to_the_engine(monkeypatch, argv, expected):
+    import argparse
+
+    import nbkit.server.launch as launch
+    from nbkit.server.cli import register_cli
+
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    args = parser.parse_args(["serve", *argv])
+    seen = {}
+
+    def fake_start(**kw):  # stands for the model load: what the engine would be built with
+        seen.update(kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "start_server", fake_start)
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    monkeypatch.setattr("nbkit.server.request_log.show_logs", lambda *a, **k: None)  # no global log handlers
+    assert args.func(args) == 130 and seen["prefix_cache"] is expected
