@@ -30,7 +30,7 @@ def conversation(engine, questions: list[str], params: SamplingParams) -> list[d
         messages.append({"role": "user", "content": q})
         ids = chat_prompt_ids(engine.tokenizer, messages)
         fin = engine.generate(ids, params)
-        turns.append({"prompt_tokens": len(ids), "cached_tokens": fin.cached_tokens, "ttft": fin.ttft})
+        turns.append({"prompt_tokens": len(ids), "cached_tokens": fin.cached_tokens, "ttft": fin.time_to_first_token})
         messages.append({"role": "assistant", "content": fin.text})
     return turns
 
