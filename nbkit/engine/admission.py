@@ -64,9 +64,11 @@ def check_fits(prompt_len: int, params: SamplingParams, room: int, runner: Runne
                          f"room exceed the {cells} KV cells all requests share")
 
 
-def cells_free(req: Request, active: list[Request], runner: Runner, room: Callable[[SamplingParams], int]) -> bool:
+def cells_free(req: Request, active: list[Request], runner: Runner, room: Callable[[SamplingParams], int],
+               held: int = 0) -> bool:
     """Whether `req` fits in a runner whose slots share one KV cache (`kv_cells`) beside the active requests'
-    reservations (prompt + max_tokens + room for the largest tree) and the cells the runner parks (`kv_parked`).
+    reservations (prompt + max_tokens + room for the largest tree), the cells the runner parks (`kv_parked`) and
+    `held` more (finished requests' KV kept for reuse: prefix.py).
     FIFO: the head of the queue waits for cells, and no later request passes it (it would starve a long prompt)."""
     cells = runner_member(runner, "kv_cells")
     if cells is None:
@@ -75,4 +77,4 @@ def cells_free(req: Request, active: list[Request], runner: Runner, room: Callab
     def reserved(r: Request) -> int:
         return len(r.prompt_ids) + r.params.max_tokens + room(r.params)
 
-    return sum(map(reserved, active)) + runner_member(runner, "kv_parked") + reserved(req) <= cells
+    return sum(map(reserved, active)) + runner_member(runner, "kv_parked") + held + reserved(req) <= cells

@@ -21,12 +21,13 @@ import torch
 
 from ..medusa.heads import MedusaHeads
 from ..medusa.trees import TOPK, MedusaTree, chain
-from .admission import Admission, ContinuousAdmission, cells_free, check_fits
+from .admission import Admission, ContinuousAdmission, check_fits
 from .budget import fit_trees
 from .emit import emit_tokens
 from .grammar import GrammarStage
 from .introspect import EngineLimits, limits, new_counters, report_step, snapshot
 from .logprobs import token_logprobs
+from .prefix import PrefixCache
 from .request import (
     EngineStopped,
     Finished,
@@ -55,7 +56,7 @@ class Engine:
         speculation: str = "adaptive", max_batch: int | None = None, max_queue: int = 64,
         prefill_budget: int = 256, cost_model: CostModel | None = None,
         model_name: str = "model", max_restarts: int | None = None, self_check: bool = False,
-        admission: Admission | None = None,
+        admission: Admission | None = None, prefix_cache: bool = True,
     ):
         self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
         self.model_name = model_name
@@ -74,6 +75,7 @@ class Engine:
         self.active: list[Request] = []
         self.cond = threading.Condition()  # guards waiting and active (submit() runs in the callers' threads)
         self.admission = admission or ContinuousAdmission()
+        self.prefix = PrefixCache(prefix_cache)  # finished requests' KV, reused by prompts that start with it
         self._ids = itertools.count(1)
         self.loop = EngineLoop(self, max_restarts)
         self.counters = new_counters()
@@ -209,10 +211,11 @@ class Engine:
                 if self.waiting[0].handle.cancelled:
                     self._finish(self.waiting.popleft(), FinishReason.CANCELLED)
                     continue
-                if not cells_free(self.waiting[0], self.active, self.runner, self._tree_reserve):
+                if not self.prefix.fits(self, self.waiting[0]):
                     break  # FIFO: it waits for the cells of requests that finish
                 req = self.waiting.popleft()
-                req.slot, req.state, req.admitted_at = self.runner.alloc(), RequestState.PREFILLING, time.monotonic()
+                req.slot = self.prefix.place(self, req)  # with the longest prefix of its prompt already in KV
+                req.state, req.admitted_at = RequestState.PREFILLING, time.monotonic()
                 req.acceptance = self.speculation.new_request()
                 self.active.append(req)
 
@@ -319,7 +322,7 @@ class Engine:
     def _prefill(self) -> None:
         """Prompt chunks of the waiting-to-run requests, FIFO, under the per-step token budget: one pass."""
         budget, chunks, owners = self.prefill_budget, {}, []
-        for r in [r for r in self.active if r.state is RequestState.PREFILLING]:
+        for r in self.prefix.prefilling(self):  # requests sharing a prompt wait for one to prefill it
             if budget <= 0:
                 break
             chunk = r.prompt_ids[r.n_prefilled : r.n_prefilled + budget]
@@ -366,7 +369,7 @@ class Engine:
             self.active.remove(r)
         if r.slot is not None:
             if not self.admission.keeps_slot(r, reason):
-                self.runner.free(r.slot)
+                self.prefix.release(self, r, reason)  # kept for reuse, or freed
             r.slot = None
         self.counters[reason.counter] += 1
         r.handle.push(r.finished(reason, error, error_type))

@@ -56,14 +56,16 @@ def snapshot(engine) -> dict:
         **kv_use(engine),
         "mean_accepted_per_spec_step": c["spec_tokens"] / c["spec_steps"] if c["spec_steps"] else 0.0,
         **engine.speculation.snapshot(),
+        **engine.prefix.snapshot(),
     }
 
 
 def kv_use(engine) -> dict:
-    """KV cells held now (running requests' prefilled prompt and output, plus cells a runner parks), the
-    cells there are (a shared cache's `kv_cells`, else every slot's `max_context`) and the bytes allocated
-    (0 when the runner does not say)."""
+    """KV cells held now (running requests' prefilled prompt and output, finished ones' kept for reuse, plus cells
+    a runner parks), the cells there are (a shared cache's `kv_cells`, else every slot's `max_context`) and the
+    bytes allocated (0 when the runner does not say)."""
     held = sum(r.n_prefilled + len(r.output_ids) for r in list(engine.active))  # a copy: other threads read
+    held += engine.prefix.held_tokens()
     cells = runner_member(engine.runner, "kv_cells")
     total = cells if cells is not None else engine.runner.max_slots * engine.runner.max_context
     kv_bytes = runner_member(engine.runner, "kv_bytes")

@@ -139,7 +139,7 @@ class Finished:
     error: str | None = None
     error_type: str | None = None
     queue_time: float | None = None  # seconds from submit() to a slot (None: made outside the engine)
-    # Prompt tokens whose KV was reused rather than prefilled: 0 until there is a prefix cache, which sets it.
+    # Prompt tokens whose KV was reused rather than prefilled (engine/prefix.py).
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
 
@@ -354,6 +354,7 @@ class Request:
     state: RequestState = RequestState.WAITING
     slot: int | None = None
     n_prefilled: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused, not prefilled (prefix.py)
     output_ids: list[int] = field(default_factory=list)
     pending: int | None = None  # last emitted token, not yet in the KV cache (the next tree's root); DECODING
     # The final-norm hidden state that produced `pending`, once the runner returned one (llama.cpp's prefill does
@@ -380,7 +381,7 @@ class Request:
         return Finished(self.text.text, list(self.output_ids), reason, len(self.prompt_ids), self.steps,
                         self.accepted_tokens, ttft, now - self.created, error,
                         (error_type or "generation") if reason is FinishReason.ERROR else None, queued,
-                        logprobs=self.logprobs[:len(self.output_ids)])
+                        self.cached_tokens, logprobs=self.logprobs[:len(self.output_ids)])
 
     def set_hidden(self, hidden: torch.Tensor) -> None:
         """The hidden state behind `pending` (an empty one: the runner did not compute it)."""

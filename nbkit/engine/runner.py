@@ -102,6 +102,10 @@ OPTIONAL: dict[str, Any] = {
     "fresh": None,
     "close_context": None,  # () -> None: free the KV cache, keep the weights (before fresh() builds a new one)
     "close": None,  # () -> None: let go of everything (after fresh() took the weights)
+    # Prefix reuse (engine/prefix.py; None: no reuse). truncate(slot, n): keep the first n tokens of a slot.
+    # copy_prefix(src, dst, n): dst holds src's first n tokens (its own dropped); src keeps them.
+    "truncate": None,
+    "copy_prefix": None,
 }
 
 

@@ -212,6 +212,23 @@ class TorchRunner:
     def length(self, slot: int) -> int:
         return self.lengths[slot]
 
+    def truncate(self, slot: int, n: int) -> None:
+        """Keep the first `n` tokens of `slot` (prefix reuse: a finished slot taken over by a prompt sharing them)."""
+        if not 0 <= n <= self.lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of {self.lengths[slot]} tokens to {n}")
+        self.lengths[slot] = n
+
+    @torch.inference_mode()
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """`dst` holds the first `n` tokens of `src` (its own are dropped): their keys and values are copied."""
+        if not 0 <= n <= self.lengths[src]:
+            raise ValueError(f"slot {src} holds {self.lengths[src]} tokens, not {n}")
+        a, b = self.row_of[src], self.row_of[dst]
+        for layer in self.cache.layers:
+            layer.keys[b, :, :n] = layer.keys[a, :, :n]
+            layer.values[b, :, :n] = layer.values[a, :, :n]
+        self.lengths[dst] = n
+
     def _swap_rows(self, a: int, b: int) -> None:
         rows = torch.tensor([a, b], device=self.device)  # one upload for every layer's swap
         swapped = rows.flip(0)

@@ -359,7 +359,7 @@ def serve(
     A public URL gets a generated key when none is given (the same one on re-runs); the key is printed only
     if it was generated. llama_mode ("exact", "fast", or "auto": exact on a CPU, fast with GPU offload) is
     the llama.cpp engine's numerics (README).
-    `server_kwargs` go to nbkit.server.launch.start_server (speculation, max_batch, ...)."""
+    `server_kwargs` go to nbkit.server.launch.start_server (speculation, max_batch, prefix_cache=False, ...)."""
     from ..server.launch import start_server
     from ..server.request_log import show_logs
 

@@ -101,6 +101,12 @@ class _EngineCollector:
         yield _counter("nbkit_spec_accepted_tokens", "Speculated tokens accepted", s["accepted_tokens"])
         yield _gauge("nbkit_spec_mean_accepted_per_step",
                      "Tokens emitted per speculative step (bonus token included)", s["mean_accepted_per_spec_step"])
+        yield _counter("nbkit_prefix_cached_tokens", "Prompt tokens whose KV was reused, not prefilled",
+                       s["prefix_cached_tokens"])
+        yield _counter("nbkit_prefix_hits", "Requests that reused a cached prefix", s["prefix_hits"])
+        yield _gauge("nbkit_prefix_hit_rate", "Cached / prompt tokens of finished requests", s["prefix_hit_rate"])
+        yield _counter("nbkit_prefix_evictions", "Kept KV dropped for room (least recently used)",
+                       s["prefix_evictions"])
         trees = CounterMetricFamily("nbkit_spec_tree_choices", "Steps that used each tree", labels=["tree"])
         for name, n in sorted(s["tree_choices"].items()):
             trees.add_metric([name], n)

@@ -175,7 +175,8 @@ class OpenAIRequest(SpeculationOptions):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension (as in vLLM); 0 = off")
-    n: int = Field(1, description="only 1 is supported")
+    n: int = Field(1, description="choices per prompt, decoded side by side (the prompt prefilled once); a seeded "
+                                  "request gives choice i the seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
@@ -258,10 +259,15 @@ class ChatRequest(OpenAIRequest):
     parallel_tool_calls: bool = Field(True, description="allow several calls in one answer")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV was reused (prefix cache), not prefilled")
+
+
 class Usage(BaseModel):
-    prompt_tokens: int
+    prompt_tokens: int = Field(description="each prompt counted once, whatever n")
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(BaseModel):

@@ -43,6 +43,15 @@ class SelfCheckInfo(BaseModel):
                                             "engine, mode and nbkit code (not run again at this start)")
 
 
+class PrefixCacheInfo(BaseModel):
+    enabled: bool = Field(description="false: started with --no-prefix-cache")
+    cached_tokens: int = Field(description="prompt tokens reused rather than prefilled, since start")
+    hits: int = Field(description="requests that reused a prefix")
+    hit_rate: float = Field(description="cached / prompt tokens of the finished requests")
+    evictions: int = Field(description="kept KV dropped for room (least recently used first)")
+    retained_tokens: int = Field(description="finished requests' tokens whose KV is kept now")
+
+
 class Info(BaseModel):
     model_id: str | None
     engine: str
@@ -69,6 +78,7 @@ class Info(BaseModel):
     calibration: str | None = Field(None, description="where the tree prices come from: 'measured' at this start, "
                                                       "'cached' from an earlier start on this machine, 'declared', "
                                                       "or 'none' (no adaptive speculation)")
+    prefix_cache: PrefixCacheInfo | None = Field(None, description="prefix reuse (None: no engine yet)")
     version: str
 
 

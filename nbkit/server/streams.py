@@ -8,7 +8,7 @@ import time
 
 from ..engine.request import Finished, FinishReason, RequestHandle, TokenEvent
 from .logprobs import TokenLog
-from .schemas import Usage
+from .schemas import PromptTokensDetails, Usage
 from .service import Service
 from .tools import ToolPlan, ToolStream
 
@@ -127,16 +127,17 @@ class _Chunker:
 
 
 async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, model: str, chat: bool,
-                        include_usage: bool, logprobs: bool = False, tools: ToolPlan | None = None):
-    """OpenAI's chunks; with `logprobs`, each chunk carries the log-probabilities of the tokens whose text it
-    sends (a token whose text is held back, a stop string or a character in progress, goes with the next);
-    with `tools`, a ToolStream per choice turns the text into tool_calls deltas."""
+                        include_usage: bool, logprobs: bool = False, tools: ToolPlan | None = None, n: int = 1):
+    """OpenAI's chunks, each with its choice's index (handles[i] is choice i; n choices per prompt). With
+    `logprobs`, a chunk carries the log-probabilities of the tokens whose text it sends (a token whose text is
+    held back, a stop string or a character in progress, goes with the next); with `tools`, a ToolStream per
+    choice turns the text into tool_calls deltas."""
     chunk = _Chunker(svc, len(handles), rid, model, chat, include_usage, logprobs)
     shapers = [ToolStream(tools) for _ in handles] if tools is not None else None  # text -> tool_calls deltas
     if chat:
         for i in range(len(handles)):
             yield chunk(i, "", role=True)
-    fins: list[Finished] = []
+    fins: dict[int, Finished] = {}
     async for i, event in follow_all(svc, handles):
         if isinstance(event, TokenEvent):
             chunk.hold(i, event)
@@ -149,11 +150,12 @@ async def openai_chunks(svc: Service, handles: list[RequestHandle], rid: str, mo
             yield sse_json({"error": {"message": err.message, "type": "server_error", "param": None,
                                       "code": fin.finish_reason}})
             break  # follow_all's exit cancels the other choices
-        fins.append(fin)
+        fins[i] = fin
         for out in _closing(chunk, shapers, i, fin.finish_reason.openai):
             yield out
     if include_usage and len(fins) == len(handles):
-        yield sse_json({**chunk.head, "choices": [], "usage": usage(*fins).model_dump(),
+        counts = usage([fins[i] for i in range(len(handles))], n).model_dump()
+        yield sse_json({**chunk.head, "choices": [], "usage": counts,
                         "nbkit": stats(fins[0]) if len(fins) == 1 else None})
     yield "[DONE]"
 
@@ -177,7 +179,13 @@ def stats(fin: Finished) -> dict:
             "tokens_per_s": round(fin.tokens_per_s, 2)}
 
 
-def usage(*fins: Finished) -> Usage:
-    prompt, completion = sum(f.prompt_tokens for f in fins), sum(f.completion_tokens for f in fins)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def usage(fins: list[Finished], n: int = 1) -> Usage:
+    """Token counts of `fins`, n choices per prompt in a row: each prompt counts once, and its cached tokens are
+    those of the choice that reused least (the one that prefilled the prompt for the others)."""
+    prompts = [fins[k : k + n] for k in range(0, len(fins), n)]
+    prompt = sum(group[0].prompt_tokens for group in prompts)
+    cached = sum(min(f.cached_tokens for f in group) for group in prompts)
+    completion = sum(f.completion_tokens for f in fins)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 

@@ -147,7 +147,9 @@ def test_medusa_greedy_equals_plain_in_a_batch(medusa, prompt_ids, refs):
     for h, ref, n in zip(handles, refs, lengths):
         assert h.result().token_ids == ref[:n]
     assert late.result().token_ids == refs[1]
-    assert medusa.runner.seq_ranges() == {}  # idle: every cell was given back
+    assert set(medusa.runner.seq_ranges()) - {medusa.runner.context.retired} <= set(medusa.prefix.retained)
+    medusa.prefix.clear(medusa)
+    assert medusa.runner.seq_ranges() == {}  # idle and nothing kept for reuse: every cell was given back
 
 
 def _check_cells(runner: LlamaCppRunner, live: set[int]) -> None:
@@ -219,11 +221,12 @@ def test_engine_with_cancellations_frees_everything(prompt_ids):
             rng.choice(handles).cancel()
         engine.step()
         steps += 1
-        live = {r.slot for r in engine.active if r.slot is not None}
+        live = {r.slot for r in engine.active if r.slot is not None} | set(engine.prefix.retained)
         _check_cells(engine.runner, live)
     reasons = {h.result().finish_reason for h in handles}
     assert "cancelled" in reasons and reasons <= {"cancelled", "length", "eos_token"}
     assert max(leaves) > 1  # multi-leaf trees (borrowed sequence ids) were verified
+    engine.prefix.clear(engine)
     assert engine.runner.seq_ranges() == {}
     assert engine.runner.free_leaves == engine.runner.max_leaves
 

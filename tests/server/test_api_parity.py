@@ -128,7 +128,7 @@ def test_openai_routes_without_the_v1_prefix(server):
     chat = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                           temperature=0)
     assert chat.choices[0].message.content and chat.system_fingerprint == out.system_fingerprint
-    bad = httpx.post(server.url + "/completions", json={"prompt": "x", "n": 2}, headers=AUTH)
+    bad = httpx.post(server.url + "/completions", json={"prompt": "x", "n": 17}, headers=AUTH)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"  # OpenAI-style errors there too
 
 

@@ -254,7 +254,7 @@ OPENAI_BAD = [
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": -5}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "max_tokens": 10**9}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "temperature": 3}, 400),
-    ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "n": 2}, 400),
+    ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "n": 17}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "logprobs": 21}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "logprobs": -1}, 400),
     ("/v1/completions", {"model": TINY_MODEL, "prompt": "x", "presence_penalty": 0.5}, 400),

@@ -235,3 +235,17 @@ def test_serve_by_hub_ids(kind, vicuna_mirror, hf_tok, monkeypatch):
                                                                      "ASSISTANT:")["input_ids"])
     finally:
         handle.stop()
+
+
+def test_a_conversation_reuses_its_kv_and_says_the_same(served, hf_tok):
+    """The second turn starts with the first turn's prompt and answer: it reuses their KV (the slot the first turn
+    left) and says what an engine without prefix reuse says."""
+    off = load_engine(served.kind, served.prepared.model, heads="none", max_batch=1, speculation="off",
+                      prefix_cache=False, self_check=False)
+    first_ids = fastchat_ids(hf_tok, f"{SYSTEM} USER: Where does the fox play? ASSISTANT:")
+    first = served.engine.generate(first_ids, SamplingParams(max_tokens=16))
+    second_ids = first_ids + first.token_ids + [2] + hf_tok("USER: Why there? ASSISTANT:")["input_ids"][1:]
+    second = served.engine.generate(second_ids, SamplingParams(max_tokens=16))
+    assert second.cached_tokens >= len(first_ids) + len(first.token_ids) - 1
+    assert [first.token_ids, second.token_ids] == [off.generate(i, SamplingParams(max_tokens=16)).token_ids
+                                                   for i in (first_ids, second_ids)]

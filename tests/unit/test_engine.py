@@ -131,7 +131,7 @@ def test_batch_equals_solo_with_staggered_arrivals_and_mixed_settings(model, ref
     for p, out, ref, s in zip(PROMPTS, results, refs, settings):
         assert_greedy_matches(model, p, out.token_ids, ref[: s["max_tokens"]], noise)
         assert out.finish_reason == "length"
-    assert engine.runner.row_of == {}  # every slot was freed
+    assert set(engine.runner.row_of) == set(engine.prefix.retained)  # every slot was freed or kept for reuse
 
 
 def test_static_batching_baseline_pads_until_the_longest_request_is_done(model, refs):

@@ -71,11 +71,11 @@ class LlamaContext:
     def guarantee(self) -> str:
         """What the mode promises, in words (the server's /info shows it)."""
         if not self.exact:
-            return ("none: greedy output may differ with a speculation tree, and with the other requests "
-                    "in the batch (near-ties flip)")
+            return ("none: greedy output may differ with a speculation tree, with the other requests "
+                    "in the batch, and with prefix reuse (near-ties flip)")
         where = "" if self.on_cpu else " (verified on the CPU backend; GPU kernels not checked)"
         return ("greedy output is bit-identical with any speculation tree or none, and whatever other "
-                "requests share the batch" + where)
+                "requests share the batch, with prefix reuse or without" + where)
 
     def _load_model(self, n_gpu_layers: int | None) -> None:
         """The process's one copy of the model (model.py): a fresh() runner shares the weights."""
@@ -172,6 +172,16 @@ class LlamaContext:
         a hole below running slots' cells would break their cell order."""
         self.lib.llama_memory_seq_cp(self.mem, seq, self.retired, -1, -1)
         self.kv_parked += cells
+
+    def drop_cells(self, seq: int, keep: int) -> None:
+        """Remove `seq`'s cells from position `keep` on; exact mode parks them (no hole below running cells)."""
+        last = self.lib.llama_memory_seq_pos_max(self.mem, seq)
+        if last < keep:
+            return
+        if self.exact:
+            self.lib.llama_memory_seq_cp(self.mem, seq, self.retired, keep, -1)
+            self.kv_parked += last + 1 - keep
+        self.lib.llama_memory_seq_rm(self.mem, seq, keep, -1)
 
     def release_parked(self) -> None:
         """Free the retired cells: when no slot runs (nothing left whose order matters) or the context is full."""

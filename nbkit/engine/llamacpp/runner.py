@@ -1,46 +1,44 @@
 """The llama.cpp runner: the same slots, prefill, verify and commit as the torch runner, on a GGUF file.
 
-One llama.cpp context serves every slot. Its KV cache is unified (`kv_unified`): cells belong to
-sequence ids, and a token sees exactly the cells that carry its sequence id. Each slot owns one
-"home" sequence id (= the slot number) holding its accepted tokens. A verification step puts every
-running slot's tree into ONE `llama_decode`:
+One llama.cpp context serves every slot. Its KV cache is unified (`kv_unified`): cells belong to sequence ids, and
+a token sees exactly the cells that carry its sequence id. Each slot owns one "home" sequence id (= the slot
+number) holding its accepted tokens. A verification step puts every running slot's tree into ONE `llama_decode`:
 
 - the root (the token already chosen, always accepted) goes into the home sequence;
 - the other nodes of a chain go into the home sequence too, at positions n_past + depth;
-- a tree with several leaves borrows one sequence id per leaf: the home prefix is first copied to
-  each leaf id (`seq_cp`, metadata only), and every node carries the ids of all leaves under it (the
-  root all of them). Each leaf id then sees the prefix plus exactly its own root-to-leaf path, which
-  is the Medusa tree mask.
+- a tree with several leaves borrows one sequence id per leaf: the home prefix is first copied to each leaf id
+  (`seq_cp`, metadata only), and every node carries the ids of all leaves under it (the root all of them). Each
+  leaf id then sees the prefix plus exactly its own root-to-leaf path, which is the Medusa tree mask.
 
-Committing keeps the accepted path in the home sequence and removes every borrowed id, which frees
-the rejected branches' cells. `seq_keep` is never used (it would drop every other slot). The context
-has 256 sequence ids; those that are not homes form the leaf budget (`max_leaves`) the policy respects.
+Committing keeps the accepted path in the home sequence and removes every borrowed id, which frees the rejected
+branches' cells. `seq_keep` is never used (it would drop every other slot). The context has 256 sequence ids; those
+that are not homes form the leaf budget (`max_leaves`) the policy respects.
 
-The context runs with embeddings on, so every output row also gives the final-norm hidden state the
-Medusa heads read. Prompts are prefilled with embeddings off (with them on, llama.cpp makes every
-prompt token an output row) and prefill returns no hidden state: the request's first verification
-step gives the first one. Its heads start one step later; a prompt costs one decode instead of two.
+The context runs with embeddings on, so every output row also gives the final-norm hidden state the Medusa heads
+read. Prompts are prefilled with embeddings off (with them on, llama.cpp makes every prompt token an output row)
+and prefill returns no hidden state: the request's first verification step gives the first one. Its heads start one
+step later; a prompt costs one decode instead of two.
 
-Exactness (docs/measurements.md explains what was measured): with flash attention a token's logits
-are bit-identical whatever else is in the batch as long as ggml's plain kernel runs (each query row
-alone over the cells in cell order) and the sequence's cells lie in position order. Without flash
-attention the sums depend on the absolute cell index, and a last-bit difference can change greedy text.
-With K and V caches of one type ggml leaves the plain kernel for ubatches of >= 64 tokens (tiles) and
-for a single token over >= 512 cells (split across threads). `exact=True`, the default on a CPU, therefore runs
-flash attention on with an f16 K cache and a q8_0 V cache (types that differ: the plain kernel always),
-and keeps cells in order: permanent tokens (roots, and last step's accepted nodes, decoded again) go
-before all speculative nodes, speculative cells are dropped after each step, and a finished slot's cells
-are parked on a "retired" id until the context is idle. The price: accepted speculative tokens are
-computed twice. With `v_type="f16"` (and on a GPU, whose kernels this analysis does not cover) exact mode
-instead caps ubatches at 63 tokens and pads a single-token ubatch with a dummy token on a scratch id
-(dearer on a CPU: docs/bench/llamacpp_exact.md). `exact=False` (flash
-attention auto, f16 cache, 512-token ubatches, no cell order) is the fast mode, with no such guarantee;
-it is the default with GPU offload (sizing.choose_mode says why), where the start-up self-check compares
-tree and plain logits on the device.
+Exactness (docs/measurements.md explains what was measured): with flash attention a token's logits are
+bit-identical whatever else is in the batch as long as ggml's plain kernel runs (each query row alone over the cells in
+cell order) and the sequence's cells lie in position order. Without flash attention the sums depend on the absolute
+cell index, and a last-bit difference can change greedy text. With K and V caches of one type ggml leaves the plain
+kernel for ubatches of >= 64 tokens (tiles) and for a single token over >= 512 cells (split across threads).
+`exact=True`, the default on a CPU, therefore runs flash attention on with an f16 K cache and a q8_0 V cache (types
+that differ: the plain kernel always), and keeps cells in order: permanent tokens (roots, and last step's accepted
+nodes, decoded again) go before all speculative nodes, speculative cells are dropped after each step, and a
+finished slot's cells are parked on a "retired" id until the context is idle. The price: accepted speculative
+tokens are computed twice. With `v_type="f16"` (and on a GPU, whose kernels this analysis does not cover) exact
+mode instead caps ubatches at 63 tokens and pads a single-token ubatch with a dummy token on a scratch id (dearer
+on a CPU: docs/bench/llamacpp_exact.md). `exact=False` (flash attention auto, f16 cache, 512-token ubatches, no
+cell order) is the fast mode, with no such guarantee; it is the default with GPU offload (sizing.choose_mode says
+why), where the start-up self-check compares tree and plain logits on the device. Prefix reuse (engine/prefix.py)
+truncates a finished slot or shares another's cells (seq_cp); exact mode parks the cells it drops too, so a reused
+prefix keeps its cells in position order.
 
-The context's cells are sized from the plan (sizing.context_cells): every slot at the model's full
-context, or the plan's KV budget. `kv_cells` says how many all slots share: the engine admits requests
-only while their reserved tokens fit, so a decode never finds the cache full.
+The context's cells are sized from the plan (sizing.context_cells): every slot at the model's full context, or the
+plan's KV budget. `kv_cells` says how many all slots share: the engine admits requests only while their reserved
+tokens fit, so a decode never finds the cache full.
 """
 
 from __future__ import annotations
@@ -65,13 +63,13 @@ class LlamaCppRunner:
     It owns one LlamaContext (`context`: the model, its KV cache, the batch and output buffers) and keeps the
     slots' bookkeeping: lengths, exact mode's carry, the leaf ids lent to a step's trees, the trees pending.
 
-    model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); False the
-    fast one; None (default) exact on a CPU, fast with GPU offload. kv_budget_bytes: the plan's KV budget
-    (None: the CPU default size). flash_attn: None = on when exact, llama.cpp's auto otherwise; off is the most accurate
-    single-request path (flash attention reads K/V as f16) but not placement-invariant. kv_type: "f16"
-    or "f32" (under flash attention llama.cpp casts K/V to f16 anyway). device/dtype: where the hidden
-    states go (the Medusa heads and `lm_head` run there). hidden=False skips the hidden states (no
-    heads): prompts then need one decode instead of two.
+    model_path: the GGUF file. exact: the bit-exact configuration (see the module docstring); False the fast one;
+    None (default) exact on a CPU, fast with GPU offload. kv_budget_bytes: the plan's KV budget (None: the CPU
+    default size). flash_attn: None = on when exact, llama.cpp's auto otherwise; off is the most accurate
+    single-request path (flash attention reads K/V as f16) but not placement-invariant. kv_type: "f16" or "f32"
+    (under flash attention llama.cpp casts K/V to f16 anyway). device/dtype: where the hidden states go (the Medusa
+    heads and `lm_head` run there). hidden=False skips the hidden states (no heads): prompts then need one decode
+    instead of two.
     """
 
     def __init__(self, model_path: str | os.PathLike, max_slots: int = 16, n_ctx: int | None = None,
@@ -95,6 +93,7 @@ class LlamaCppRunner:
         self.lib = c.lib  # the bindings module (slot bookkeeping calls llama_memory_seq_*)
         # Facts of the context, fixed once it exists, that the Runner contract, the engine and the tests read.
         self.exact, self.k_type, self.v_type, self.on_cpu = c.exact, c.k_type, c.v_type, c.on_cpu
+        self.mode, self.guarantee = c.mode, c.guarantee  # fixed once the context exists (/info shows them)
         self.recomputes_accepted = c.exact  # the carry: accepted nodes are decoded again next step
         self.vocab_size, self.hidden_size, self.eos_token_ids = c.vocab_size, c.hidden_size, c.eos_token_ids
         self.n_ctx, self.n_batch, self.kv_cells, self.max_leaves = c.n_ctx, c.n_batch, c.kv_cells, c.max_leaves
@@ -111,14 +110,6 @@ class LlamaCppRunner:
     @property
     def numerics(self) -> dict:
         return self.context.numerics
-
-    @property
-    def mode(self) -> str:
-        return self.context.mode
-
-    @property
-    def guarantee(self) -> str:
-        return self.context.guarantee
 
     @property
     def kv_parked(self) -> int:
@@ -185,6 +176,21 @@ class LlamaCppRunner:
     def length(self, slot: int) -> int:
         return self.lengths[slot]
 
+    def truncate(self, slot: int, n: int) -> None:
+        """Keep the first `n` tokens of `slot` (prefix reuse: engine/prefix.py)."""
+        self._drop_speculative(slot)
+        self.copy_prefix(slot, slot, n)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """`dst` holds the first `n` tokens of `src`, its own dropped (src == dst: a truncation); cells are shared
+        (seq_cp), not copied."""
+        kv = self.kv_length(src)
+        self._carry[dst] = self._carry[src][: max(0, n - kv)]
+        self.context.drop_cells(dst, min(n, kv) if src == dst else 0)
+        if src != dst:
+            self.lib.llama_memory_seq_cp(self.context.mem, src, dst, 0, min(n, kv))
+        self.lengths[dst] = n
+
     def kv_length(self, slot: int) -> int:
         """Tokens of `slot` in llama.cpp's KV cache (exact mode decodes its carry again next step)."""
         return self.lengths[slot] - len(self._carry[slot])
@@ -207,10 +213,9 @@ class LlamaCppRunner:
     # ---- forward passes -----------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, chunks: dict[int, list[int]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Append prompt chunks to their slots, all slots in one decode; {slot: (logits [V], hidden)} of each
-        chunk's last token. hidden is EMPTY (the contract's "not computed here"): with embeddings on, llama.cpp
-        would make every prompt token an output row, and a second decode of the last token alone costs
-        more than the heads gain from speculating one step earlier."""
+        """Append prompt chunks to their slots in one decode; {slot: (logits [V], hidden)} of each chunk's last
+        token. hidden is EMPTY ("not computed here"): with embeddings on, llama.cpp would make every prompt token
+        an output row, and decoding the last token again costs more than one step's earlier heads gain."""
         runs = []  # (slot, first position, tokens)
         for slot, chunk in chunks.items():
             if not chunk:

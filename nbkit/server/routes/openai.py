@@ -12,6 +12,7 @@ from ...engine.request import GrammarSpec, RequestHandle, SamplingParams
 from ..errors import APIError
 from ..grammar import openai_grammar
 from ..schemas import (
+    SEED_MAX,
     ChatChoice,
     ChatRequest,
     ChatResponse,
@@ -31,16 +32,17 @@ router = APIRouter(tags=["OpenAI"],  # included at /v1 and at the root
                    responses={code: {"model": OpenAIError} for code in (400, 401, 404, 413, 429, 500, 503)})
 
 
-def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, name: str) -> SamplingParams:
-    if body.n != 1:
-        raise APIError(None, "n must be 1: one choice per request", param="n")
+def openai_sampling(svc: Service, body, n_prompt: int, max_tokens: int | None, name: str,
+                    choice: int = 0) -> SamplingParams:
+    """Choice `choice` of the body's n: a seeded request gives it seed + choice (each choice reproducible)."""
     for field_name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, field_name):
             raise APIError(None, f"{field_name} is not supported: leave it at 0", param=field_name)
     logprobs, top_logprobs = requested_logprobs(body)
     return svc.sampling(n_prompt, max_tokens, name=name, stop=body.stop, temperature=body.temperature,
-                        top_p=body.top_p, top_k=body.top_k, seed=body.seed, speculate=body.speculate,
-                        tree=body.tree, logprobs=logprobs, top_logprobs=top_logprobs)
+                        top_p=body.top_p, top_k=body.top_k, speculate=body.speculate, tree=body.tree,
+                        seed=None if body.seed is None else (body.seed + choice) % (SEED_MAX + 1),
+                        logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 def requested_logprobs(body) -> tuple[bool, int]:
@@ -50,6 +52,19 @@ def requested_logprobs(body) -> tuple[bool, int]:
             raise APIError(None, "top_logprobs needs logprobs: true", param="top_logprobs")
         return body.logprobs, body.top_logprobs or 0
     return body.logprobs is not None, body.logprobs or 0
+
+
+def choices(svc: Service, body, prompts: list[list[int]], max_tokens: int | None, name: str,
+            grammar: GrammarSpec | None) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Each prompt body.n times in a row (its choices decode side by side; the engine prefills the prompt once)."""
+    cap = svc.settings.max_prompts
+    if not 1 <= body.n * len(prompts) <= cap:
+        raise APIError(None, f"n={body.n} choices of {len(prompts)} prompt(s); at most {cap} choices in all",
+                       param="n")
+    params = [openai_sampling(svc, body, len(ids), max_tokens, name, i) for ids in prompts for i in range(body.n)]
+    for p in params:
+        p.grammar = grammar
+    return [ids for ids in prompts for _ in range(body.n)], params
 
 
 async def chat_grammar(svc: Service, body: ChatRequest, plan: ToolPlan | None) -> GrammarSpec | None:
@@ -103,7 +118,7 @@ async def run(svc: Service, body, request: Request, prompts: list[list[int]], pa
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = openai_chunks(svc, handles, rid, svc.model_id, chat=chat, include_usage=include_usage,
-                               logprobs=params[0].logprobs, tools=tools)
+                               logprobs=params[0].logprobs, tools=tools, n=body.n)
         return TimedEventSourceResponse(chunks, headers=SSE_HEADERS, send_timeout=svc.settings.send_timeout)
     fins = await asyncio.gather(*(svc.result(h, request) for h in handles))
     for fin in fins:
@@ -119,20 +134,18 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
     svc.check_model(body.model)
     if body.echo or body.suffix or (body.best_of or 1) != 1:
         raise APIError(None, "echo, suffix and best_of are not supported", param="echo")
-    prompts = await completion_prompts(svc, body.prompt)
-    params = [openai_sampling(svc, body, len(ids), body.max_tokens, "max_tokens") for ids in prompts]
     grammar = await svc.compile_grammar(openai_grammar(body.response_format), "response_format")
-    for p in params:
-        p.grammar = grammar
+    prompts, params = choices(svc, body, await completion_prompts(svc, body.prompt), body.max_tokens, "max_tokens",
+                              grammar)
     rid, model = f"cmpl-{uuid.uuid4().hex}", svc.model_id
     fins = await run(svc, body, request, prompts, params, rid, chat=False)
     if isinstance(fins, TimedEventSourceResponse):
         return fins
-    choices = [CompletionChoice(index=i, text=fin.text, finish_reason=fin.finish_reason.openai,
-                                logprobs=svc.token_log().openai_completion(fin.logprobs) if p.logprobs else None)
-               for i, (fin, p) in enumerate(zip(fins, params))]
+    out = [CompletionChoice(index=i, text=fin.text, finish_reason=fin.finish_reason.openai,
+                            logprobs=svc.token_log().openai_completion(fin.logprobs) if p.logprobs else None)
+           for i, (fin, p) in enumerate(zip(fins, params))]
     return CompletionResponse(id=rid, created=int(time.time()), model=model, system_fingerprint=svc.fingerprint,
-                              usage=usage(*fins), choices=choices)
+                              usage=usage(fins, body.n), choices=out)
 
 
 @router.post("/chat/completions", response_model=ChatResponse, responses=STREAMED)
@@ -148,19 +161,19 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
         max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, name = body.max_tokens, "max_tokens"
-    params = openai_sampling(svc, body, len(ids), max_tokens, name)
-    params.grammar = await chat_grammar(svc, body, plan)
+    prompts, params = choices(svc, body, [ids], max_tokens, name, await chat_grammar(svc, body, plan))
     rid, model = f"chatcmpl-{uuid.uuid4().hex}", svc.model_id
-    fins = await run(svc, body, request, [ids], [params], rid, chat=True, tools=plan)
+    fins = await run(svc, body, request, prompts, params, rid, chat=True, tools=plan)
     if isinstance(fins, TimedEventSourceResponse):
         return fins
-    fin = fins[0]
-    content, tool_calls, finish_reason = answer(plan, fin.text, fin.finish_reason.openai)
-    choice = ChatChoice(message={"role": "assistant", "content": content, "tool_calls": tool_calls},
-                        finish_reason=finish_reason,
-                        logprobs=svc.token_log().openai_chat(fin.logprobs) if params.logprobs else None)
+    out = []
+    for i, (fin, p) in enumerate(zip(fins, params)):
+        content, tool_calls, finish_reason = answer(plan, fin.text, fin.finish_reason.openai)
+        out.append(ChatChoice(index=i, message={"role": "assistant", "content": content, "tool_calls": tool_calls},
+                              finish_reason=finish_reason,
+                              logprobs=svc.token_log().openai_chat(fin.logprobs) if p.logprobs else None))
     return ChatResponse(id=rid, created=int(time.time()), model=model, system_fingerprint=svc.fingerprint,
-                        choices=[choice], usage=usage(fin))
+                        choices=out, usage=usage(fins, body.n))
 
 
 @router.get("/models", response_model=ModelList)

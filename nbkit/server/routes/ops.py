@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ... import __version__
 from ..metrics import CONTENT_TYPE
-from ..schemas_ops import Health, Info
+from ..schemas_ops import Health, Info, PrefixCacheInfo
 from ..service import Service, get_service
 
 CHAT_PAGE = Path(__file__).resolve().parents[1] / "static" / "chat.html"
@@ -51,7 +51,17 @@ async def info(svc: Service = Depends(get_service)):
                 max_stop_sequences=settings.max_stop, max_body_bytes=settings.max_body_bytes,
                 api_key_required=bool(settings.keys), rate_limit_per_minute=settings.rate_limit or None,
                 self_check=limits.self_check if limits else None,
-                calibration=limits.calibration if limits else None, version=__version__)
+                calibration=limits.calibration if limits else None, prefix_cache=prefix_info(svc.engine),
+                version=__version__)
+
+
+def prefix_info(engine) -> PrefixCacheInfo | None:
+    if engine is None:
+        return None
+    s = engine.snapshot()
+    return PrefixCacheInfo(enabled=s["prefix_cache"], cached_tokens=s["prefix_cached_tokens"], hits=s["prefix_hits"],
+                           hit_rate=s["prefix_hit_rate"], evictions=s["prefix_evictions"],
+                           retained_tokens=s["prefix_retained_tokens"])
 
 
 @router.get("/metrics", response_class=Response)
