@@ -34,17 +34,17 @@ class Mark:
 def engine_line(s: dict, start: Mark, now: float) -> str:
     """One line from the snapshot `s` and the interval that began at `start` (key=value pairs).
 
-    prefix_hit_rate is the snapshot's "prefix_hit_rate" (a fraction) once a prefix cache reports one; "n/a" before."""
+    prefix_hit_rate: cached / prompt tokens of the finished requests (engine/prefix.py); "off" without reuse."""
     dt = max(now - start.at, 1e-9)
     kv = s["kv_used_tokens"] / s["kv_total_tokens"] if s["kv_total_tokens"] else 0.0
-    hit = s.get("prefix_hit_rate")
+    hit = s["prefix_hit_rate"] if s.get("prefix_cache") else None
     spec_steps = s["spec_steps"] - start.spec_steps
     per_step = (s["spec_tokens"] - start.spec_tokens) / spec_steps if spec_steps else 0.0
     return (f"running={s['running']} waiting={s['waiting']} "
             f"prompt_tok_s={(s['prefill_tokens'] - start.prefill_tokens) / dt:.1f} "
             f"gen_tok_s={(s['tokens'] - start.tokens) / dt:.1f} "
             f"kv_use={100 * kv:.1f}% kv_tokens={s['kv_used_tokens']}/{s['kv_total_tokens']} "
-            f"prefix_hit_rate={'n/a' if hit is None else f'{100 * hit:.1f}%'} "
+            f"prefix_hit_rate={'off' if hit is None else f'{100 * hit:.1f}%'} "
             f"speculation={s['speculation']} tree={s['last_tree']} tokens_per_spec_step={per_step:.2f}")
 
 

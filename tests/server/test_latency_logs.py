@@ -61,9 +61,12 @@ def test_one_line_per_finished_request_on_every_route(server, http, caplog):
     assert [x["route"] for x in lines] == ["/generate", "/generate_stream", "/v1/chat/completions",
                                            "/v1/completions"]
     assert [int(x["completion_tokens"]) for x in lines] == [5, 4, 6, 3]  # the tiny model never picks EOS here
+    # The first prompt prefills in full; the second is the same text, so its KV is reused (the prefix cache).
+    assert lines[0]["cached_tokens"] == "0" and int(lines[1]["cached_tokens"]) > 0
     for x in lines:
         assert set(FIELDS) <= set(x), x
-        assert x["finish"] == "length" and x["cached_tokens"] == "0" and int(x["prompt_tokens"]) > len(MARKER)
+        assert x["finish"] == "length" and int(x["prompt_tokens"]) > len(MARKER)
+        assert 0 <= int(x["cached_tokens"]) < int(x["prompt_tokens"])
         queue, ttft, total = (float(x[k].rstrip("s")) for k in ("queue", "ttft", "total"))
         assert 0 <= queue <= ttft <= total
         assert float(x["tokens_per_step"]) >= 1.0
@@ -80,7 +83,7 @@ def test_the_engine_line_shows_while_busy(http, caplog):
     assert lines, [r.getMessage() for r in caplog.records]
     expected = {"running", "waiting", "prompt_tok_s", "gen_tok_s", "kv_use", "prefix_hit_rate", "speculation"}
     assert expected <= set(lines[0])
-    assert lines[0]["prefix_hit_rate"] == "n/a"
+    assert lines[0]["prefix_hit_rate"].endswith("%")  # the prefix cache is on by default
 
 
 def test_show_logs_prints_each_line_once_on_the_current_stdout(capsys):

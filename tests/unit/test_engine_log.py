@@ -12,7 +12,7 @@ from helpers.server import tiny_engine
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.stats_log import EngineLog
 
-FIELDS = ("running=", "waiting=", "prompt_tok_s=", "gen_tok_s=", "kv_use=", "kv_tokens=", "prefix_hit_rate=n/a",
+FIELDS = ("running=", "waiting=", "prompt_tok_s=", "gen_tok_s=", "kv_use=", "kv_tokens=", "prefix_hit_rate=0.0%",
           "speculation=", "tree=", "tokens_per_spec_step=")
 
 
