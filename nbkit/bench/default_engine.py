@@ -1,9 +1,9 @@
 """The default engine on a CPU (llama.cpp, embedded GGUF) against llama.cpp's own peers, side by side in one run.
 
-  python -m nbkit.bench.default_engine [--threads 1] [--prefill-tokens 384] [--tokens 64] [--concurrency 8]
+  python -m nbkit.bench.default_engine [--threads 1] [--prefill-tokens 64,256,500] [--tokens 64] [--concurrency 8]
 
 Three tables, every peer on the same GGUF file with the same thread count:
-  prefill (prompt tokens/s of one prompt, no cache reuse): the llama.cpp runner in exact and in fast mode,
+  prefill (prompt tokens/s of one prompt per length, no cache reuse): the llama.cpp runner in exact and fast mode,
       fed in the engine's prefill chunks | `llama-server`'s own prompt timing | the torch runner and a plain
       HF forward of the same prompt on the same fp32 model, at 1 and at --threads torch threads;
   batch 1 (decode tokens/s): the default engine served over HTTP (/v1/completions) | llama-cpp-python's
@@ -145,8 +145,9 @@ def _ratio(r: dict, a: str, b: str) -> float:
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m nbkit.bench.default_engine")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads for every peer; torch's second count")
-    ap.add_argument("--prefill-tokens", type=int, default=384)
-    ap.add_argument("--prefill-reps", type=int, default=5)
+    ap.add_argument("--prefill-tokens", default="64,256,500",
+                    help="prompt lengths, comma-separated (llama-server -np c gives each slot 512 cells)")
+    ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompts-c1", type=int, default=8)
     ap.add_argument("--prompts-cn", type=int, default=24)
@@ -200,7 +201,7 @@ def _prompts(args) -> tuple[list[list[int]], list[int]]:
     tokenizer = gguf_tokenizer(embedded_gguf_path())
     texts = distill_prompts()[1]
     chat = [user_prompt_ids(tokenizer, t) for t in texts[: max(args.prompts_c1, args.prompts_cn)]]
-    joined = tokenizer.encode(" ".join(texts))[: args.prefill_tokens]
+    joined = tokenizer.encode(" ".join(texts))[: max(_lengths(args))]
     return chat, joined
 
 
@@ -211,11 +212,12 @@ def run(args) -> dict:
     server = LlamaServer(binary, gguf, args.concurrency, args.threads) if binary else None
     report = {"command": " ".join(["python -m nbkit.bench.default_engine", *sys.argv[1:]]), "gguf": gguf.name,
               "threads": args.threads, "machine": machine_name(), "load_before": os.getloadavg(),
-              "prefill_prompt_tokens": len(long_ids), "prefill_chunk": PREFILL_CHUNK, "tokens": args.tokens}
+              "prefill_chunk": PREFILL_CHUNK, "tokens": args.tokens, "prefill": {}}
     try:
         peers, threads = _prefill_peers(gguf, args, server)
-        table = prefill_table(peers, long_ids, args.prefill_reps, threads)
-        report["prefill"] = table | {"ratios": _prefill_ratios(table)}
+        for n in _lengths(args):
+            table = prefill_table(peers, long_ids[:n], args.prefill_reps, threads)
+            report["prefill"][str(len(long_ids[:n]))] = table | {"ratios": _prefill_ratios(table)}
         for peer in peers.values():
             if isinstance(peer, RunnerPrefill) and hasattr(peer.runner, "close"):
                 peer.runner.close()
@@ -226,6 +228,10 @@ def run(args) -> dict:
             server.close()
     report["load_after"] = os.getloadavg()
     return report
+
+
+def _lengths(args) -> list[int]:
+    return [int(n) for n in str(args.prefill_tokens).split(",")]
 
 
 def _decoding(gguf: Path, args, chat: list[list[int]], server: LlamaServer | None) -> dict:
@@ -254,11 +260,12 @@ def _strip(res: dict) -> dict:
 def print_report(report: dict) -> None:
     print(f"machine {report['machine']}, threads {report['threads']}, load {report['load_before']} -> "
           f"{report['load_after']}")
-    print(f"prefill of {report['prefill_prompt_tokens']} prompt tokens (tok/s, best | median):")
-    for name, v in report["prefill"].items():
-        if name != "ratios":
-            print(f"   {name:24s} {v['tokens_per_s_best']:8.1f} | {v['tokens_per_s_median']:8.1f}")
-    print("   ratios", {k: round(x, 3) for k, x in report["prefill"]["ratios"].items()})
+    for n, table in report["prefill"].items():
+        print(f"prefill of {n} prompt tokens (tok/s, best | median):")
+        for name, v in table.items():
+            if name != "ratios":
+                print(f"   {name:24s} {v['tokens_per_s_best']:8.1f} | {v['tokens_per_s_median']:8.1f}")
+        print("   ratios", {k: round(x, 3) for k, x in table["ratios"].items()})
     for key in [k for k in report if k.startswith("c") and k[1:].isdigit()]:
         print(f"{key} decoding ({report['tokens']}-token greedy answers, tok/s):")
         for name, v in report[key].items():

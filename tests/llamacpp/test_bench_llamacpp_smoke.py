@@ -57,13 +57,13 @@ def test_default_engine_bench_reports_prefill_and_decoding_side_by_side(monkeypa
     from nbkit.bench import default_engine
 
     out = tmp_path / "default.json"
-    monkeypatch.setattr(sys, "argv", ["default_engine", "--prefill-tokens", "40", "--prefill-reps", "1", "--tokens",
+    monkeypatch.setattr(sys, "argv", ["default_engine", "--prefill-tokens", "20,40", "--prefill-reps", "1", "--tokens",
                                       "4", "--prompts-c1", "1", "--prompts-cn", "2", "--concurrency", "2",
                                       "--skip-server", "--out", str(out)])
     default_engine.main()
     report = json.loads(out.read_text())
-    pre = report["prefill"]
-    assert report["prefill_prompt_tokens"] == 40
+    assert set(report["prefill"]) == {"20", "40"}
+    pre = report["prefill"]["40"]
     assert {"nbkit_llamacpp_exact", "nbkit_llamacpp_fast", "nbkit_torch_t1", "hf_forward_t1"} <= set(pre)
     assert "llama_server" not in pre and "exact_vs_llama_server" not in pre["ratios"]  # skipped: absent, not invented
     assert pre["ratios"]["torch_vs_hf_t1"] == pytest.approx(
