@@ -51,3 +51,25 @@ def test_llamacpp_exact_bench_reports_modes_and_matches(monkeypatch, tmp_path):
     assert s["match"]["exact"]["prompts_compared"] == 1
     assert s["match"]["exact"]["c1_adaptive_vs_off"] == 1.0  # exact mode: same greedy output with Medusa
     assert "v_cache_q8_0_vs_f16" in s
+
+
+def test_default_engine_bench_reports_prefill_and_decoding_side_by_side(monkeypatch, tmp_path):
+    from nbkit.bench import default_engine
+
+    out = tmp_path / "default.json"
+    monkeypatch.setattr(sys, "argv", ["default_engine", "--prefill-tokens", "20,40", "--prefill-reps", "1", "--tokens",
+                                      "4", "--prompts-c1", "1", "--prompts-cn", "2", "--concurrency", "2",
+                                      "--skip-server", "--out", str(out)])
+    default_engine.main()
+    report = json.loads(out.read_text())
+    assert set(report["prefill"]) == {"20", "40"}
+    pre = report["prefill"]["40"]
+    assert {"nbkit_llamacpp_exact", "nbkit_llamacpp_fast", "nbkit_torch_t1", "hf_forward_t1"} <= set(pre)
+    assert "llama_server" not in pre and "exact_vs_llama_server" not in pre["ratios"]  # skipped: absent, not invented
+    assert pre["ratios"]["torch_vs_hf_t1"] == pytest.approx(
+        pre["nbkit_torch_t1"]["tokens_per_s_best"] / pre["hf_forward_t1"]["tokens_per_s_best"])
+    c1 = report["c1"]
+    assert c1["nbkit_http"]["tokens"] > 0 and c1["llama_cpp_python"]["tokens"] > 0
+    assert c1["ratio_nbkit_http_vs_llama_cpp_python"] == pytest.approx(
+        c1["nbkit_http"]["tokens_per_s"] / c1["llama_cpp_python"]["tokens_per_s"])
+    assert report["c2"]["nbkit_http"]["tokens"] > 0 and "llama_server" not in report["c2"]
