@@ -10,9 +10,9 @@ import pytest
 from helpers.server import tiny_engine
 
 from nbkit.engine.request import SamplingParams
-from nbkit.engine.stats_log import EngineLog
+from nbkit.engine.stats_log import EngineLog, Mark, engine_line
 
-FIELDS = ("running=", "waiting=", "prompt_tok_s=", "gen_tok_s=", "kv_use=", "kv_tokens=", "prefix_hit_rate=0.0%",
+FIELDS = ("running=", "waiting=", "prompt_tok_s=", "gen_tok_s=", "kv_use=", "kv_tokens=", "prefix_hit_rate=",
           "speculation=", "tree=", "tokens_per_spec_step=")
 
 
@@ -103,3 +103,9 @@ def test_finished_carries_queue_time_and_no_cached_tokens(engine):
     fin = first.finished
     assert fin.queue_time is not None and 0 <= fin.queue_time <= fin.time_to_first_token <= fin.latency
     assert fin.cached_tokens == 0
+
+
+def test_the_hit_rate_reads_off_without_a_prefix_cache(engine):
+    s = engine.snapshot()
+    assert "prefix_hit_rate=0.0%" in engine_line(s, Mark.of(0.0, s), 1.0)
+    assert "prefix_hit_rate=off" in engine_line({**s, "prefix_cache": False}, Mark.of(0.0, s), 1.0)
