@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import torch
@@ -16,6 +17,7 @@ from nbkit.client import sse_events
 from nbkit.engine.engine import Engine
 from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
+from nbkit.server.launch import start_server
 
 from . import FaultyRunner, ToyTokenizer, random_heads, tiny_llama
 
@@ -57,6 +59,16 @@ def tiny_engine(max_batch: int = 8, max_queue: int = 64, speculation: str = "ada
 
 
 _reference_model = None
+
+
+@contextmanager
+def tiny_server(**settings):
+    """A server on 127.0.0.1 (a free port) over a fresh tiny engine, stopped at the end (module fixtures)."""
+    handle = start_server(tiny_engine(), port=0, **settings)
+    try:
+        yield handle
+    finally:
+        handle.stop()
 
 
 def reference_text(prompt_ids: list[int], max_new_tokens: int) -> str:

@@ -11,11 +11,10 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from helpers.server import reference_text, sse_data, tiny_engine
+from helpers.server import reference_text, sse_data, tiny_server
 
 from nbkit.server.app import Settings, create_app
 from nbkit.server.cli import cors_origins
-from nbkit.server.launch import start_server
 
 KEY = "parity-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -24,9 +23,8 @@ ORIGIN = "https://notebook.example"
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server(tiny_engine(), port=0, api_key=KEY)
-    yield handle
-    handle.stop()
+    with tiny_server(api_key=KEY) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import openai
 import pytest
-from helpers.server import TINY_MODEL, reference_text, tiny_engine
+from helpers.server import TINY_MODEL, reference_text, tiny_server
 from huggingface_hub import InferenceClient
-
-from nbkit.server.launch import start_server
 
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server(tiny_engine(), port=0)
-    yield handle
-    handle.stop()
+    with tiny_server() as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from helpers.server import reference_text, tiny_engine
+from helpers.server import reference_text, tiny_engine, tiny_server
 
 from nbkit.server.launch import start_server
 
@@ -17,9 +17,8 @@ PROMPT = "The quick brown fox jumps over the lazy dog, then"
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server(tiny_engine(), port=0, api_key=KEY)
-    yield handle
-    handle.stop()
+    with tiny_server(api_key=KEY) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

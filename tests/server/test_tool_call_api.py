@@ -14,11 +14,10 @@ import json
 import httpx
 import openai
 import pytest
-from helpers.server import tiny_engine
+from helpers.server import tiny_server
 
 from nbkit.chat_format import chat_prompt_ids, tool_messages
 from nbkit.engine.request import Finished, FinishReason, GrammarKind, RequestHandle, TokenEvent
-from nbkit.server.launch import start_server
 from nbkit.server.tools import ToolChoice, ToolPlan, forcing_schema
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
@@ -31,9 +30,8 @@ CALL = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server(tiny_engine(), port=0)
-    yield handle
-    handle.stop()
+    with tiny_server() as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")
