@@ -16,7 +16,8 @@ from .schemas import ResponseFormat, TGIGrammar
 
 
 def _schema_text(schema, param: str) -> str:
-    """A schema as canonical JSON text (the cache key: key order and spacing do not matter)."""
+    """A schema as compact JSON text (the compile cache's key). Key order is kept: the answer's properties come
+    in the schema's order, as OpenAI's structured outputs give them."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -24,7 +25,7 @@ def _schema_text(schema, param: str) -> str:
             raise APIError(400, f"the JSON schema is not valid JSON: {err}", param=param) from None
     if not isinstance(schema, dict | bool):
         raise APIError(400, "the JSON schema must be an object", param=param)
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return json.dumps(schema, separators=(",", ":"))
 
 
 def openai_grammar(fmt: ResponseFormat | None) -> GrammarSpec | None:

@@ -34,14 +34,14 @@ pytestmark = pytest.mark.slow
 SCHEMA = {
     "type": "object",
     "properties": {
+        "size": {"enum": ["small", "medium", "large"]},  # not in alphabetical order: answers keep the schema's
         "city": {"type": "string", "maxLength": 16},
-        "size": {"enum": ["small", "medium", "large"]},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 2},
         "where": {"type": "object", "properties": {"country": {"type": "string", "maxLength": 12},
                                                    "coastal": {"type": "boolean"}},
                   "required": ["country", "coastal"], "additionalProperties": False},
     },
-    "required": ["city", "size", "tags", "where"],
+    "required": ["size", "city", "tags", "where"],
     "additionalProperties": False,
 }
 REGEX = r"(yes|no), [0-9]{1,3} (cats|dogs)"
@@ -77,7 +77,10 @@ def test_openai_strict_json_schema_with_and_without_speculation(served):
                                                  response_format=fmt, extra_body={"tree": tree})
         assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
         answers[tree] = out.choices[0].message.content
-        jsonschema.validate(json.loads(answers[tree]), SCHEMA)
+        answer = json.loads(answers[tree])
+        jsonschema.validate(answer, SCHEMA)
+        assert list(answer) == list(SCHEMA["properties"])  # OpenAI's order: the schema's
+        assert list(answer["where"]) == list(SCHEMA["properties"]["where"]["properties"])
     assert answers["none"] == answers["mc_sim_7b_63"]
 
 
