@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..medusa.acceptance import tree_candidates
-from ..medusa.trees import TOPK, MedusaTree, chain, subtree
+from ..medusa.trees import TOPK, MedusaTree, chain
 from .runner import Runner, TreeInput
 
 log = logging.getLogger("nbkit.engine")
@@ -39,7 +39,6 @@ RELATIVE_NOISE = {torch.float32: 2e-3, torch.float16: 3e-2, torch.bfloat16: 8e-2
 # siblings at each (what a mask or position bug breaks). The CPU kernels with the full trees at every batch
 # are what the test suite checks. (In llama.cpp's exact mode the check's cost is mostly per step, not per
 # node: what keeps later starts short is the cached verdict, startcache.py.)
-CPU_CHECK_NODES = 15
 
 
 @dataclass
@@ -230,20 +229,11 @@ def _force(topk: torch.Tensor | None, tree: MedusaTree, path: list[int], continu
         topk[d - 1, ranks[d - 1]] = continuation[d - 1]
 
 
-def check_tree(served: MedusaTree, device: torch.device) -> MedusaTree:
-    """The tree the check verifies: the served one on a GPU; on a CPU its sub-tree of CPU_CHECK_NODES nodes
-    that ranks paths by the sum of their ranks (the all-top-1 chain through every depth first, then the
-    branches one rank off it)."""
-    if device.type != "cpu" or served.size <= CPU_CHECK_NODES + 1:
-        return served
-    return subtree(served, {p: -float(sum(p)) for p in served.paths}, CPU_CHECK_NODES)
-
-
 def run_self_check(engine) -> SelfCheck:
     """Check the engine's runner with the tree it serves, and fall back to a mode that passed."""
     spec = engine.speculation
     speculating = engine.heads is not None and spec.mode != "off"
-    tree = check_tree(spec.fixed or engine.base_tree, engine.runner.device) if speculating else None
+    tree = (spec.fixed or engine.base_tree) if speculating else None  # the tree that serves, on every device
     cache = engine.startup_cache  # the verdict of an identical check on this machine, if one was made
     check = cache.self_check() if cache is not None else None
     if check is None:
