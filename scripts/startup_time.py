@@ -3,10 +3,11 @@
     python scripts/startup_time.py [--runs 3] [--fresh] [-- serve arguments...]
 
 Each launch is a new process on a free port (what `make serve` runs: `python -m nbkit serve`), stopped once
-healthy. --fresh empties the start-up cache before every launch (the first start on a machine); without it
+healthy and once /info says its Medusa trees are priced (a first start calibrates while serving, in idle
+time). --fresh empties the start-up cache before every launch (the first start on a machine); without it
 the first launch fills the cache and the others reuse it. Prints one line per launch (seconds to healthy, the
-CPU seconds the server used by then, the engine and calibration from /info) and the median of the launches
-after the first.
+CPU seconds the server used by then, seconds until trees were priced, the engine and calibration from /info)
+and the median of the launches after the first.
 """
 
 from __future__ import annotations
@@ -37,31 +38,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def launch(serve_args: list[str], timeout: float) -> tuple[float, float, dict]:
-    """Seconds from Popen to /health answering 200, the CPU seconds the server used by then, and /info."""
+def launch(serve_args: list[str], timeout: float) -> tuple[float, float, float, dict]:
+    """Seconds from Popen to /health answering 200, the CPU seconds the server used by then, seconds from Popen
+    until /info's calibration is no longer "measuring" (trees priced), and /info at that time."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "nbkit", "serve", "--port", str(port), *serve_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.perf_counter() - start < timeout:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nbkit serve exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    took, cpu = time.perf_counter() - start, cpu_seconds(proc.pid)
-                    return took, cpu, httpx.get(f"{url}/info", timeout=10).json()
-            except httpx.HTTPError:
-                pass  # not listening yet
-            time.sleep(0.05)
-        raise TimeoutError(f"not healthy within {timeout} s")
+        healthy = _until(proc, start, timeout, lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200)
+        cpu = cpu_seconds(proc.pid)
+        _until(proc, start, timeout, lambda: httpx.get(f"{url}/info", timeout=10).json()["calibration"] != "measuring")
+        priced = time.perf_counter() - start
+        return healthy, cpu, priced, httpx.get(f"{url}/info", timeout=10).json()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _until(proc: subprocess.Popen, start: float, timeout: float, ready) -> float:
+    """Poll `ready()` until True; the seconds since `start` then."""
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nbkit serve exited with {proc.returncode}")
+        try:
+            if ready():
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.05)
+    raise TimeoutError(f"not ready within {timeout} s")
 
 
 def main() -> int:
@@ -77,10 +87,11 @@ def main() -> int:
     for run in range(args.runs):
         if args.fresh:
             shutil.rmtree(cache_root(), ignore_errors=True)
-        took, cpu, info = launch(args.serve_args, args.timeout)
+        took, cpu, priced, info = launch(args.serve_args, args.timeout)
         seconds.append(took)
         check = info.get("self_check") or {}
-        print(f"launch {run + 1}: healthy after {took:.1f} s ({cpu:.1f} CPU s)  engine {info['engine']} "
+        print(f"launch {run + 1}: healthy after {took:.1f} s ({cpu:.1f} CPU s), trees priced after {priced:.1f} s  "
+              f"engine {info['engine']} "
               f"({info.get('mode')}), calibration {info.get('calibration')}, "
               f"self-check cached {check.get('cached')}", flush=True)
     rest = seconds[1:] or seconds

@@ -56,7 +56,7 @@ def _sync(device: torch.device) -> None:
 def verify_costs(runner, repeats: int) -> dict[str, float]:
     """Milliseconds per verification of batch x tokens (a chain of that many per row over a 64-token prefix)."""
     from ..engine.runner import TreeInput
-    from ..engine.speculation.costs import interleaved_medians
+    from ..engine.speculation.calibration import interleaved_medians
     from ..medusa.trees import chain
 
     slots = [runner.alloc() for _ in range(max(BATCHES))]

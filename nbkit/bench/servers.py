@@ -87,7 +87,7 @@ def nbkit_command(config: Config, port: int, model: str | None, heads: str | Non
                   max_batch: int, extra: list[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "nbkit", "serve", "--engine", config.engine.value, "--host", "127.0.0.1",
            "--port", str(port), "--speculation", speculation, "--max-batch", str(max_batch), "--rate-limit", "0",
-           "--log-level", "warning", "--log-interval", "0"]
+           "--log-level", "warning", "--log-interval", "0", "--calibrate", "at-start"]  # measured with trees priced
     cmd += ["--model", model] if model else []
     cmd += ["--heads", heads] if heads else []
     return cmd + list(extra) + ([NO_PREFIX_CACHE] if config.reuse is Reuse.OFF else [])

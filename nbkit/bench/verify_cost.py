@@ -2,7 +2,7 @@
 
     python -m nbkit.bench.verify_cost [--engine torch|llamacpp] [--max-batch 16] [--repeats 7] [--out FILE]
 
-Runs the engine's own start-up calibration (`costs.calibrate`: every shape timed in interleaved rounds,
+Runs the engine's own start-up calibration (`calibration.calibrate`: every shape timed in interleaved rounds,
 median per shape) on the embedded model and shipped heads, and prints each shape's time over a plain
 one-token step (for a full batch, over the plain full batch). That ratio is the break-even: a tree of T
 tokens pays only if it yields more than cost(T) / cost(1) tokens per step, and the shipped heads yield
@@ -25,7 +25,7 @@ from .closed_loop import machine_name
 
 def curve(engine: str, max_batch: int, repeats: int, threads: int) -> dict:
     from ..engine.loader import load_engine
-    from ..engine.speculation.costs import calibrate
+    from ..engine.speculation.calibration import calibrate
 
     kwargs = {"n_threads": threads} if engine == "llamacpp" else {}
     eng = load_engine(engine, None, heads="embedded", max_batch=max_batch, speculation="off", **kwargs)

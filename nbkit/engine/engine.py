@@ -42,7 +42,7 @@ from .request import (
 )
 from .runner import Runner, SlotOutput, TreeInput, runner_member
 from .selfcheck import SelfCheck, run_self_check
-from .speculation import CostModel, Probe, Speculation, StepPlan, StepResult
+from .speculation import Calibrate, CostModel, Probe, Speculation, StepPlan, StepResult
 from .threads import EngineLoop
 
 log = logging.getLogger("nbkit.engine")
@@ -57,6 +57,7 @@ class Engine:
         prefill_budget: int = 256, cost_model: CostModel | None = None,
         model_name: str = "model", max_restarts: int | None = None, self_check: bool = False,
         admission: Admission | None = None, prefix_cache: bool = True,
+        calibrate: Calibrate | str = Calibrate.AT_START,
     ):
         self.runner, self.tokenizer, self.heads = runner, tokenizer, heads
         self.model_name = model_name
@@ -86,6 +87,9 @@ class Engine:
         self.self_check: SelfCheck | None = None
         self.trees_refused: str | None = None  # why requests may not ask for a tree (a failed self-check)
         self.startup_cache = None  # startcache.StartupCache: an earlier start's verdict and prices (load_engine)
+        # When the engine thread measures forward costs that no earlier start cached: before it reports ready,
+        # or while serving (ready at once, plain decoding until its idle time measured them: calibration.py).
+        self.calibrate = Calibrate(calibrate)
 
     # ---- life cycle (the thread: threads.EngineLoop) ------------------------------------------
     def start(self, timeout: float = 600.0) -> Engine:
@@ -112,13 +116,21 @@ class Engine:
     def snapshot(self) -> dict:
         return snapshot(self)
 
-    def prepare(self) -> Engine:
+    def prepare(self, while_serving: bool = False) -> Engine:
         """Check once that decoding is lossless on this device (falling back to a mode that is), then
-        measure the forward cost once (adaptive speculation needs it)."""
+        measure the forward cost once (adaptive speculation needs it): now, or (while_serving, the engine
+        thread with Calibrate.WHILE_SERVING) in idle time through calibrate_while_idle()."""
         if self.run_self_check and self.self_check is None:
             self.self_check = run_self_check(self)
-        self.speculation.prepare(self.runner, self.heads, self.max_batch, self.startup_cache)
+        self.speculation.prepare(self.runner, self.heads, self.max_batch, self.startup_cache, while_serving)
         return self
+
+    def calibrate_while_idle(self, should_yield) -> None:
+        """The engine thread, idle: measure forward costs until done or `should_yield()` (a request waits). The
+        calibration's slots and KV cells come first from finished requests' kept KV, least recently used first."""
+        calibration = self.speculation.calibration
+        self.prefix.make_room(self, calibration.slots_needed(), calibration.cells_needed())
+        self.speculation.calibrate_while_idle(lambda: self.prefix.alloc(self), should_yield)
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestHandle:

@@ -28,7 +28,8 @@ class EngineLimits:
     # llama.cpp: {"mode": "exact" or "fast", "guarantee" and "mode_reason" in words, "kv_cells"}; None: no modes
     numerics: dict | None = None
     self_check: dict | None = None  # the start-up self-check (selfcheck.SelfCheck.to_dict); None: not run
-    calibration: str = "none"  # where the tree prices come from: measured, cached, declared or none
+    calibration: str = "none"  # where the tree prices come from: measured, cached, declared, measuring or none
+    calibration_progress: float | None = None  # while measuring (calibration while serving): the share done
 
 
 def new_counters() -> dict:
@@ -44,7 +45,7 @@ def limits(engine) -> EngineLimits:
                         engine.speculation.mode, engine.heads.n_heads if engine.heads is not None else None,
                         runner_member(engine.runner, "numerics"),
                         engine.self_check.to_dict() if engine.self_check is not None else None,
-                        engine.speculation.costs_source)
+                        engine.speculation.costs_source, engine.speculation.calibration_progress())
 
 
 def snapshot(engine) -> dict:

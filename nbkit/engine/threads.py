@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from .request import EngineStopped, FinishReason
 from .runner import runner_member
+from .speculation import Calibrate
 
 log = logging.getLogger("nbkit.engine")
 
@@ -110,7 +111,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
-            self.engine.prepare()
+            self.engine.prepare(while_serving=self.engine.calibrate is Calibrate.WHILE_SERVING)
         except BaseException as err:
             self.dead = f"engine start-up failed: {type(err).__name__}: {err}"
             log.exception("engine start-up failed")
@@ -138,10 +139,16 @@ class EngineLoop:
         while True:
             with engine.cond:
                 while not self.stopping and not engine.waiting and not engine.active:
+                    if engine.speculation.measuring:
+                        break  # idle time measures forward costs (calibration while serving)
                     engine.cond.wait(0.1)
                 if self.stopping:
                     return
-            engine.step()
+                idle = not engine.waiting and not engine.active
+            if idle:  # a request that arrives waits for the call in progress, then the calibration yields
+                engine.calibrate_while_idle(lambda: self.stopping or bool(engine.waiting))
+            else:
+                engine.step()
 
     def _backoff(self) -> float | None:
         """Seconds to wait before restarting after a crash (doubling per crash within CRASH_WINDOW);

@@ -374,6 +374,7 @@ def serve(
     if hasattr(prepared, "wait_for_engine"):
         prepared.wait_for_engine()  # the llama.cpp build may still run in the background
     server_kwargs.setdefault("kv_budget_bytes", getattr(prepared, "kv_budget_bytes", None))  # the plan's
+    server_kwargs.setdefault("calibrate", "while-serving")  # the chat works at once; trees once priced
     handle = start_server(model=prepared.model, heads=prepared.heads, engine=prepared.engine, port=port,
                           api_key=key, **server_kwargs)
     if show:  # each finished request's latency line and the engine's periodic line, under the serve cell

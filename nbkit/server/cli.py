@@ -44,6 +44,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt in full (default: a prompt that starts with tokens whose KV is still "
                         "kept, such as a conversation's previous turn, reuses it)")
+    p.add_argument("--calibrate", choices=("while-serving", "at-start"), default="while-serving",
+                   help="when a first start on this machine measures the forward costs that price Medusa trees: "
+                        "while-serving = healthy at once, plain decoding until idle time has measured them; "
+                        "at-start = before reporting healthy (a later start reuses the cached figures either way)")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-interval", type=float, default=10.0,
@@ -124,7 +128,8 @@ def cmd_serve(args) -> int:
                               host=args.host, port=args.port, api_key=keys, max_batch=args.max_batch,
                               max_queue=args.max_queue, speculation=args.speculation, settings=settings,
                               log_level=args.log_level, kv_budget_bytes=kv_budget_bytes(args),
-                              prefix_cache=args.prefix_cache, **llama_kwargs(args, choice.name))
+                              prefix_cache=args.prefix_cache, calibrate=args.calibrate,
+                              **llama_kwargs(args, choice.name))
     except KeyboardInterrupt:
         print("nbkit serve: interrupted while loading", file=sys.stderr)
         return 130

@@ -76,8 +76,11 @@ class Info(BaseModel):
     rate_limit_per_minute: float | None
     self_check: SelfCheckInfo | None = Field(None, description="the start-up self-check (None: not run)")
     calibration: str | None = Field(None, description="where the tree prices come from: 'measured' at this start, "
-                                                      "'cached' from an earlier start on this machine, 'declared', "
-                                                      "or 'none' (no adaptive speculation)")
+                                                      "'cached' from an earlier start on this machine, 'measuring' "
+                                                      "(a first start measures in idle time while serving: plain "
+                                                      "decoding until then), 'declared', or 'none' (no adaptive "
+                                                      "speculation)")
+    calibration_progress: float | None = Field(None, description="while 'measuring': the share measured (0-1)")
     prefix_cache: PrefixCacheInfo | None = Field(None, description="prefix reuse (None: no engine yet)")
     version: str
 

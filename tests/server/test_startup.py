@@ -1,11 +1,13 @@
 """Start-up: with no engine named, a GGUF on a CPU is served by llama.cpp, which /info says with the reason;
 a second start with the same machine, files and settings reuses the first start's calibration and self-check
-verdict (startcache.py) and does neither again. Checked on counters, never on clocks, on the vicuna miniature
+verdict (startcache.py) and does neither again; a first start that calibrates while serving is ready at once and
+caches what it measured in idle time. Checked on counters, never on clocks, on the vicuna miniature
 (Llama, sentencepiece, BOS) through the hub mirror, on both engines."""
 
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -50,7 +52,7 @@ def test_a_second_start_reuses_the_calibration_and_the_verdict(kind, vicuna_mirr
     assert first.self_check.passed and not first.self_check.cached
     assert [p.name for p in tmp_path.iterdir()] == [first.startup_cache.path.name]
 
-    monkeypatch.setattr(component, "calibrate", _no_work)
+    monkeypatch.setattr(component, "Calibration", _no_work)
     monkeypatch.setattr(selfcheck, "check_runner", _no_work)
     second = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=2).prepare()
     assert second.speculation.calibrations == 0 and second.limits().calibration == "cached"
@@ -69,6 +71,36 @@ def test_a_second_start_reuses_the_calibration_and_the_verdict(kind, vicuna_mirr
     ids = first.encode("Once upon a time a brown")
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     assert second.generate(ids, params).token_ids == first.generate(ids, params).token_ids
+
+
+@pytest.mark.parametrize("kind", ["torch", "llamacpp"])
+def test_a_first_start_serves_at_once_and_caches_what_it_measured_while_serving(kind, vicuna_mirror, tmp_path,
+                                                                               monkeypatch):
+    prepared = _prepared(kind, vicuna_mirror)
+    _cache_in(tmp_path, monkeypatch)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    first = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=2, calibrate="while-serving").start()
+    try:
+        assert first.limits().calibration == "measuring"  # ready before its forward costs are known
+        ids = first.encode("Once upon a time a brown")
+        during = first.submit(ids, params).result(timeout=300)
+        deadline = time.monotonic() + 300
+        while first.speculation.measuring and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.limits().calibration == "measured" and first.speculation.calibrations == 1
+        assert "costs" in startcache.StartupCache(first.startup_cache.key, tmp_path).record  # kept for next time
+        assert first.generate(ids, params).token_ids == during.token_ids  # lossless before and after pricing
+    finally:
+        first.stop()
+
+    monkeypatch.setattr(component, "Calibration", _no_work)
+    monkeypatch.setattr(selfcheck, "check_runner", _no_work)
+    second = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=2, calibrate="while-serving").start()
+    try:
+        assert second.limits().calibration == "cached" and not second.speculation.measuring
+        assert second.generate(ids, params).token_ids == during.token_ids
+    finally:
+        second.stop()
 
 
 def test_serve_with_no_engine_named_picks_llamacpp_for_a_gguf_on_a_cpu(vicuna_mirror, tmp_path, monkeypatch):

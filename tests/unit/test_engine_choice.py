@@ -54,6 +54,9 @@ def test_serve_defaults_to_auto():
     register_cli(parser.add_subparsers())
     assert parser.parse_args(["serve"]).engine == "auto"
     assert parser.parse_args(["serve", "--engine", "torch"]).engine == "torch"
+    # A first start is healthy at once and measures its forward costs while serving, unless asked otherwise.
+    assert parser.parse_args(["serve"]).calibrate == "while-serving"
+    assert parser.parse_args(["serve", "--calibrate", "at-start"]).calibrate == "at-start"
 
 
 KEY = {"format": 1, "machine": "cpu x", "engine": "torch", "model_path": "/m", "heads_path": None,

@@ -8,7 +8,7 @@ from helpers import FaultyRunner, ToyTokenizer, tiny_llama
 from nbkit.engine.engine import Engine
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.speculation import CostModel
-from nbkit.engine.speculation.costs import calibrate
+from nbkit.engine.speculation.calibration import calibrate
 from nbkit.engine.torch_runner import TorchRunner
 from nbkit.medusa.heads import MedusaHeads
 

@@ -18,7 +18,8 @@ from helpers import OracleHeads, ToyTokenizer, head0_stats, hf_greedy, observed,
 from nbkit.engine.engine import Engine
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.runner import TreeInput
-from nbkit.engine.speculation.costs import CostModel, DeclaredCostModel, calibrate
+from nbkit.engine.speculation.calibration import calibrate
+from nbkit.engine.speculation.costs import CostModel, DeclaredCostModel
 from nbkit.engine.speculation.estimates import AcceptanceStats, shrunk_lower_bounds
 from nbkit.engine.speculation.guard import SpeculationGuard
 from nbkit.engine.speculation.policy import SpeculationPolicy

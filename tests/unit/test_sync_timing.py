@@ -18,8 +18,9 @@ from helpers import ToyTokenizer, tiny_llama
 from nbkit.engine import engine as engine_module
 from nbkit.engine.engine import Engine
 from nbkit.engine.request import SamplingParams
-from nbkit.engine.speculation import costs
-from nbkit.engine.speculation.costs import CostModel, calibrate
+from nbkit.engine.speculation import calibration
+from nbkit.engine.speculation.calibration import calibrate
+from nbkit.engine.speculation.costs import CostModel
 from nbkit.engine.torch_runner import TorchRunner
 
 PREFILL, COMMIT = 0.5, 0.002  # a prompt costs far more than a commit: charged to a step, it shows
@@ -90,7 +91,7 @@ class LazyHeads:
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    for module in (costs, engine_module):
+    for module in (calibration, engine_module):
         monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=fake.perf_counter,
                                                                   monotonic=fake.perf_counter))
     return fake

@@ -9,13 +9,15 @@ start-up) and the policy with its guard (policy.py, guard.py); nothing outside t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ...medusa.heads import MedusaHeads
 from ...medusa.trees import MedusaTree, chain, get_tree
-from .costs import CostModel, calibrate
+from .calibration import Calibration
+from .costs import CostModel
 from .estimates import AcceptanceStats, RequestAcceptance
 from .policy import SpeculationPolicy
 
@@ -82,9 +84,12 @@ class Speculation:
                                      measured=getattr(heads, "config", {}).get("acceptance_q"))
         self.cost_model = cost_model  # None until calibrated (a placeholder prices the policy until then)
         # Where the prices come from: "declared" (given), "measured" (calibrated at this start), "cached" (an
-        # earlier start's calibration on this machine), "none" (no trees to price); `calibrations` counts runs.
+        # earlier start's calibration on this machine), "measuring" (calibrating while serving: plain decoding
+        # until it is done), "none" (no trees to price); `calibrations` counts finished runs.
         self.costs_source = "declared" if cost_model is not None else "none"
         self.calibrations = 0
+        self.calibration: Calibration | None = None  # the run in progress while serving
+        self.cache: CostCache | None = None
         self.policy = SpeculationPolicy(
             self.base_tree, self.stats, cost_model or CostModel({1: 1.0}), mode="fixed" if fixed else mode,
             fixed=fixed, max_leaves=max_leaves, recomputes_accepted=recomputes_accepted)
@@ -125,20 +130,51 @@ class Speculation:
                 "tree_choices": dict(self.policy.choices), **self.stats.snapshot(), **self.policy.snapshot()}
 
     # ---- life cycle -------------------------------------------------------------------------
-    def prepare(self, runner: Runner, heads: MedusaHeads | None, max_batch: int, cache: CostCache | None) -> None:
-        """Adaptive speculation prices trees with the forward cost measured once on the runner (or by an earlier
-        start on this machine: `cache`, startcache.py)."""
-        if self.mode != "adaptive" or self.cost_model is not None:
+    def prepare(self, runner: Runner, heads: MedusaHeads | None, max_batch: int, cache: CostCache | None,
+                while_serving: bool = False) -> None:
+        """Adaptive speculation prices trees with the forward cost measured on the runner (or by an earlier start
+        on this machine: `cache`, startcache.py): now, or (while_serving) in the engine's idle time, with plain
+        decoding until then (`calibrate_while_idle`)."""
+        if self.mode != "adaptive" or self.cost_model is not None or self.calibration is not None:
             return
         cached = cache.costs() if cache is not None else None
         if cached is not None:
             self.cost_model, self.costs_source = cached, "cached"
             log.info("cost model: the calibration cached in %s (re-measured on drift)", cache.path)
-        else:
-            self.cost_model = calibrate(runner, heads, max_batch, max_tree=self.base_tree.size)
-            self.costs_source, self.calibrations = "measured", self.calibrations + 1
-            if cache is not None:
-                cache.save_costs(self.cost_model)
+            self.policy.use_costs(self.cost_model)
+            return
+        self.cache = cache
+        self.calibration = Calibration(runner, heads, max_batch, max_tree=self.base_tree.size)
+        if while_serving:
+            self.costs_source = "measuring"
+            log.info("serving with plain decoding while the forward costs are measured in idle time")
+            return
+        self.calibration.advance()
+        self._calibrated()
+
+    @property
+    def measuring(self) -> bool:
+        """Calibrating while serving: requests decode plainly (unless they ask for a tree) until it is done."""
+        return self.costs_source == "measuring"
+
+    def calibration_progress(self) -> float | None:
+        """The share of the calibration done while measuring (None otherwise)."""
+        return round(self.calibration.progress(), 3) if self.measuring else None
+
+    def calibrate_while_idle(self, alloc: Callable[[], int], should_yield: Callable[[], bool]) -> None:
+        """Go on measuring (the engine is idle) until done or `should_yield()`; price trees once done."""
+        if self.measuring and self.calibration.advance(alloc, should_yield):
+            self._calibrated()
+
+    def _calibrated(self) -> None:
+        if self.measuring:
+            log.info("cost model measured while serving (%d pieces, %.1f s of idle time): speculation on",
+                     self.calibration.resumes, self.calibration.seconds)
+        self.cost_model = self.calibration.cost_model()
+        self.costs_source, self.calibrations = "measured", self.calibrations + 1
+        if self.cache is not None:
+            self.cache.save_costs(self.cost_model)
+        self.calibration = None
         self.policy.use_costs(self.cost_model)
 
     def new_request(self) -> RequestAcceptance:
@@ -154,6 +190,10 @@ class Speculation:
         """Each running request's tree: its own if it asked for one, else the policy's pick for the requests
         whose acceptance pays for it; root-only for the rest (and for those whose heads are not ready)."""
         ready = [r for r in running if r.heads_ready and self.n_heads]
+        if self.measuring:  # no prices yet: plain decoding, except for requests that name their tree
+            trees = {r.id: self.tree(r.params.tree) if r in ready and r.params.tree is not None else chain(0)
+                     for r in running}
+            return StepPlan(chain(0), trees, False)
         spec = [r for r in ready if r.params.speculate and r.params.tree is None]
         chosen, use = self.policy.plan(len(running), [r.acceptance for r in spec])
         speculating = {r.id for r, u in zip(spec, use) if u} | {r.id for r in ready if r.params.tree is not None}

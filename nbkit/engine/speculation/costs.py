@@ -1,8 +1,6 @@
-"""What a verification step costs: the CostModel (seconds as a function of the step's shape) and its
-start-up calibration on the runner.
+"""What a verification step costs: the CostModel (seconds as a function of the step's shape).
 
-Calibration times real forward passes in interleaved rounds (every shape once per round, medians over
-rounds), so a burst of load from elsewhere on a shared machine hits every shape alike. While serving,
+Its figures come from calibration.py (real forward passes timed on the runner). While serving,
 the engine feeds every step's time back (`observe`); the model keeps the calibration as its reference
 and reports `drift()`, the median ratio of observed to reference times, so the policy can re-measure
 when the machine has changed under it. A DeclaredCostModel (`CostModel.from_function`) is a price list
@@ -16,15 +14,9 @@ import logging
 import math
 import statistics
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
-import torch
-
-from ...medusa.heads import MedusaHeads
-from ...medusa.trees import TOPK, chain
-from ..runner import Runner, TreeInput
 from .guard import PassiveGuard, SpeculationGuard
 
 log = logging.getLogger("nbkit.engine")
@@ -203,95 +195,3 @@ def _buckets(max_tokens: int) -> list[int]:
         out.append(n)
         n *= 2
     return out
-
-
-def calibrate(runner: Runner, heads: MedusaHeads | None, max_batch: int, max_tree: int = 64, repeats: int = 7,
-              max_tokens: int | None = None) -> CostModel:
-    """Time real verification passes for 1, 2, 3, 4, 8, ... tokens (rows of up to `max_tree` tokens).
-
-    The sizes are timed in interleaved rounds and each keeps its median, so a burst of load from
-    elsewhere on the machine does not make one size look dear (small sizes decide whether a short
-    chain pays at all). On a CPU the cost is close to linear past a few hundred tokens, so points stop
-    at 256 (the model extrapolates and the engine corrects it online from real steps); on a GPU at 1024.
-    """
-    if max_tokens is None:
-        max_tokens = 1024 if str(runner.device).startswith("cuda") else 256
-    sizes = [1, 2, 3] + [n for n in (2 ** i for i in range(2, 16)) if n <= min(max_batch * max_tree, max_tokens)]
-    slots: list[int] = []
-    try:
-        points = _time_sizes(runner, slots, sizes, max_tree, repeats)
-        rows_shapes = _time_batches(runner, slots, batch_rows(max_batch), repeats) if max_batch > 1 else {}
-        heads_cost = _time_heads(runner, heads, max_batch, repeats) if heads is not None else {}
-    finally:
-        for s in slots:
-            runner.free(s)
-    log.info("cost model: %s, heads %s", {k: round(v, 4) for k, v in points.items()},
-             {k: round(v, 4) for k, v in heads_cost.items()})
-    model = CostModel(points, heads_cost or 0.0)
-    model.measured.update({(1, n): points[n] for n in (1, 2, 3, 4) if n in points})
-    model.measured.update(rows_shapes)
-    model.set_reference()
-    return model
-
-
-def _grow_slots(runner: Runner, slots: list[int], n: int) -> None:
-    """Allocate slots (each with a 64-token prefix) until there are `n`."""
-    while len(slots) < n:
-        slot = runner.alloc()
-        runner.prefill({slot: [1] * 64})
-        slots.append(slot)
-
-
-def _time_sizes(runner: Runner, slots: list[int], sizes: list[int], max_tree: int, repeats: int) -> dict[int, float]:
-    """Seconds per verification of n tokens (rows of up to max_tree), timed in interleaved rounds."""
-    shapes = {}
-    for n in sizes:
-        rows = max(1, -(-n // max_tree))
-        _grow_slots(runner, slots, rows)
-        shapes[n] = [TreeInput(s, chain(n // rows - 1), [1] * (n // rows)) for s in slots[:rows]]
-    return interleaved_medians({n: (lambda b=shapes[n]: runner.verify(b)) for n in sizes}, repeats, runner.synchronize)
-
-
-def batch_rows(max_batch: int) -> list[int]:
-    """Row counts whose short trees calibration times: the full batch, and 4 rows between it and one. A
-    batch size in between is priced by interpolating in rows, and cost is far from linear in rows (a 4 x 2
-    step costs well under the 1.67x a 4 x 1 one that 1 and 16 rows interpolate to on an AVX2 CPU)."""
-    return sorted({r for r in (4, max_batch) if 1 < r <= max_batch})
-
-
-def _time_batches(runner: Runner, slots: list[int], rows: list[int], repeats: int) -> dict[tuple[int, int], float]:
-    """Batches of short trees (what the policy weighs under load): many rows of a few tokens cost more
-    than one row of as many tokens, so these shapes are timed as they are, plain and trees alternating in
-    every round."""
-    _grow_slots(runner, slots, max(rows))
-    shapes = {(r, n): [TreeInput(s, chain(n - 1), [1] * n) for s in slots[:r]] for r in rows for n in (1, 2, 3, 4)}
-    return interleaved_medians({k: (lambda b=b: runner.verify(b)) for k, b in shapes.items()}, repeats,
-                                runner.synchronize)
-
-
-def interleaved_medians(calls: dict, repeats: int, synchronize: Callable[[], None]) -> dict:
-    """{key: seconds}: one untimed warm-up call each, then `repeats` rounds calling every key once per
-    round, the median of each key's rounds. The clock is read only with the device idle (`synchronize`
-    before and after each call): a GPU call returns once queued, and timed without it each shape would be
-    charged the previous shape's work."""
-    for fn in calls.values():
-        fn()
-    times: dict = {k: [] for k in calls}
-    for _ in range(repeats):
-        for k, fn in calls.items():
-            synchronize()
-            t0 = time.perf_counter()
-            fn()
-            synchronize()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(ts) for k, ts in times.items()}
-
-
-def _time_heads(runner: Runner, heads: MedusaHeads, max_batch: int, repeats: int) -> dict[int, float]:
-    """Seconds per heads call (top-k proposals) for 1 row and for a full batch, interleaved."""
-    calls = {}
-    lm_head = runner.lm_head if heads.shared_lm_head else None  # own-lm_head heads never read the runner's
-    for rows in sorted({1, max_batch}):
-        hidden = torch.zeros(rows, heads.hidden_size, dtype=runner.dtype, device=runner.device)
-        calls[rows] = lambda hidden=hidden: heads.topk(hidden, lm_head, TOPK)
-    return interleaved_medians(calls, repeats, runner.synchronize)  # the heads run on the runner's device

@@ -18,7 +18,7 @@ measured plain steps and backs off when speculation loses; and when real step ti
 cost model, a few interleaved rounds of plain and tree steps re-measure it. The cost model gives the
 policy its guard and says when it has drifted, so a declared price list (`DeclaredCostModel`, from
 `CostModel.from_function`), which never drifts and whose guard never intervenes, is taken as given with
-no special case here. `calibrate()` (costs.py) measures the cost curve on the runner at start-up.
+no special case here. `calibrate()` (calibration.py) measures the cost curve on the runner.
 The engine never talks to this class: `Speculation` (speculation.py) owns it with the statistics and costs.
 """
 

@@ -51,7 +51,9 @@ async def info(svc: Service = Depends(get_service)):
                 max_stop_sequences=settings.max_stop, max_body_bytes=settings.max_body_bytes,
                 api_key_required=bool(settings.keys), rate_limit_per_minute=settings.rate_limit or None,
                 self_check=limits.self_check if limits else None,
-                calibration=limits.calibration if limits else None, prefix_cache=prefix_info(svc.engine),
+                calibration=limits.calibration if limits else None,
+                calibration_progress=limits.calibration_progress if limits else None,
+                prefix_cache=prefix_info(svc.engine),
                 version=__version__)
 
 
