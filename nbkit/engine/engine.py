@@ -41,7 +41,7 @@ from .request import (
     TextStream,
 )
 from .runner import Runner, SlotOutput, TreeInput, runner_member
-from .selfcheck import SelfCheck, run_self_check
+from .selfcheck import CheckRun, SelfCheck, run_self_check
 from .speculation import Calibrate, CostModel, Probe, Speculation, StepPlan, StepResult
 from .threads import EngineLoop
 
@@ -86,6 +86,7 @@ class Engine:
         self.run_self_check = self_check
         self.self_check: SelfCheck | None = None
         self.trees_refused: str | None = None  # why requests may not ask for a tree (a failed self-check)
+        self.pending_check: CheckRun | None = None  # the self-check's tree runs, left for idle time (warmup.py)
         self.startup_cache = None  # startcache.StartupCache: an earlier start's verdict and prices (load_engine)
         # When the engine thread measures forward costs that no earlier start cached: before it reports ready,
         # or while serving (ready at once, plain decoding until its idle time measured them: calibration.py).
@@ -119,18 +120,11 @@ class Engine:
     def prepare(self, while_serving: bool = False) -> Engine:
         """Check once that decoding is lossless on this device (falling back to a mode that is), then
         measure the forward cost once (adaptive speculation needs it): now, or (while_serving, the engine
-        thread with Calibrate.WHILE_SERVING) in idle time through calibrate_while_idle()."""
+        thread with Calibrate.WHILE_SERVING) in idle time (warmup.py), the self-check's tree runs too."""
         if self.run_self_check and self.self_check is None:
-            self.self_check = run_self_check(self)
+            self.self_check = run_self_check(self, while_serving)
         self.speculation.prepare(self.runner, self.heads, self.max_batch, self.startup_cache, while_serving)
         return self
-
-    def calibrate_while_idle(self, should_yield) -> None:
-        """The engine thread, idle: measure forward costs until done or `should_yield()` (a request waits). The
-        calibration's slots and KV cells come first from finished requests' kept KV, least recently used first."""
-        calibration = self.speculation.calibration
-        self.prefix.make_room(self, calibration.slots_needed(), calibration.cells_needed())
-        self.speculation.calibrate_while_idle(lambda: self.prefix.alloc(self), should_yield)
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestHandle:

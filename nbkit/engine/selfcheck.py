@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -89,6 +90,7 @@ class SelfCheck:
     tree: str = "none"  # the tree verified (check_tree: the served one, or its sub-tree on a CPU)
     fallback: str | None = None  # what the engine gave up because of a failure, in words
     cached: bool = False  # the verdict of an earlier identical check (startcache.py), not checked again now
+    pending: bool = False  # the tree's runs are still to come (a first start checks them in idle time)
 
     @property
     def max_abs_diff(self) -> float:
@@ -106,7 +108,7 @@ class SelfCheck:
                 "tokens_equal": all(r.disagreements == 0 and r.near_ties == 0 for r in self.runs.values()),
                 "near_ties": self.near_ties, "positions": sum(r.positions for r in self.runs.values()),
                 "device": self.device, "dtype": self.dtype, "seconds": round(self.seconds, 3), "runs": runs,
-                "tree": self.tree, "cached": self.cached}
+                "tree": self.tree, "cached": self.cached, "pending": self.pending}
 
     def describe(self) -> str:
         """One line for the notebook."""
@@ -114,31 +116,84 @@ class SelfCheck:
         line = (f"self-check {verdict} on {self.device} ({self.dtype}): {sum(r.positions for r in self.runs.values())}"
                 f" positions, max |logit diff| {self.max_abs_diff:.2g} (noise allowed {self.tolerance:.2g}), "
                 f"{self.near_ties} near-tie(s); serving with speculation {self.served}")
+        line += " (the tree is checked in idle time, before any request uses it)" if self.pending else ""
         return line + (f" ({self.fallback})" if self.fallback else "")
+
+
+class CheckRun:
+    """One self-check, in units: the references, then each group of each way of decoding (plain batched
+    first, then the tree alone and batched). `advance()` runs units until done or `should_yield()` (checked
+    between units), so a first start can check plain decoding before it serves and the tree in idle time."""
+
+    def __init__(self, runner: Runner, heads, tree: MedusaTree | None, prompts: list[list[int]],
+                 new_tokens: int = NEW_TOKENS, batch: bool = True):
+        self.runner, self.heads, self.prompts, self.new_tokens = runner, heads, prompts, new_tokens
+        ways = {"plain_batched": (chain(0), True)} if batch else {}
+        if tree is not None and tree.size > 1:
+            ways["tree_alone"] = (tree, False)
+            if batch:
+                ways["tree_batched"] = (tree, True)
+        self.ways = ways
+        every = list(range(len(prompts)))
+        self.units = [(name, every if batched else [i]) for name, (_, batched) in ways.items()
+                      for i in (every[:1] if batched else every)]
+        self.runs = {name: RunFigures() for name in ways}
+        self.refs: list[Reference] | None = None
+        self.tolerance = 0.0
+        self.seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.refs is not None and not self.units
+
+    def slots_needed(self) -> int:
+        return len(self.prompts) if "plain_batched" in self.ways or "tree_batched" in self.ways else 1
+
+    def cells_needed(self) -> int:
+        """KV cells its slots hold at most: each prompt, its tokens and the largest tree verified on top."""
+        largest = max(tree.size for tree, _ in self.ways.values()) if self.ways else 1
+        return sum(len(p) + self.new_tokens + largest for p in self.prompts)
+
+    @property
+    def plain_done(self) -> bool:
+        """The references and plain batched decoding are checked (what remains verifies trees)."""
+        return self.refs is not None and all(name != "plain_batched" for name, _ in self.units)
+
+    def advance(self, should_yield: Callable[[], bool] = lambda: False) -> bool:
+        start = time.perf_counter()
+        try:
+            if self.refs is None:
+                if should_yield():
+                    return False
+                self.refs = [_reference(self.runner, p, self.new_tokens) for p in self.prompts]
+                scale = max(float(row.abs().max()) for ref in self.refs for row in ref.logits)
+                noise = RELATIVE_NOISE.get(noise_dtype(self.runner), RELATIVE_NOISE[torch.float16])
+                self.tolerance = noise * max(1.0, scale)
+            while self.units:
+                if should_yield():
+                    return False
+                name, group = self.units[0]
+                _forced(self.runner, self.heads, self.ways[name][0], [self.refs[i] for i in group], self.runs[name],
+                        self.tolerance)
+                self.units.pop(0)
+            return True
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def result(self) -> SelfCheck:
+        """The verdict over the ways checked so far (`pending`: the tree's are still to come)."""
+        runs = {name: r for name, r in self.runs.items() if all(name != n for n, _ in self.units)}
+        return SelfCheck(all(r.passed for r in runs.values()), self.tolerance, runs, str(self.runner.device),
+                         str(self.runner.dtype).replace("torch.", ""), self.seconds, pending=not self.done)
 
 
 def check_runner(runner: Runner, heads, tree: MedusaTree | None, prompts: list[list[int]],
                  new_tokens: int = NEW_TOKENS, batch: bool = True) -> SelfCheck:
     """Compare plain batched, tree alone and tree batched decoding (tree None: plain batched only; batch
-    False: alone only) with plain decoding alone."""
-    start = time.perf_counter()
-    refs = [_reference(runner, p, new_tokens) for p in prompts]
-    scale = max(float(row.abs().max()) for ref in refs for row in ref.logits)
-    tolerance = RELATIVE_NOISE.get(noise_dtype(runner), RELATIVE_NOISE[torch.float16]) * max(1.0, scale)
-    ways = {"plain_batched": (chain(0), True)} if batch else {}
-    if tree is not None and tree.size > 1:
-        ways["tree_alone"] = (tree, False)
-        if batch:
-            ways["tree_batched"] = (tree, True)
-    runs = {}
-    for name, (way_tree, batched) in ways.items():
-        runs[name] = RunFigures()
-        groups = [refs] if batched else [[ref] for ref in refs]
-        for group in groups:
-            _forced(runner, heads, way_tree, group, runs[name], tolerance)
-    passed = all(r.passed for r in runs.values())
-    return SelfCheck(passed, tolerance, runs, str(runner.device), str(runner.dtype).replace("torch.", ""),
-                     time.perf_counter() - start)
+    False: alone only) with plain decoding alone, all now."""
+    run = CheckRun(runner, heads, tree, prompts, new_tokens, batch)
+    run.advance()
+    return run.result()
 
 
 def noise_dtype(runner: Runner) -> torch.dtype:
@@ -229,26 +284,56 @@ def _force(topk: torch.Tensor | None, tree: MedusaTree, path: list[int], continu
         topk[d - 1, ranks[d - 1]] = continuation[d - 1]
 
 
-def run_self_check(engine) -> SelfCheck:
-    """Check the engine's runner with the tree it serves, and fall back to a mode that passed."""
+def run_self_check(engine, while_serving: bool = False) -> SelfCheck:
+    """Check the engine's runner with the tree it serves, and fall back to a mode that passed. while_serving:
+    plain decoding now, the tree's runs later in idle time (`finish_self_check`; no request uses a tree before)."""
     spec = engine.speculation
     speculating = engine.heads is not None and spec.mode != "off"
     tree = (spec.fixed or engine.base_tree) if speculating else None  # the tree that serves, on every device
     cache = engine.startup_cache  # the verdict of an identical check on this machine, if one was made
     check = cache.self_check() if cache is not None else None
     if check is None:
-        prompts = [engine.encode(p) for p in PROMPTS]
-        check = check_runner(engine.runner, engine.heads, tree, prompts, batch=engine.max_batch > 1)
-        if cache is not None:
+        run = CheckRun(engine.runner, engine.heads, tree, [engine.encode(p) for p in PROMPTS],
+                       batch=engine.max_batch > 1)
+        run.advance((lambda: run.plain_done) if while_serving else (lambda: False))
+        check = run.result()
+        if run.done and cache is not None:
             cache.save_self_check(check)
+        if not run.done:
+            engine.pending_check = run
+            spec.trees_checked = False
+    check = _apply(engine, check, tree)
+    if spec.mode == "off":  # plain decoding failed in a batch: no tree will serve, none to check
+        engine.pending_check, spec.trees_checked = None, True
+    return check
+
+
+def finish_self_check(engine, should_yield: Callable[[], bool]) -> bool:
+    """Go on with a check left for idle time until done (True: its verdict applied) or `should_yield()`."""
+    run = engine.pending_check
+    if not run.advance(should_yield):
+        return False
+    engine.pending_check = None
+    engine.speculation.trees_checked = True
+    check = run.result()
+    if engine.startup_cache is not None:
+        engine.startup_cache.save_self_check(check)
+    engine.self_check = _apply(engine, check, engine.speculation.fixed or engine.base_tree)
+    return True
+
+
+def _apply(engine, check: SelfCheck, tree: MedusaTree | None) -> SelfCheck:
+    """Serve in a mode that passed: one request at a time if batching failed, no trees if a tree run failed."""
+    spec = engine.speculation
+    speculating = tree is not None
     runs = check.runs
     if not check.passed:
         failed = [name for name, r in runs.items() if not r.passed]
         if "plain_batched" in failed:
             engine.max_batch = 1
             check.fallback = "one request at a time"
-        if speculating and (not runs["tree_alone"].passed or "plain_batched" in failed or
-                            not runs.get("tree_batched", runs["tree_alone"]).passed):
+        if speculating and (not runs.get("tree_alone", RunFigures()).passed or "plain_batched" in failed or
+                            not runs.get("tree_batched", runs.get("tree_alone", RunFigures())).passed):
             spec.turn_off()
             engine.trees_refused = f"the self-check failed on this device ({', '.join(failed)})"
             check.fallback = ", ".join(filter(None, [check.fallback, "speculation off"]))

@@ -18,6 +18,7 @@ from typing import TypeVar
 from .request import EngineStopped, FinishReason
 from .runner import runner_member
 from .speculation import Calibrate
+from .warmup import warm_up, warming_up
 
 log = logging.getLogger("nbkit.engine")
 
@@ -139,14 +140,14 @@ class EngineLoop:
         while True:
             with engine.cond:
                 while not self.stopping and not engine.waiting and not engine.active:
-                    if engine.speculation.measuring:
-                        break  # idle time measures forward costs (calibration while serving)
+                    if warming_up(engine):
+                        break  # idle time checks the tree and measures forward costs (a first start)
                     engine.cond.wait(0.1)
                 if self.stopping:
                     return
                 idle = not engine.waiting and not engine.active
-            if idle:  # a request that arrives waits for the call in progress, then the calibration yields
-                engine.calibrate_while_idle(lambda: self.stopping or bool(engine.waiting))
+            if idle:  # a request that arrives waits for the call in progress, then the warm-up yields
+                warm_up(engine, lambda: self.stopping or bool(engine.waiting))
             else:
                 engine.step()
 

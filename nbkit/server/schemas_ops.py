@@ -37,10 +37,11 @@ class SelfCheckInfo(BaseModel):
     dtype: str
     seconds: float
     runs: dict[str, SelfCheckRun] = Field(description="plain_batched, tree_alone, tree_batched (those that ran)")
-    tree: str = Field("none", description="the tree verified: the served one on a GPU, a 16-node sub-tree of it "
-                                          "on a CPU, 'none' without speculation")
+    tree: str = Field("none", description="the tree verified (the one that serves), 'none' without speculation")
     cached: bool = Field(False, description="the verdict of an earlier identical check on this machine, model, "
                                             "engine, mode and nbkit code (not run again at this start)")
+    pending: bool = Field(False, description="a first start: plain decoding is checked, the tree's runs come in idle "
+                                             "time (no request uses a tree before they pass)")
 
 
 class PrefixCacheInfo(BaseModel):

@@ -18,6 +18,7 @@ from nbkit.engine import selfcheck, startcache
 from nbkit.engine.loader import load_engine
 from nbkit.engine.request import SamplingParams
 from nbkit.engine.speculation import component
+from nbkit.engine.warmup import warming_up
 from nbkit.notebook import hub
 from nbkit.server.launch import start_server
 
@@ -81,14 +82,19 @@ def test_a_first_start_serves_at_once_and_caches_what_it_measured_while_serving(
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     first = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=2, calibrate="while-serving").start()
     try:
-        assert first.limits().calibration == "measuring"  # ready before its forward costs are known
+        # Ready before its forward costs are known and with only plain decoding checked: the tree comes in idle time.
+        assert first.limits().calibration == "measuring" and first.limits().self_check["pending"]
+        assert set(first.limits().self_check["runs"]) == {"plain_batched"}
         ids = first.encode("Once upon a time a brown")
         during = first.submit(ids, params).result(timeout=300)
         deadline = time.monotonic() + 300
-        while first.speculation.measuring and time.monotonic() < deadline:
+        while warming_up(first) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.limits().calibration == "measured" and first.speculation.calibrations == 1
-        assert "costs" in startcache.StartupCache(first.startup_cache.key, tmp_path).record  # kept for next time
+        check = first.limits().self_check
+        assert check["passed"] and not check["pending"] and {"tree_alone", "tree_batched"} <= set(check["runs"])
+        record = startcache.StartupCache(first.startup_cache.key, tmp_path).record  # kept for the next start
+        assert "costs" in record and "tree_alone" in record["self_check"]["runs"]
         assert first.generate(ids, params).token_ids == during.token_ids  # lossless before and after pricing
     finally:
         first.stop()
@@ -98,6 +104,7 @@ def test_a_first_start_serves_at_once_and_caches_what_it_measured_while_serving(
     second = load_engine(kind, prepared.model, heads=prepared.heads, max_batch=2, calibrate="while-serving").start()
     try:
         assert second.limits().calibration == "cached" and not second.speculation.measuring
+        assert second.self_check.cached and not second.self_check.pending and second.pending_check is None
         assert second.generate(ids, params).token_ids == during.token_ids
     finally:
         second.stop()

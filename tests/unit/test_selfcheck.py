@@ -19,6 +19,7 @@ from nbkit.engine.request import SamplingParams
 from nbkit.engine.selfcheck import PROMPTS, check_runner
 from nbkit.engine.speculation import CostModel
 from nbkit.engine.torch_runner import TorchRunner
+from nbkit.engine.warmup import warm_up, warming_up
 
 CHEAP = CostModel.from_function(lambda n: 0.01)
 
@@ -164,3 +165,51 @@ def test_info_reports_the_failed_check_and_the_mode_served(model, heads):
     check = info["self_check"]
     assert check["passed"] is False and check["served"] == "off" and info["speculation"] == "off", info
     assert check["runs"]["tree_alone"]["passed"] is False and check["device"] == "cpu" and check["positions"] > 0
+
+
+# ---- a first start that checks the tree while serving (warmup.py) ----------------------------------------
+def _drive(engine: Engine, prompt: list[int], params: SamplingParams):
+    handle = engine.submit(prompt, params)
+    while handle.finished is None:
+        engine.step()
+    return handle.result()
+
+
+def test_while_serving_plain_decoding_is_checked_first_and_the_tree_in_idle_time_before_any_request_uses_it(
+        model, heads):
+    engine = Engine(TorchRunner(model, max_slots=4), ToyTokenizer(), heads, self_check=True)
+    engine.prepare(while_serving=True)
+    check = engine.limits().self_check
+    assert check["pending"] and check["passed"] and set(check["runs"]) == {"plain_batched"}, check
+    assert warming_up(engine) and engine.limits().calibration == "measuring"
+    prompt, params = [5, 6, 7, 8, 9], SamplingParams(max_tokens=10, ignore_eos=True, tree="mc_sim_7b_63")
+    before = _drive(engine, prompt, params)  # names a tree, which is not checked yet: decoded plainly
+    assert engine.counters["spec_steps"] == 0 and before.token_ids == hf_greedy(model, prompt, 10)
+
+    warm_up(engine, lambda: False)  # the idle time: the tree's runs, then the calibration
+    check = engine.limits().self_check
+    assert not warming_up(engine) and not check["pending"] and check["passed"], check
+    assert {"plain_batched", "tree_alone", "tree_batched"} == set(check["runs"]) and check["tree"] == "mc_sim_7b_63"
+    assert engine.limits().calibration == "measured"
+    after = _drive(engine, prompt, params)
+    assert engine.counters["spec_steps"] > 0 and after.token_ids == before.token_ids
+
+
+def test_while_serving_a_tree_bug_found_in_idle_time_turns_speculation_off_and_ends_the_warm_up(model, heads):
+    engine = Engine(WrongPositions(model, max_slots=4), ToyTokenizer(), heads, self_check=True)
+    engine.prepare(while_serving=True)
+    assert engine.limits().self_check["passed"] and engine.limits().self_check["pending"]
+    calls = {"n": 0}
+
+    def after_one_unit() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    warm_up(engine, after_one_unit)  # yields between units: still pending
+    assert warming_up(engine) and engine.limits().self_check["pending"]
+    warm_up(engine, lambda: False)
+    check = engine.limits().self_check
+    assert not check["passed"] and check["served"] == "off" and not check["runs"]["tree_alone"]["passed"], check
+    assert not warming_up(engine) and engine.limits().calibration == "none" and engine.limits().speculation == "off"
+    with pytest.raises(ValueError, match="self-check"):
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=4, tree="mc_sim_7b_63"))

@@ -89,6 +89,7 @@ class Speculation:
         self.costs_source = "declared" if cost_model is not None else "none"
         self.calibrations = 0
         self.calibration: Calibration | None = None  # the run in progress while serving
+        self.trees_checked = True  # False while the self-check's tree runs wait for idle time: no tree serves
         self.cache: CostCache | None = None
         self.policy = SpeculationPolicy(
             self.base_tree, self.stats, cost_model or CostModel({1: 1.0}), mode="fixed" if fixed else mode,
@@ -121,8 +122,10 @@ class Speculation:
         return get_tree(name, self.n_heads)
 
     def turn_off(self) -> None:
-        """No more trees (the self-check found speculation wrong on this device)."""
+        """No more trees (the self-check found speculation wrong on this device); nothing left to measure."""
         self.policy.mode = "off"
+        if self.measuring:
+            self.calibration, self.costs_source = None, "none"
 
     def snapshot(self) -> dict:
         last = self.policy.last_choice
@@ -190,9 +193,10 @@ class Speculation:
         """Each running request's tree: its own if it asked for one, else the policy's pick for the requests
         whose acceptance pays for it; root-only for the rest (and for those whose heads are not ready)."""
         ready = [r for r in running if r.heads_ready and self.n_heads]
-        if self.measuring:  # no prices yet: plain decoding, except for requests that name their tree
-            trees = {r.id: self.tree(r.params.tree) if r in ready and r.params.tree is not None else chain(0)
-                     for r in running}
+        if self.measuring or not self.trees_checked:  # no prices, or the tree not yet checked on this device:
+            # plain decoding, except for requests that name their tree once it is checked
+            trees = {r.id: self.tree(r.params.tree) if self.trees_checked and r in ready and r.params.tree is not None
+                     else chain(0) for r in running}
             return StepPlan(chain(0), trees, False)
         spec = [r for r in ready if r.params.speculate and r.params.tree is None]
         chosen, use = self.policy.plan(len(running), [r.acceptance for r in spec])

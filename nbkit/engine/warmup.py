@@ -1,0 +1,30 @@
+"""A first start's work left for idle time (Calibrate.WHILE_SERVING): the engine reports ready once plain decoding
+is checked, then, whenever it has no request, checks the tree that will serve (selfcheck.py) and measures the
+forward costs that price trees (speculation/calibration.py). Both run in units and yield as soon as a request
+waits; until both are done no tree serves (plain decoding is what the check compares against, so it is
+lossless without them). Their slots and KV cells come first from finished requests' kept KV, least recently used
+first (prefix.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .selfcheck import finish_self_check
+
+
+def warming_up(engine) -> bool:
+    """Start-up work is left for idle time: the self-check's tree runs, or the calibration."""
+    return engine.pending_check is not None or engine.speculation.measuring
+
+
+def warm_up(engine, should_yield: Callable[[], bool]) -> None:
+    """The engine thread, idle: check the tree, then measure, until done or `should_yield()` (a request waits)."""
+    check = engine.pending_check
+    if check is not None:
+        engine.prefix.make_room(engine, check.slots_needed(), check.cells_needed())
+        if not finish_self_check(engine, should_yield):
+            return
+    spec = engine.speculation
+    if spec.measuring:
+        engine.prefix.make_room(engine, spec.calibration.slots_needed(), spec.calibration.cells_needed())
+        spec.calibrate_while_idle(lambda: engine.prefix.alloc(engine), should_yield)
