@@ -13,6 +13,10 @@ noise of the dtype is float noise; an argmax it flips (the reference's top-2 mar
 near-tie, reported and not a failure. A difference beyond the noise is a mask, position or KV bug on this
 device: the check fails, and the engine serves in a mode that passed (speculation off; one request at a
 time when batching itself failed) and says so in `/info`.
+
+A first start that serves at once (Calibrate.WHILE_SERVING) checks the references and plain batching before it
+reports ready, and the tree's runs in idle time (CheckRun yields between units; warmup.py): no request uses a
+tree before they pass, and plain decoding alone is the reference itself.
 """
 
 from __future__ import annotations
