@@ -21,10 +21,12 @@ def warm_up(engine, should_yield: Callable[[], bool]) -> None:
     """The engine thread, idle: check the tree, then measure, until done or `should_yield()` (a request waits)."""
     check = engine.pending_check
     if check is not None:
+        check.runner = engine.runner  # a restarted engine's fresh runner (same model and settings) goes on
         engine.prefix.make_room(engine, check.slots_needed(), check.cells_needed())
         if not finish_self_check(engine, should_yield):
             return
     spec = engine.speculation
     if spec.measuring:
+        spec.calibration.runner = engine.runner
         engine.prefix.make_room(engine, spec.calibration.slots_needed(), spec.calibration.cells_needed())
         spec.calibrate_while_idle(lambda: engine.prefix.alloc(engine), should_yield)

@@ -19,6 +19,7 @@ from nbkit.engine.request import SamplingParams
 from nbkit.engine.runner import TreeInput
 from nbkit.engine.speculation import Calibrate, Calibration, calibrate
 from nbkit.engine.torch_runner import TorchRunner
+from nbkit.engine.warmup import warm_up, warming_up
 
 PROMPT = [5, 6, 7, 8, 9]
 
@@ -186,3 +187,18 @@ def test_at_start_calibrates_before_ready(model):
         assert engine.speculation.calibrations == 1
     finally:
         engine.stop()
+
+
+def test_the_warm_up_goes_on_with_the_fresh_runner_of_a_restarted_engine(model):
+    """A crash replaces the runner (threads.EngineLoop._restart_after): the check and the calibration left for
+    idle time go on with the new one, never with the closed one."""
+    engine = Engine(RecordingRunner(model, max_slots=4), ToyTokenizer(model.config.vocab_size),
+                    random_heads(model, n_heads=2), max_batch=4, self_check=True)
+    engine.prepare(while_serving=True)
+    assert warming_up(engine)
+    old, engine.runner = engine.runner, RecordingRunner(model, max_slots=4)
+    seen = len(old.log)
+    warm_up(engine, lambda: False)
+    assert not warming_up(engine) and engine.limits().calibration == "measured"
+    assert len(old.log) == seen and any(event == "verify" for event, _ in engine.runner.log)
+    assert len(engine.runner._free_slots) == 4
