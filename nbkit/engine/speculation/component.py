@@ -195,8 +195,8 @@ class Speculation:
         ready = [r for r in running if r.heads_ready and self.n_heads]
         if self.measuring or not self.trees_checked:  # no prices, or the tree not yet checked on this device:
             # plain decoding, except for requests that name their tree once it is checked
-            trees = {r.id: self.tree(r.params.tree) if self.trees_checked and r in ready and r.params.tree is not None
-                     else chain(0) for r in running}
+            named = {r.id for r in ready if r.params.tree is not None} if self.trees_checked else set()
+            trees = {r.id: self.tree(r.params.tree) if r.id in named else chain(0) for r in running}
             return StepPlan(chain(0), trees, False)
         spec = [r for r in ready if r.params.speculate and r.params.tree is None]
         chosen, use = self.policy.plan(len(running), [r.acceptance for r in spec])
