@@ -175,9 +175,10 @@ def _drive(engine: Engine, prompt: list[int], params: SamplingParams):
     return handle.result()
 
 
-def test_while_serving_plain_decoding_is_checked_first_and_the_tree_in_idle_time_before_any_request_uses_it(
-        model, heads):
-    engine = Engine(TorchRunner(model, max_slots=4), ToyTokenizer(), heads, self_check=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_while_serving_plain_decoding_is_checked_first_and_the_tree_in_idle_time_before_any_request_uses_it(dtype):
+    model = tiny_llama().to(dtype)
+    engine = Engine(TorchRunner(model, max_slots=4), ToyTokenizer(), random_heads(model).to(dtype), self_check=True)
     engine.prepare(while_serving=True)
     check = engine.limits().self_check
     assert check["pending"] and check["passed"] and set(check["runs"]) == {"plain_batched"}, check
