@@ -104,20 +104,9 @@ class PrefixCache:
         """A free slot, evicting the least recently used retained one when there is none."""
         return self._alloc(engine)
 
-    def make_room(self, engine, slots: int, cells: int) -> None:
-        """Evict retained slots, least recently used first, until `slots` slots and (a shared KV cache) `cells`
-        cells are free beside the active requests' (the engine's own work: calibration while idle)."""
-        runner = engine.runner
-        total = runner_member(runner, "kv_cells")
-
-        def short() -> bool:
-            free_slots = runner.max_slots - len(self.retained) - len(engine.active)
-            used = self.held_tokens() + (runner_member(runner, "kv_parked") or 0) + sum(
-                r.n_prefilled + len(r.output_ids) for r in engine.active)
-            return free_slots < slots or (total is not None and total - used < cells)
-
-        while short() and self._evict(engine):
-            pass
+    def evict_lru(self, engine) -> bool:
+        """Free the least recently used retained slot (False: none is retained)."""
+        return self._evict(engine)
 
     def _alloc(self, engine) -> int:
         while True:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .introspect import kv_use
 from .selfcheck import finish_self_check
 
 
@@ -22,11 +23,22 @@ def warm_up(engine, should_yield: Callable[[], bool]) -> None:
     check = engine.pending_check
     if check is not None:
         check.runner = engine.runner  # a restarted engine's fresh runner (same model and settings) goes on
-        engine.prefix.make_room(engine, check.slots_needed(), check.cells_needed())
+        _make_room(engine, check.slots_needed(), check.cells_needed())
         if not finish_self_check(engine, should_yield):
             return
     spec = engine.speculation
     if spec.measuring:
         spec.calibration.runner = engine.runner
-        engine.prefix.make_room(engine, spec.calibration.slots_needed(), spec.calibration.cells_needed())
+        _make_room(engine, spec.calibration.slots_needed(), spec.calibration.cells_needed())
         spec.calibrate_while_idle(lambda: engine.prefix.alloc(engine), should_yield)
+
+
+def _make_room(engine, slots: int, cells: int) -> None:
+    """Evict kept prefixes, least recently used first, until `slots` slots and `cells` KV cells are free."""
+    def short() -> bool:
+        use = kv_use(engine)
+        free_slots = engine.runner.max_slots - len(engine.prefix.retained) - len(engine.active)
+        return free_slots < slots or use["kv_total_tokens"] - use["kv_used_tokens"] < cells
+
+    while short() and engine.prefix.evict_lru(engine):
+        pass

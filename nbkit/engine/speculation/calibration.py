@@ -135,11 +135,7 @@ class Calibration:
     def _call(self, key: Hashable, slots: list[int]) -> float:
         """Seconds for one call of `key`'s shape, read with the device idle before and after: a GPU call returns
         once queued, and timed without synchronizing each shape would be charged the previous one's work."""
-        self.runner.synchronize()
-        t0 = time.perf_counter()
-        self._run(key, slots)
-        self.runner.synchronize()
-        return time.perf_counter() - t0
+        return timed(lambda: self._run(key, slots), self.runner.synchronize)
 
     def _run(self, key: Hashable, slots: list[int]) -> None:
         runner = self.runner
@@ -188,9 +184,14 @@ def interleaved_medians(calls: dict, repeats: int, synchronize: Callable[[], Non
     times: dict = {k: [] for k in calls}
     for _ in range(repeats):
         for k, fn in calls.items():
-            synchronize()
-            t0 = time.perf_counter()
-            fn()
-            synchronize()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(timed(fn, synchronize))
     return {k: statistics.median(ts) for k, ts in times.items()}
+
+
+def timed(fn: Callable[[], object], synchronize: Callable[[], None]) -> float:
+    """Seconds for fn(), the clock read with the device idle before and after."""
+    synchronize()
+    t0 = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - t0
