@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 # llama.cpp bindings, CPU build from the pinned sdist: ~4 min once, then the cached wheel in
 # $(NBKIT_CACHE_DIR)/llama-cpp/0.3.36/wheels/ installs in seconds (a fresh machine builds it).
-$(LLAMA_STAMP): $(STAMP) nbkit/gguf/build.py
+$(LLAMA_STAMP): $(STAMP) nbkit/gguf/build.py nbkit/gguf/patches/__init__.py nbkit/gguf/patches/fa_rows.inc
 	$(BIN)/python -m nbkit build
 	touch $@
 

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import patches
+
 VERSION = "0.3.36"  # llama-cpp-python; vendors ggml-org/llama.cpp at 0c1e57098
 SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
 # The x86 baseline every wheel is compiled for, as /proc/cpuinfo names the flags, and its name in cache keys.
@@ -75,10 +77,17 @@ def sdist() -> Path:
 
 
 def source_dir() -> Path:
-    """The unpacked sdist (bindings + vendor/llama.cpp), extracted atomically."""
+    """The unpacked sdist (bindings + vendor/llama.cpp), extracted atomically, with nbkit's kernel patched in
+    (nbkit/gguf/patches): the wheel and the tools are built from this folder."""
     path = root() / "src"
-    if (path / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
-        return path
+    if not (path / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        _unpack(path)
+    if patches.apply(path / "vendor" / "llama.cpp"):
+        _say(f"patched ggml's CPU flash attention (nbkit kernel {patches.DIGEST})")
+    return path
+
+
+def _unpack(path: Path) -> None:
     archive = sdist()
     _say(f"unpacking {archive.name}")
     tmp = Path(tempfile.mkdtemp(dir=root(), prefix="src.tmp"))
@@ -93,7 +102,6 @@ def source_dir() -> Path:
             raise BuildError(f"cannot unpack {archive}: {err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def _extract(tar: tarfile.TarFile, dest: Path) -> None:
@@ -258,13 +266,14 @@ def cuda_toolkit_version() -> str | None:
 def wheel_tag(cuda: bool = False, cuda_arch: str | None = None) -> str:
     """What a built wheel depends on: GPU architecture, CPU baseline, CUDA toolkit version, Python version.
 
-    e.g. `cuda75-avx2-cu12.8-py313` (a T4 on Colab) or `cpu-avx2-py311`; the llama-cpp-python version is the
-    folder above it. A wheel is only reused where all of these match (a CUDA wheel keyed without a baseline
-    was built with -march=native: it never matches)."""
+    e.g. `cuda75-avx2-cu12.8-fa<digest>-py313` (a T4 on Colab) or `cpu-avx2-fa<digest>-py311` (fa: the kernel
+    patch); the llama-cpp-python version is the folder above it. A wheel is only reused where all of these
+    match (a CUDA wheel keyed without a baseline was built with -march=native: it never matches)."""
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    fa = f"fa{patches.DIGEST}"  # the kernel patch: a wheel built without it (or with another) never matches
     if not cuda:
-        return f"{flavour()}-{py}"
-    return f"{flavour(True, cuda_arch)}-{BASELINE_NAME}-cu{cuda_toolkit_version() or 'unknown'}-{py}"
+        return f"{flavour()}-{fa}-{py}"
+    return f"{flavour(True, cuda_arch)}-{BASELINE_NAME}-cu{cuda_toolkit_version() or 'unknown'}-{fa}-{py}"
 
 
 def _copy_atomic(src: Path, dest: Path) -> Path:
@@ -306,7 +315,7 @@ def wheel(cuda: bool = False, cuda_arch: str | None = None, cache: str | os.Path
         _say(f"using the cached wheel {saved}")
         return _copy_atomic(saved, out / saved.name)
     env = _check_toolchain(cuda)
-    src = sdist()
+    src = source_dir()  # the sdist unpacked and patched
     env["CMAKE_ARGS"] = " ".join(cmake_args(cuda, cuda_arch))
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(os.cpu_count() or 2)
     _say(f"building the {tag} wheel with CMAKE_ARGS={env['CMAKE_ARGS']!r} (minutes; CUDA takes longer)")
@@ -329,12 +338,23 @@ def wheel(cuda: bool = False, cuda_arch: str | None = None, cache: str | os.Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# What installed_bindings() reports for the bindings this module builds: the version and nbkit's kernel patch.
+BINDINGS = f"{VERSION}+fa.{patches.DIGEST}"
+
+
 def installed_bindings() -> tuple[str, bool] | None:
-    """(version, gpu offload) of the llama-cpp-python importable by this Python, or None (checked in a child)."""
-    code = ("import llama_cpp, sys; "
-            "sys.stdout.write(f'{llama_cpp.__version__} {int(llama_cpp.llama_supports_gpu_offload())}')")
+    """(version, gpu offload) of the llama-cpp-python importable by this Python, or None (checked in a child).
+    The version carries the kernel patch its ggml CPU library was built with (`BINDINGS` when it is this
+    one's; "+fa.none" for a stock build)."""
+    code = ("import llama_cpp, sys\n"
+            "from nbkit.gguf.patches import kernel_digest\n"
+            "sys.stdout.write(f'{llama_cpp.__version__}+fa.{kernel_digest() or \"none\"} "
+            "{int(llama_cpp.llama_supports_gpu_offload())}')")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                     os.environ.get("PYTHONPATH")])))
     try:
-        res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+        res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                             env=env)
     except subprocess.TimeoutExpired:
         return None
     if res.returncode != 0 or not res.stdout:
@@ -350,7 +370,7 @@ def install_bindings(cuda: bool = False, cuda_arch: str | None = None, force: bo
     Returns the wheel installed, or None when the right bindings were already there. `cache`: see wheel().
     """
     have = installed_bindings()
-    if have == (VERSION, cuda) and not force:
+    if have == (BINDINGS, cuda) and not force:
         _say(f"llama-cpp-python {VERSION} ({'CUDA' if cuda else 'CPU'}) already installed")
         return None
     whl = wheel(cuda, cuda_arch, cache)

@@ -265,7 +265,7 @@ def ensure_engine(plan, env=None, wheel_cache: str | os.PathLike | None = None, 
     arch = gpu.arch if cuda else None
     flavour = build.flavour(cuda, arch)
     log_file = build.root() / "logs" / f"background-{flavour}.log"
-    if command is None and build.installed_bindings() == (build.VERSION, cuda):
+    if command is None and build.installed_bindings() == (build.BINDINGS, cuda):
         return BuildJob(flavour, log_file, note=f"llama-cpp-python {build.VERSION} already installed")
     build.require_baseline()  # here, in the cell, not minutes later in the background job's log
     cache = wheel_cache_dir(wheel_cache, drive_root)

@@ -88,11 +88,16 @@ def test_embedded_gguf_serves_chat(plain, refs):
     assert plain.runner.vocab_size == 49152 and plain.runner.hidden_size == 576
     assert 2 in plain.eos_ids  # <|im_end|>
     # The HF tokenizer read from the GGUF (chat template included) gives exactly llama.cpp's own tokens,
-    # and the first greedy token matches llama-cpp-python's high-level API on the same file. (Later tokens
-    # are not compared: another context shape takes other ggml paths, and logits move by up to ~1.)
+    # and the first greedy token matches llama-cpp-python's high-level API on the same file with the same cache
+    # types (exact mode's f16 K and q8_0 V: the same attention kernel; with its default f16 cache the logits
+    # move by up to ~1 and this prompt's top two are 0.03 apart). Later tokens are not compared: another
+    # context shape takes other ggml paths.
+    import llama_cpp
     from llama_cpp import Llama
 
-    llm = Llama(str(plain.runner.model_path), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)
+    assert (plain.runner.context.k_type, plain.runner.context.v_type) == ("f16", "q8_0")
+    llm = Llama(str(plain.runner.model_path), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False,
+                flash_attn=True, type_k=llama_cpp.GGML_TYPE_F16, type_v=llama_cpp.GGML_TYPE_Q8_0)
     ids = plain.encode(PROMPTS[1], chat=True)
     text = plain.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True,
                                                tokenize=False)

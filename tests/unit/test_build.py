@@ -78,7 +78,7 @@ def test_missing_compiler_and_nvcc_are_clear_errors(cache, monkeypatch):
 
 def test_wheel_and_tools_are_built_once(cache):
     root, ran = cache
-    tag = f"cpu-avx2-py{sys.version_info.major}{sys.version_info.minor}"
+    tag = f"cpu-avx2-fa{build.patches.DIGEST}-py{sys.version_info.major}{sys.version_info.minor}"
     whl = root / "wheels" / tag / f"llama_cpp_python-{build.VERSION}-py3-none-linux_x86_64.whl"
     whl.parent.mkdir(parents=True)
     whl.write_bytes(b"")
@@ -92,7 +92,7 @@ def test_wheel_and_tools_are_built_once(cache):
 
 
 def test_install_is_skipped_when_the_right_bindings_are_there(cache, monkeypatch):
-    monkeypatch.setattr(build, "installed_bindings", lambda: (build.VERSION, False))
+    monkeypatch.setattr(build, "installed_bindings", lambda: (build.BINDINGS, False))
     assert build.install_bindings() is None
     assert cache[1] == []
     # The CUDA flavour is wanted but the CPU one is installed: that needs a build.
@@ -140,10 +140,13 @@ def test_the_sdist_unpacks_with_or_without_tarfile_filters(cache, monkeypatch, f
     if not filters:
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
     top = f"llama_cpp_python-{build.VERSION}"
-    _sdist(build.root() / build.SDIST, {top: None, f"{top}/vendor/llama.cpp/CMakeLists.txt": "project(llama)"},
+    ops = "".join(anchor for anchor, _ in build.patches.EDITS)  # what the kernel patch anchors on
+    _sdist(build.root() / build.SDIST, {top: None, f"{top}/vendor/llama.cpp/CMakeLists.txt": "project(llama)",
+                                        f"{top}/vendor/llama.cpp/{build.patches.OPS}": ops},
            {f"{top}/vendor/llama.cpp/CMakeLists.link": "CMakeLists.txt"})
     src = build.source_dir()
     assert (src / "vendor" / "llama.cpp" / "CMakeLists.txt").read_text() == "project(llama)"
+    assert build.patches.DIGEST in (src / "vendor" / "llama.cpp" / build.patches.OPS).read_text()
     assert (src / "vendor" / "llama.cpp" / "CMakeLists.link").read_text() == "project(llama)"
     assert [p.name for p in build.root().iterdir() if p.name.startswith("src.tmp")] == []
 

@@ -156,7 +156,7 @@ def test_wait_prints_progress_and_times_out(cache, capsys):
 
 def test_nothing_to_build_for_torch_or_when_installed(cache, monkeypatch, capsys):
     assert build_job.ensure_engine(Plan("torch", "f16", 12.6, 1.5, 4, 40, "x"), CPU) is None
-    monkeypatch.setattr(build, "installed_bindings", lambda: (build.VERSION, False))
+    monkeypatch.setattr(build, "installed_bindings", lambda: (build.BINDINGS, False))
     job = build_job.ensure_engine(LLAMACPP, CPU)
     assert job.state == "done" and "already installed" in repr(job)
     job.wait()
@@ -201,12 +201,12 @@ def fake_builds(cache, monkeypatch):
 
 def test_wheel_key_names_version_cuda_architecture_and_python(monkeypatch):
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    assert build.wheel_tag() == f"cpu-avx2-{py}"
+    assert build.wheel_tag() == f"cpu-avx2-fa{build.patches.DIGEST}-{py}"
     monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: build.subprocess.CompletedProcess(
         a, 0, "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.8, V12.8.93\n", ""))
     monkeypatch.setattr(build, "find_nvcc", lambda: "/usr/local/cuda/bin/nvcc")
     assert build.cuda_toolkit_version() == "12.8"
-    assert build.wheel_tag(True, "75") == f"cuda75-avx2-cu12.8-{py}"  # old: no CPU baseline in the key
+    assert build.wheel_tag(True, "75") == f"cuda75-avx2-cu12.8-fa{build.patches.DIGEST}-{py}"  # old: no CPU baseline in the key
     assert build.cached_wheel(Path("/nonexistent"), build.wheel_tag(True, "75")) is None
 
 
@@ -218,8 +218,8 @@ def test_drive_cache_first_session_saves_second_installs_in_seconds(cache, fake_
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
 
     build.install_bindings(cuda=True, cuda_arch="75", cache=wheels)  # first session: builds, saves
-    assert fake_builds == [f"wheel-cuda75-avx2-cu12.8-{py}", "install", "install-deps"]
-    saved = list((wheels / build.VERSION / f"cuda75-avx2-cu12.8-{py}").glob("*.whl"))
+    assert fake_builds == [f"wheel-cuda75-avx2-cu12.8-fa{build.patches.DIGEST}-{py}", "install", "install-deps"]
+    saved = list((wheels / build.VERSION / f"cuda75-avx2-cu12.8-fa{build.patches.DIGEST}-{py}").glob("*.whl"))
     assert len(saved) == 1 and saved[0].read_bytes() == b"built"
 
     monkeypatch.setenv("NBKIT_CACHE_DIR", str(cache / "fresh-machine"))  # second session: a new VM, same Drive
@@ -250,7 +250,7 @@ def test_a_native_wheel_cached_by_the_old_key_is_not_reused(cache, fake_builds):
     native.parent.mkdir(parents=True)
     native.write_bytes(b"native")
     whl = build.wheel(cuda=True, cuda_arch="75", cache=wheels)
-    assert fake_builds == [f"wheel-cuda75-avx2-cu12.8-{py}"] and whl.read_bytes() == b"built"
+    assert fake_builds == [f"wheel-cuda75-avx2-cu12.8-fa{build.patches.DIGEST}-{py}"] and whl.read_bytes() == b"built"
 
 
 def test_a_cached_wheel_is_refused_on_a_cpu_without_its_baseline(cache, fake_builds, monkeypatch):

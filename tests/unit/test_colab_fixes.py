@@ -32,7 +32,7 @@ def test_simulated_gpu_builds_the_cpu_bindings(monkeypatch):
     from nbkit.notebook import build_job
 
     started = []
-    monkeypatch.setattr(build, "installed_bindings", lambda: (build.VERSION, False))  # the CPU build is installed
+    monkeypatch.setattr(build, "installed_bindings", lambda: (build.BINDINGS, False))  # the CPU build is installed
     monkeypatch.setattr(build, "source_dir", lambda: None)
     monkeypatch.setattr(build_job, "start_build", lambda cuda, arch, cache, command: started.append((cuda, arch)))
     simulated = env.Environment(colab=True, python="3.12", torch=None, cuda=None,

@@ -14,11 +14,13 @@ import numpy as np
 import torch
 
 from ...gguf.bindings import Batch, cpu_threads, failure_reason, llama_cpp_module, log_count, log_since
+from ...gguf.patches import kernel_digest
 from .model import acquire_model, release_model
 from .sizing import choose_mode, context_cells, kv_bytes_per_cell
 
 log = logging.getLogger("nbkit.engine")
 
+GGML_TYPE_BF16 = 30  # ggml.h; the bindings do not export it
 EXACT_UBATCH = 63  # ggml-cpu switches to tiled flash attention at 64 query rows (GGML_FA_TILE_Q)
 
 
@@ -58,9 +60,17 @@ class LlamaContext:
 
     @property
     def numerics(self) -> dict:
-        """{"mode", "guarantee", "mode_reason", "kv_cells"}: what the server's /info shows."""
+        """{"mode", "guarantee", "mode_reason", "kv_cells", "attention"}: what the server's /info shows."""
         return {"mode": self.mode, "guarantee": self.guarantee, "mode_reason": self.mode_reason,
-                "kv_cells": self.kv_cells}
+                "kv_cells": self.kv_cells, "attention": self.attention_kernel}
+
+    @property
+    def attention_kernel(self) -> str:
+        """Which CPU flash-attention kernel serves this context's cache types (nbkit/gguf/patches)."""
+        if self.k_type.replace("f32", "f16") == self.v_type.replace("f32", "f16"):
+            return "ggml (tiled or split; exact mode pads around them)" if self.exact else "ggml"
+        digest = kernel_digest()
+        return f"nbkit rows kernel {digest}" if digest else "ggml plain rows kernel (a llama.cpp built without nbkit's)"
 
     @property
     def mode(self) -> str:
@@ -136,7 +146,8 @@ class LlamaContext:
         cparams.kv_unified = True
         cparams.flash_attn_type = {True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED, False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
                                    None: lib.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
-        types = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "q8_0": lib.GGML_TYPE_Q8_0}
+        types = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "bf16": GGML_TYPE_BF16,
+                 "q8_0": lib.GGML_TYPE_Q8_0}
         cparams.type_k, cparams.type_v = types[k_type], types[v_type]
         mark = log_count()
         self.ctx = lib.llama_init_from_model(self.model, cparams)

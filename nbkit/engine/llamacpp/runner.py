@@ -25,7 +25,11 @@ cell order) and the sequence's cells lie in position order. Without flash attent
 cell index, and a last-bit difference can change greedy text. With K and V caches of one type ggml leaves the plain
 kernel for ubatches of >= 64 tokens (tiles) and for a single token over >= 512 cells (split across threads).
 `exact=True`, the default on a CPU, therefore runs flash attention on with an f16 K cache and a q8_0 V cache (types
-that differ: the plain kernel always), and keeps cells in order: permanent tokens (roots, and last step's accepted
+that differ: never the tiled or split path), and keeps cells in order. The llama.cpp nbkit builds
+(nbkit/gguf/patches) runs K and V of different types on nbkit's own row kernel, as invariant as ggml's plain one
+and as fast as its tiled one (one K/V conversion per block of rows, vector dot products and exponentials;
+`patches.kernel_digest()` says whether the loaded library has it; without it ggml's plain kernel gives the same
+guarantee, slower). Cells in order: permanent tokens (roots, and last step's accepted
 nodes, decoded again) go before all speculative nodes, speculative cells are dropped after each step, and a
 finished slot's cells are parked on a "retired" id until the context is idle. The price: accepted speculative
 tokens are computed twice. With `v_type="f16"` (and on a GPU, whose kernels this analysis does not cover) exact

@@ -33,7 +33,7 @@ def choose_mode(exact: bool | None, on_cpu: bool, head_dim: int, kv_type: str, v
     offload (ubatch caps and padding are CPU-kernel specific; the start-up self-check checks this device).
     Exact mode on the CPU prefers a q8_0 V cache (K and V of different types: the plain kernel, full
     ubatches), which needs a head size that is a multiple of 32; otherwise it keeps f16 V and pads."""
-    types = ("f16", "f32", "q8_0")
+    types = ("f16", "f32", "bf16", "q8_0")
     if kv_type not in types or (v_type is not None and v_type not in types):
         raise ValueError(f"kv_type and v_type must be one of {types}")
     if exact is None:
