@@ -77,31 +77,26 @@ def sdist() -> Path:
 
 
 def source_dir() -> Path:
-    """The unpacked sdist (bindings + vendor/llama.cpp), extracted atomically, with nbkit's kernel patched in
-    (nbkit/gguf/patches): the wheel and the tools are built from this folder."""
+    """The unpacked sdist (bindings + vendor/llama.cpp) with nbkit's kernel patched in: what gets built."""
     path = root() / "src"
     if not (path / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
-        _unpack(path)
-    if patches.apply(path / "vendor" / "llama.cpp"):
+        archive = sdist()
+        _say(f"unpacking {archive.name}")
+        tmp = Path(tempfile.mkdtemp(dir=root(), prefix="src.tmp"))
+        try:
+            with tarfile.open(archive) as tar:
+                _extract(tar, tmp)
+            (tmp / f"llama_cpp_python-{VERSION}").rename(path)
+        except FileExistsError:
+            pass  # another process finished first
+        except OSError as err:
+            if not path.exists():
+                raise BuildError(f"cannot unpack {archive}: {err}") from err
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if patches.apply(path / "vendor" / "llama.cpp"):  # a new sdist or a new patch
         _say(f"patched ggml's CPU flash attention (nbkit kernel {patches.DIGEST})")
     return path
-
-
-def _unpack(path: Path) -> None:
-    archive = sdist()
-    _say(f"unpacking {archive.name}")
-    tmp = Path(tempfile.mkdtemp(dir=root(), prefix="src.tmp"))
-    try:
-        with tarfile.open(archive) as tar:
-            _extract(tar, tmp)
-        (tmp / f"llama_cpp_python-{VERSION}").rename(path)
-    except FileExistsError:
-        pass  # another process finished first
-    except OSError as err:
-        if not path.exists():
-            raise BuildError(f"cannot unpack {archive}: {err}") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _extract(tar: tarfile.TarFile, dest: Path) -> None:
@@ -338,20 +333,16 @@ def wheel(cuda: bool = False, cuda_arch: str | None = None, cache: str | os.Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# What installed_bindings() reports for the bindings this module builds: the version and nbkit's kernel patch.
-BINDINGS = f"{VERSION}+fa.{patches.DIGEST}"
+BINDINGS = f"{VERSION}+fa.{patches.DIGEST}"  # what installed_bindings() reports for this module's builds
 
 
 def installed_bindings() -> tuple[str, bool] | None:
-    """(version, gpu offload) of the llama-cpp-python importable by this Python, or None (checked in a child).
-    The version carries the kernel patch its ggml CPU library was built with (`BINDINGS` when it is this
-    one's; "+fa.none" for a stock build)."""
-    code = ("import llama_cpp, sys\n"
-            "from nbkit.gguf.patches import kernel_digest\n"
-            "sys.stdout.write(f'{llama_cpp.__version__}+fa.{kernel_digest() or \"none\"} "
-            "{int(llama_cpp.llama_supports_gpu_offload())}')")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                                     os.environ.get("PYTHONPATH")])))
+    """(version, gpu offload) of the importable llama-cpp-python, or None (checked in a child). The version
+    names the kernel patch in its ggml CPU library: `BINDINGS` for this module's builds, "+fa.none" for stock."""
+    code = ("import llama_cpp as l, sys; from nbkit.gguf.patches import kernel_digest as k; sys.stdout.write("
+            "f'{l.__version__}+fa.{k() or \"none\"} {int(l.llama_supports_gpu_offload())}')")
+    root = str(Path(__file__).resolve().parents[2])  # nbkit's checkout: the child imports nbkit.gguf.patches
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     try:
         res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
                              env=env)

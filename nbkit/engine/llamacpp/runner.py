@@ -20,29 +20,25 @@ and prefill returns no hidden state: the request's first verification step gives
 step later; a prompt costs one decode instead of two.
 
 Exactness (docs/measurements.md explains what was measured): with flash attention a token's logits are
-bit-identical whatever else is in the batch as long as ggml's plain kernel runs (each query row alone over the cells in
-cell order) and the sequence's cells lie in position order. Without flash attention the sums depend on the absolute
-cell index, and a last-bit difference can change greedy text. With K and V caches of one type ggml leaves the plain
-kernel for ubatches of >= 64 tokens (tiles) and for a single token over >= 512 cells (split across threads).
-`exact=True`, the default on a CPU, therefore runs flash attention on with an f16 K cache and a q8_0 V cache (types
-that differ: never the tiled or split path), and keeps cells in order. The llama.cpp nbkit builds
-(nbkit/gguf/patches) runs K and V of different types on nbkit's own row kernel, as invariant as ggml's plain one
-and as fast as its tiled one (one K/V conversion per block of rows, vector dot products and exponentials;
-`patches.kernel_digest()` says whether the loaded library has it; without it ggml's plain kernel gives the same
-guarantee, slower). Cells in order: permanent tokens (roots, and last step's accepted
-nodes, decoded again) go before all speculative nodes, speculative cells are dropped after each step, and a
-finished slot's cells are parked on a "retired" id until the context is idle. The price: accepted speculative
-tokens are computed twice. With `v_type="f16"` (and on a GPU, whose kernels this analysis does not cover) exact
-mode instead caps ubatches at 63 tokens and pads a single-token ubatch with a dummy token on a scratch id (dearer
-on a CPU: docs/bench/llamacpp_exact.md). `exact=False` (flash attention auto, f16 cache, 512-token ubatches, no
-cell order) is the fast mode, with no such guarantee; it is the default with GPU offload (sizing.choose_mode says
-why), where the start-up self-check compares tree and plain logits on the device. Prefix reuse (engine/prefix.py)
-truncates a finished slot or shares another's cells (seq_cp); exact mode parks the cells it drops too, so a reused
-prefix keeps its cells in position order.
+bit-identical whatever else is in the batch as long as a row kernel runs (each query row alone over its cells
+in cell order) and the sequence's cells lie in position order. Without flash attention the sums depend on the
+absolute cell index, and a last-bit difference can change greedy text. With K and V caches of one type ggml
+leaves its row kernel for ubatches of >= 64 tokens (tiles) and for a single token over >= 512 cells (split
+across threads). `exact=True`, the default on a CPU, therefore runs flash attention on with an f16 K cache and
+a q8_0 V cache (types that differ: a row kernel always, nbkit's own in the llama.cpp nbkit builds,
+nbkit/gguf/patches, as fast as ggml's tiled one), and keeps cells in order: permanent tokens (roots, and last
+step's accepted nodes, decoded again) go before all speculative nodes, speculative cells are dropped after each
+step, and a finished slot's cells are parked on a "retired" id until the context is idle. The price: accepted
+speculative tokens are computed twice. With `v_type="f16"` (and on a GPU, whose kernels this analysis does not
+cover) exact mode instead caps ubatches at 63 tokens and pads a single-token ubatch with a dummy token on a
+scratch id (dearer on a CPU: docs/bench/llamacpp_exact.md). `exact=False` (flash attention auto, f16 cache,
+512-token ubatches, no cell order) is the fast mode, with no such guarantee; it is the default with GPU offload
+(sizing.choose_mode says why), where the start-up self-check compares tree and plain logits on the device.
+Prefix reuse (engine/prefix.py) truncates a finished slot or shares another's cells (seq_cp); exact mode parks
+the cells it drops too (a reused prefix keeps its cells in position order).
 
-The context's cells are sized from the plan (sizing.context_cells): every slot at the model's full context, or the
-plan's KV budget. `kv_cells` says how many all slots share: the engine admits requests only while their reserved
-tokens fit, so a decode never finds the cache full.
+Cells come from the plan (sizing.context_cells): every slot at the model's full context, or the plan's KV budget.
+`kv_cells` says how many all slots share: the engine admits requests only while their reserved tokens fit.
 """
 
 from __future__ import annotations
