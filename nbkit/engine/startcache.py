@@ -185,9 +185,11 @@ def code_fingerprint() -> str:
 
 
 def _llama_version() -> str | None:
+    """llama-cpp-python's version and the attention kernel its ggml carries (a rebuilt kernel prices anew)."""
     try:
         import llama_cpp
-
-        return getattr(llama_cpp, "__version__", None)
     except ImportError:
         return None
+    from ..gguf.patches import kernel_digest
+
+    return f"{getattr(llama_cpp, '__version__', None)}+fa.{kernel_digest() or 'none'}"

@@ -22,7 +22,7 @@ from nbkit.engine.llamacpp.runner import LlamaCppRunner
 from nbkit.engine.runner import TreeInput
 from nbkit.gguf import build, patches
 from nbkit.gguf.convert import convert
-from nbkit.gguf.files import gguf_tokenizer
+from nbkit.gguf.files import embedded_gguf, gguf_tokenizer
 from nbkit.medusa.trees import chain
 from nbkit.models import embedded_gguf_path
 
@@ -32,6 +32,11 @@ PROMPT = [(7919 * i + 3) % 49000 + 3 for i in range(150)]  # 150 tokens: several
 def test_the_built_llama_cpp_carries_this_kernel():
     assert patches.kernel_digest() == patches.DIGEST
     assert build.installed_bindings() == (build.BINDINGS, False)
+    runner = LlamaCppRunner(embedded_gguf(), max_slots=1, n_ctx=256, hidden=False)  # exact: the CPU default
+    try:
+        assert runner.numerics["attention"] == f"nbkit rows kernel {patches.DIGEST}"  # what /info shows
+    finally:
+        runner.close()
 
 
 @pytest.fixture(scope="module")

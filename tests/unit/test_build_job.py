@@ -84,6 +84,7 @@ def mirror(tmp_path, monkeypatch):
     return tmp_path / "mirror", vendor
 
 
+@pytest.mark.slow  # a background build process (seconds): in `make test`, not the quick tier
 def test_the_build_runs_while_the_model_downloads_and_converts(cache, mirror, capsys):
     mirror_dir, vendor = mirror
     fake = _script(cache, "fake_build.py", FAKE_BUILD)
@@ -103,6 +104,7 @@ def test_the_build_runs_while_the_model_downloads_and_converts(cache, mirror, ca
     assert "INFO:hf-to-gguf:Loading model" in capsys.readouterr().out  # the converter's output reached the cell
 
 
+@pytest.mark.slow  # a background build process (seconds): in `make test`, not the quick tier
 def test_a_failed_build_says_why_where_serving_waits(cache, mirror):
     job = build_job.ensure_engine(LLAMACPP, CPU, command=[sys.executable, "-c", FAILING_BUILD])
     prepared = hub.Prepared("model.gguf", None, "llamacpp", build=job)
@@ -122,6 +124,7 @@ def test_a_failed_build_says_why_where_serving_waits(cache, mirror):
     assert not hub.local_dir_for("acme/tiny").exists()
 
 
+@pytest.mark.slow  # a background build process (seconds): in `make test`, not the quick tier
 def test_rerunning_the_cell_or_restarting_the_kernel_finds_the_running_build(cache):
     marker = cache / "stop"
     cmd = [sys.executable, "-c", FAKE_BUILD, str(marker)]

@@ -28,6 +28,10 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20] * 30, [3, 4], list(range(40, 90))
 # The correctness tier also runs in the dtypes the GPUs serve (T4: float16; A100/L4: float16 or bfloat16).
 DTYPES = pytest.mark.parametrize("model", [torch.float32, torch.float16, torch.bfloat16], indirect=True,
                                  ids=["f32", "f16", "bf16"])
+# The tree grids below keep bfloat16 for `make test` (the quick tier runs float32 and float16 of each).
+DTYPES_GRID = pytest.mark.parametrize(
+    "model", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], indirect=True,
+    ids=["f32", "f16", "bf16"])
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,7 @@ def test_plain_engine_equals_hf_generate(model, refs, noise):
         assert out.steps == len(ref) - 1 and out.mean_accepted == 1.0  # first token comes from the prefill
 
 
-@DTYPES
+@DTYPES_GRID
 @pytest.mark.parametrize("speculation", ["mc_sim_7b_63", "vicuna_7b_stage2", "chain-3", "adaptive"])
 def test_medusa_greedy_equals_plain_with_random_heads(model, refs, noise, speculation):
     engine = make_engine(model, random_heads(model), speculation=speculation)
@@ -78,7 +82,7 @@ def oracle(model, refs):
     return heads
 
 
-@DTYPES
+@DTYPES_GRID
 @pytest.mark.parametrize("speculation", ["mc_sim_7b_63", "chain-4", "adaptive"])
 def test_medusa_greedy_equals_plain_when_heads_are_good(model, refs, oracle, noise, speculation):
     engine = make_engine(model, oracle, speculation=speculation)
